@@ -1,0 +1,1 @@
+"""How attention is executed: pure tensor functions with documented shapes; no HF code, no variants."""

@@ -1,0 +1,91 @@
+"""Mask functions as index predicates, the convention of FlexAttention and transformers' masking_utils.
+
+A *positional* mask function takes ``(batch, head, q_pos, kv_pos)`` as integer tensors of any
+broadcastable shapes and returns a bool tensor: may this query position see this key position?
+It must use tensor ops only (no Python branching) so that the same function can be evaluated densely
+by broadcasting, or per element inside a FlexAttention kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def and_masks(*fns: MaskFn) -> MaskFn:
+    def mask(b, h, q, kv):
+        result = fns[0](b, h, q, kv)
+        for fn in fns[1:]:
+            result = result & fn(b, h, q, kv)
+        return result
+
+    mask.__name__ = "_and_".join(fn.__name__ for fn in fns)
+    return mask
+
+
+def or_masks(*fns: MaskFn) -> MaskFn:
+    def mask(b, h, q, kv):
+        result = fns[0](b, h, q, kv)
+        for fn in fns[1:]:
+            result = result | fn(b, h, q, kv)
+        return result
+
+    mask.__name__ = "_or_".join(fn.__name__ for fn in fns)
+    return mask
+
+
+def causal(b, h, q, kv):
+    return kv <= q
+
+
+def to_index_mask(
+    positional: MaskFn,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    key_valid: torch.Tensor | None,
+) -> MaskFn:
+    """Turn a positional mask into one over tensor indices, adding causality and key padding.
+
+    q_pos (T,) and kv_pos (S,) map query/key indices to absolute positions; key_valid (B, S)
+    marks real keys. The result is what ``flex_attention``'s ``create_block_mask`` expects.
+    """
+
+    def index_mask(b, h, q_idx, kv_idx):
+        qp, kp = q_pos[q_idx], kv_pos[kv_idx]
+        allowed = (kp <= qp) & positional(b, h, qp, kp)
+        if key_valid is not None:
+            allowed = allowed & key_valid[b, kv_idx]
+        return allowed
+
+    index_mask.__name__ = positional.__name__
+    return index_mask
+
+
+def index_grid(batch: int, heads: int, q_len: int, kv_len: int, device):
+    """Broadcastable index tensors (B,1,1,1), (1,H,1,1), (1,1,T,1), (1,1,1,S)."""
+    return (
+        torch.arange(batch, device=device).view(-1, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, -1, 1, 1),
+        torch.arange(q_len, device=device).view(1, 1, -1, 1),
+        torch.arange(kv_len, device=device).view(1, 1, 1, -1),
+    )
+
+
+def materialize(index_mask: MaskFn, batch: int, heads: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Evaluate an index mask densely: bool (B, H, T, S)."""
+    grid = index_grid(batch, heads, q_len, kv_len, device)
+    return index_mask(*grid).expand(batch, heads, q_len, kv_len)
+
+
+def materialize_bias(bias: MaskFn, batch: int, heads: int, q_len: int, kv_len: int, device) -> torch.Tensor:
+    """Evaluate an additive index-wise score bias densely: float (B, H, T, S)."""
+    grid = index_grid(batch, heads, q_len, kv_len, device)
+    return bias(*grid).float().expand(batch, heads, q_len, kv_len)
+
+
+def draw(allowed: torch.Tensor) -> str:
+    """A (T, S) bool mask as a ■/⬚ grid, the way transformers' docstrings draw masks."""
+    return "\n".join("".join("■" if x else "⬚" for x in row) for row in allowed.tolist())

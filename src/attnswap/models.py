@@ -1,0 +1,82 @@
+"""Loading pretrained causal LMs (GPT-2 and Llama-family) by hub name or local directory, offline-friendly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from attnswap.errors import AttnswapError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = str(REPO_ROOT / "models" / "teacher-gpt2-19m")  # bundled: runs with no network
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: "str | torch.dtype") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise AttnswapError(f"unknown dtype {dtype!r}; choose from: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttnswapError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "str | torch.dtype" = "float32",
+               attn_implementation: str = "sdpa") -> nn.Module:
+    """A pretrained causal LM in eval mode: ``gpt2``, ``distilgpt2``, a Llama/Mistral/Qwen2 name, or a local dir."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
+    local = Path(name_or_path).expanduser()
+    if _looks_like_path(name_or_path) and not (local / "config.json").is_file():
+        raise AttnswapError(f"no model at {local} (expected {local / 'config.json'}); give a model directory or hub name")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(local) if local.exists() else name_or_path, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+    except OSError as exc:
+        raise AttnswapError(
+            f"cannot load model {name_or_path!r} ({str(exc).splitlines()[0]}); offline, pass a local directory "
+            f"such as {DEFAULT_MODEL}"
+        ) from None
+    return model.to(torch_device).eval()
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as exc:
+        raise AttnswapError(f"cannot load a tokenizer for {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: RoPE without a hard limit)."""
+    config = model.config
+    if getattr(config, "model_type", "") == "gpt2":
+        return config.n_positions
+    return getattr(config, "max_position_embeddings", None)
+
+
+def check_length(model: nn.Module, length: int) -> None:
+    limit = max_positions(model)
+    if limit is not None and length > limit:
+        raise AttnswapError(f"sequence length {length} exceeds the model's {limit} positions; use a length <= {limit}")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists() or name.count("/") > 1

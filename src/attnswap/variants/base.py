@@ -1,0 +1,144 @@
+"""What every attention variant shares: parameters from a spec string, the call context, the two paths.
+
+A variant is a frozen dataclass of hyperparameters plus two ways to compute attention:
+``reference`` (dense fp32, slow, obviously right: the test oracle) and ``attend`` (the efficient path).
+Both take HF's boundary layout, q (B, H, T, D) and k/v (B, H, S, D) with GQA already expanded,
+and return (B, H, T, D).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from attnswap.errors import AttnswapError
+
+
+@dataclass
+class AttnContext:
+    """Everything about one attention call that is not q, k or v.
+
+    ``key_valid`` (B, S) is True for real tokens and False for padding; None means no padding.
+    Queries are the last T of the S key slots (HF's dynamic cache), unless ``kv_positions`` (S,)
+    gives each key slot's absolute position (a rolling cache), in which case ``q_positions`` (T,)
+    gives the queries'.
+    """
+
+    scaling: float
+    key_valid: torch.Tensor | None = None
+    layer_idx: int = 0
+    q_positions: torch.Tensor | None = None
+    kv_positions: torch.Tensor | None = None
+    # A rolling cache may hold fewer slots than there were tokens; sinks still need the first real one.
+    first_real: torch.Tensor | None = None
+
+    def positions(self, q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute positions (T,), (S,) of queries and keys."""
+        kv_pos = self.kv_positions if self.kv_positions is not None else torch.arange(kv_len, device=device)
+        q_pos = self.q_positions if self.q_positions is not None else torch.arange(kv_len - q_len, kv_len, device=device)
+        return q_pos, kv_pos
+
+    def first_real_token(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(B,) absolute position of each row's first non-padding token (0 without padding)."""
+        if self.first_real is not None:
+            return self.first_real
+        if self.key_valid is None:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        return self.key_valid.long().argmax(dim=-1)
+
+
+class Variant:
+    """Base class; subclasses set ``name``, ``Params`` and implement ``reference`` (and usually ``attend``)."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+    summary: ClassVar[str] = ""
+
+    def __init__(self, params: Any = None):
+        self.params = params if params is not None else self.Params()
+        if not isinstance(self.params, self.Params):
+            raise AttnswapError(f"variant '{self.name}' takes {self.Params.__name__}, got {type(self.params).__name__}")
+
+    # --- naming ---------------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """Round-trippable spec string, e.g. ``window:w=64,sinks=4``."""
+        fields = [f"{f.name}={_format_value(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params)]
+        return self.name + (":" + ",".join(fields) if fields else "")
+
+    @property
+    def label(self) -> str:
+        """Short name with parameters for plots and logs, e.g. ``window64_sinks4``."""
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"<variant {self.spec}>"
+
+    # --- learnable state ------------------------------------------------------------------------
+    def make_state(self, num_heads: int, head_dim: int) -> nn.Module | None:
+        """Learnable parameters for one attention layer (None for parameter-free variants)."""
+        return None
+
+    def l1_penalty(self, state: nn.Module | None) -> torch.Tensor | None:
+        """Sparsity penalty on mixture weights; None where a variant has none."""
+        return None
+
+    # --- computation ----------------------------------------------------------------------------
+    def reference(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attend(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        """The efficient path; defaults to the reference for variants that have no faster one."""
+        return self.reference(q, k, v, ctx, state).to(q.dtype)
+
+
+# --- spec strings -------------------------------------------------------------------------------
+def _format_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "+".join(_format_value(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _coerce(variant: str, key: str, raw: str, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    try:
+        if origin is tuple:
+            (item_kind, *_rest) = typing.get_args(kind)
+            return tuple(_coerce(variant, key, part, item_kind) for part in raw.split("+") if part)
+        if kind is bool:
+            if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                raise ValueError(raw)
+            return raw.lower() in {"true", "1", "yes"}
+        return kind(raw)
+    except ValueError:
+        name = getattr(kind, "__name__", str(kind))
+        raise AttnswapError(f"variant '{variant}': parameter {key}={raw!r} is not a valid {name}") from None
+
+
+def parse_params(variant: str, params_cls: type, text: str) -> Any:
+    """``"w=64,sinks=4"`` -> ``params_cls(w=64, sinks=4)``, refusing unknown keys and bad types."""
+    hints = typing.get_type_hints(params_cls)
+    known = [f.name for f in dataclasses.fields(params_cls)]
+    values: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise AttnswapError(f"variant '{variant}': expected key=value, got {item!r}")
+        if key not in known:
+            raise AttnswapError(f"variant '{variant}' has no parameter '{key}'; it takes: {', '.join(known) or 'none'}")
+        values[key] = _coerce(variant, key, raw.strip(), hints[key])
+    return params_cls(**values)
+
+
+def check(condition: bool, message: str) -> None:
+    """Parameter validation for ``__post_init__``: raise the one-line user error."""
+    if not condition:
+        raise AttnswapError(message)

@@ -1,0 +1,55 @@
+"""Tiny random models built in memory: no network, no files, seconds on a CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def tiny_gpt2(n_layer: int = 2, n_head: int = 4, n_embd: int = 32, n_positions: int = 128, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=97, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0, bos_token_id=1,
+                        eos_token_id=2, attn_implementation="sdpa")
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(n_layer: int = 2, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layer,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    return LlamaForCausalLM(config).eval()
+
+
+MODEL_FACTORIES = {"gpt2": tiny_gpt2, "llama": tiny_llama}
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def tiny_model(request):
+    return MODEL_FACTORIES[request.param]()
+
+
+def random_batch(batch: int = 2, length: int = 19, vocab: int = 97, left_pad: int = 0, seed: int = 0):
+    """Token ids and a 2-D attention mask; the first row is left-padded by ``left_pad`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if left_pad:
+        mask[0, :left_pad] = 0
+        ids[0, :left_pad] = 0
+    return ids, mask
+
+
+def random_qkv(batch=2, heads=3, q_len=23, kv_len=None, dim=16, dtype=torch.float32, seed=0, requires_grad=False):
+    """q (B, H, T, D), k/v (B, H, S, D) of fresh random values."""
+    g = torch.Generator().manual_seed(seed)
+    kv_len = kv_len or q_len
+    make = lambda n: torch.randn(batch, heads, n, dim, generator=g).to(dtype).requires_grad_(requires_grad)  # noqa: E731
+    return make(q_len), make(kv_len), make(kv_len)
