@@ -297,3 +297,27 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AttnswapError(f"corrupt checkpoint {path}: {exc}; delete it and save again") from None
+
+
+# --- the `attnswap swap` command ---------------------------------------------------------------
+@dataclass
+class SwapConfig:
+    model: str = ""  # hub name or local directory; empty = the bundled teacher
+    variant: str = "window:w=64,sinks=4"
+    layers: list[int] | None = None  # default: every layer
+    out: str = "runs/swapped"
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+def swap_to_disk(config: SwapConfig) -> Path:
+    """Load ``config.model``, swap in ``config.variant``, save model + tokenizer to ``config.out``."""
+    from attnswap.models import DEFAULT_MODEL, load_model, load_tokenizer
+
+    name = config.model or DEFAULT_MODEL
+    variant = get_variant(config.variant)  # fail on a bad spec before loading weights
+    model = load_model(name, device=config.device, dtype=config.dtype)
+    swap(model, variant, layers=config.layers)
+    out = save(model, config.out, tokenizer=load_tokenizer(name))
+    print(f"saved {variant.spec} swapped into {name} -> {out}")
+    return out

@@ -1,0 +1,125 @@
+"""The ``attnswap`` command: parse arguments into a command's config and call one public function.
+
+Every command takes ``--config FILE.yaml`` and ``--key value`` (or ``--key=value``) overrides for any
+field of its config dataclass. User mistakes print ``error: …`` on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import sys
+from typing import Any
+
+from attnswap.errors import AttnswapError
+
+# command -> (module, config class, function, name of the field that takes positional arguments)
+COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
+    "swap": ("attnswap.surgery", "SwapConfig", "swap_to_disk", None),
+    "distill": ("attnswap.distill", "DistillConfig", "distill", None),
+    "eval": ("attnswap.evaluate", "EvalConfig", "evaluate", None),
+    "generate": ("attnswap.generate", "GenerateConfig", "generate_side_by_side", None),
+    "bench": ("attnswap.bench", "BenchConfig", "bench", None),
+    "bench-kernel": ("attnswap.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
+    "report": ("attnswap.report", "ReportConfig", "report", "run_dirs"),
+    "run": ("attnswap.pipeline", "RunConfig", "run", "config_file"),
+}
+
+USAGE = """usage: attnswap COMMAND [--config FILE.yaml] [--key value ...]
+
+commands:
+  variants       list the attention variants and their parameters
+  swap           swap a model's attention and save the result
+  distill        train the swapped attention against the original model (KL distillation)
+  eval           perplexity, KL, agreement, attention MSE, gradient cosine, edge cases
+  generate       generations of the original and swapped models side by side
+  bench          whole-model time and memory against sequence length
+  bench-kernel   attention-kernel time and memory against sequence length
+  report         an HTML + markdown report from run folders
+  run            the whole pipeline from one YAML config
+
+'attnswap COMMAND --help' lists a command's keys and defaults."""
+
+
+def list_variants() -> str:
+    from attnswap.variants import VARIANTS
+
+    lines = []
+    for name, cls in sorted(VARIANTS.items()):
+        params = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(cls.Params)) or "(no parameters)"
+        lines.append(f"{name:<11} {cls.summary}\n{'':<11} {params}")
+    return "\n".join(lines)
+
+
+def parse_overrides(argv: list[str], positional_field: str | None) -> tuple[str | None, dict[str, Any]]:
+    config_file, overrides, positional = None, {}, []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            if positional_field is None:
+                raise AttnswapError(f"unexpected argument {arg!r}; options look like --key value")
+            positional.append(arg)
+            i += 1
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise AttnswapError(f"option --{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        i += 1
+        if key == "config":
+            config_file = value
+        else:
+            overrides[key.replace("-", "_")] = value
+    if positional:
+        overrides[positional_field] = positional if positional_field == "run_dirs" else positional[0]
+    return config_file, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "variants":
+            print(list_variants())
+            return 0
+        if command not in COMMANDS:
+            raise AttnswapError(f"unknown command '{command}'; choose from: variants, {', '.join(COMMANDS)}")
+        module_name, config_name, function_name, positional_field = COMMANDS[command]
+        module = importlib.import_module(module_name)
+        config_cls = getattr(module, config_name)
+        if any(a in ("-h", "--help") for a in rest):
+            print(f"usage: attnswap {command} [--config FILE.yaml] [--key value ...]\n\nkeys (default):")
+            for f in dataclasses.fields(config_cls):
+                print(f"  --{f.name.replace('_', '-'):<24} {_default(f)}")
+            return 0
+        from attnswap.config import load_config
+
+        config_file, overrides = parse_overrides(rest, positional_field)
+        config = load_config(config_cls, config_file, overrides)
+        getattr(module, function_name)(config)
+        return 0
+    except AttnswapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return "(required)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
