@@ -89,8 +89,13 @@ class Variant:
         return None
 
     # --- computation ----------------------------------------------------------------------------
+    def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        """The attention matrix the variant implies, (B, H, T, S) fp32: materialises T×S, for tests and evaluation."""
+        raise NotImplementedError(f"variant '{self.name}' defines no implied attention matrix")
+
     def reference(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
-        raise NotImplementedError
+        """Dense fp32 oracle, (B, H, T, D): the implied attention matrix times v."""
+        return torch.matmul(self.probs(q, k, ctx, state), v.float())
 
     def attend(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """The efficient path; defaults to the reference for variants that have no faster one."""

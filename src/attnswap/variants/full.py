@@ -22,7 +22,7 @@ class Full(MaskedVariant):
     Params = FullParams
     summary = "ordinary causal softmax attention (identity)"
 
-    def positional_mask(self, ctx, batch, device):
+    def positional_mask(self, ctx, batch, device, state):
         return causal
 
     def attend(self, q, k, v, ctx, state):

@@ -17,31 +17,28 @@ class MaskedVariant(Variant):
     Subclasses implement ``positional_mask``; causality and key padding are added here, once.
     """
 
-    def positional_mask(self, ctx: AttnContext, batch: int, device: torch.device) -> MaskFn:
+    def positional_mask(self, ctx: AttnContext, batch: int, device: torch.device, state: nn.Module | None) -> MaskFn:
         raise NotImplementedError
 
     def score_bias(self, state: nn.Module | None, ctx: AttnContext, q_pos, kv_pos) -> MaskFn | None:
         """Optional additive bias over (b, h, q_idx, kv_idx); the mixture uses it for its weights."""
         return None
 
-    def index_mask(self, q, k, ctx: AttnContext) -> tuple[MaskFn, torch.Tensor, torch.Tensor]:
+    def index_mask(self, q, k, ctx: AttnContext, state: nn.Module | None) -> tuple[MaskFn, torch.Tensor, torch.Tensor]:
         q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
-        positional = self.positional_mask(ctx, q.shape[0], q.device)
+        positional = self.positional_mask(ctx, q.shape[0], q.device, state)
         return to_index_mask(positional, q_pos, kv_pos, ctx.key_valid), q_pos, kv_pos
 
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """Dense attention probabilities (B, H, T, S) in fp32, for evaluation and tests."""
-        index_mask, q_pos, kv_pos = self.index_mask(q, k, ctx)
+        index_mask, q_pos, kv_pos = self.index_mask(q, k, ctx, state)
         batch, heads, q_len, _ = q.shape
         allowed = materialize(index_mask, batch, heads, q_len, k.shape[-2], q.device)
         bias_fn = self.score_bias(state, ctx, q_pos, kv_pos)
         bias = None if bias_fn is None else materialize_bias(bias_fn, batch, heads, q_len, k.shape[-2], q.device)
         return dense_probs(q, k, allowed, ctx.scaling, bias)
 
-    def reference(self, q, k, v, ctx, state):
-        return torch.matmul(self.probs(q, k, ctx, state), v.float())
-
     def attend(self, q, k, v, ctx, state):
-        index_mask, q_pos, kv_pos = self.index_mask(q, k, ctx)
+        index_mask, q_pos, kv_pos = self.index_mask(q, k, ctx, state)
         return masked_attention(q, k, v, index_mask, ctx.scaling, self.score_bias(state, ctx, q_pos, kv_pos))
 

@@ -43,7 +43,7 @@ class Window(MaskedVariant):
     def label(self) -> str:
         return f"window{self.params.w}" + (f"_sinks{self.params.sinks}" if self.params.sinks else "")
 
-    def positional_mask(self, ctx: AttnContext, batch: int, device):
+    def positional_mask(self, ctx: AttnContext, batch: int, device, state):
         return sliding_window_mask(self.params.w, self.params.sinks, ctx.first_real_token(batch, device))
 
 
