@@ -5,9 +5,10 @@ from __future__ import annotations
 from attnswap.errors import AttnswapError
 from attnswap.variants.base import AttnContext, Variant, parse_params
 from attnswap.variants.full import Full
+from attnswap.variants.nsa import NSA
 from attnswap.variants.window import Window
 
-VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window)}
+VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window, NSA)}
 
 
 def register(cls: type[Variant]) -> type[Variant]:

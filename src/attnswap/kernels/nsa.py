@@ -1,0 +1,194 @@
+"""Native Sparse Attention's three branches without a T×S tensor (NSA, https://arxiv.org/abs/2502.11089).
+
+Key slots are cut into blocks of ``block`` slots on the absolute-position grid; queries (the last T of the S
+slots) are grouped into query blocks on the same grid, so query block i and key block i cover the same positions.
+
+    compressed  softmax over mean-pooled key blocks that end at or before the query:   T × S/block scores
+    selected    per query block, exact softmax over its top_k key blocks:              T × top_k·block scores
+    sliding     exact softmax over the last ``window`` tokens, gathered as whole blocks: T × (W+1)·block scores
+
+Selected and sliding share ``block_gather_attention``, which gathers whole key blocks per query block, so every
+score tensor is (B, H, nQB, block, K·block): block-sparse in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+PositionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def num_blocks(length: int, block: int) -> int:
+    return -(-length // block)
+
+
+def masked_softmax(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim restricted to ``allowed`` (broadcastable bool).
+
+    A finite fill instead of -inf keeps rows with nothing allowed free of NaN, in the forward and the backward;
+    those rows come out as zeros.
+    """
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1) * allowed.any(dim=-1, keepdim=True)
+
+
+# --- compressed branch ----------------------------------------------------------------------------
+def pool_blocks(x: torch.Tensor, key_valid: torch.Tensor | None, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the real slots of each key block, in fp32.
+
+    x (B, H, S, D), key_valid (B, S) or None -> pooled (B, H, nKB, D), real-slot counts (B|1, nKB).
+    A block with no real slot pools to zeros.
+    """
+    batch, heads, kv_len, dim = x.shape
+    n_kb = num_blocks(kv_len, block)
+    tail = n_kb * block - kv_len
+    valid = key_valid if key_valid is not None else torch.ones(1, kv_len, dtype=torch.bool, device=x.device)
+    valid = F.pad(valid, (0, tail)).float()  # (B|1, nKB*block)
+    counts = valid.view(-1, n_kb, block).sum(-1)  # (B|1, nKB)
+    summed = (F.pad(x.float(), (0, 0, 0, tail)) * valid[:, None, :, None]).view(batch, heads, n_kb, block, dim).sum(-2)
+    return summed / counts.clamp(min=1)[:, None, :, None], counts
+
+
+def compressed_attention(q, k, v, scaling: float, block: int, key_valid: torch.Tensor | None = None):
+    """Softmax attention over mean-pooled blocks, in fp32.
+
+    q (B, H, T, D) at positions S-T..S-1, k/v (B, H, S, D), key_valid (B, S) or None.
+    A query sees a block once the block has ended (last slot <= its position) and if it holds a real key.
+    Returns out (B, H, T, D) and the block probabilities (B, H, T, nKB). fp32 throughout because these
+    probabilities decide the discrete selection, which should not flip with the model's dtype.
+    """
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    k_cmp, counts = pool_blocks(k, key_valid, block)  # (B, H, nKB, D), (B|1, nKB)
+    v_cmp, _ = pool_blocks(v, key_valid, block)
+    scores = torch.matmul(q.float(), k_cmp.transpose(-1, -2)) * scaling  # (B, H, T, nKB)
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
+    block_end = torch.arange(1, counts.shape[-1] + 1, device=q.device) * block - 1  # (nKB,)
+    visible = (block_end <= q_pos[:, None]) & (counts > 0)[:, None, :]  # (B|1, T, nKB)
+    probs = masked_softmax(scores, visible[:, None])
+    return torch.matmul(probs, v_cmp), probs
+
+
+# --- selection ------------------------------------------------------------------------------------
+def select_blocks(p_cmp: torch.Tensor, key_valid: torch.Tensor | None, first_real: torch.Tensor, q_offset: int,
+                  block: int, top_k: int) -> torch.Tensor:
+    """The key blocks each query block attends to exactly in the selected branch.
+
+    p_cmp (B, H, T, nKB): compressed probabilities of the queries at positions q_offset..q_offset+T-1;
+    key_valid (B, S) or None; first_real (B,): position of each row's first real token.
+    Returns (B, H, nQB, K) long with K = min(top_k, nKB), for query blocks q_offset//block .. nKB-1;
+    -1 marks an unused slot (fewer candidates than K).
+
+    Candidates are the key blocks at or before the query block that hold a real key. Ranking, per head: the
+    query block's own block, then the block of the row's first real token (an attention sink), then the
+    compressed probability summed over the query block's queries in this call.
+    """
+    batch, heads, q_len, n_kb = p_cmp.shape
+    device = p_cmp.device
+    q_block0 = q_offset // block
+    q_block = torch.arange(q_offset, q_offset + q_len, device=device) // block - q_block0  # (T,)
+    # The ranking is discrete: no gradient flows through it.
+    scores = p_cmp.detach().new_zeros(batch, heads, n_kb - q_block0, n_kb).index_add_(2, q_block, p_cmp.detach())
+    kb = torch.arange(n_kb, device=device)  # (nKB,)
+    qb = torch.arange(q_block0, n_kb, device=device)[:, None]  # (nQB, 1)
+    if key_valid is None:
+        has_key = torch.ones(1, n_kb, dtype=torch.bool, device=device)
+    else:
+        has_key = F.pad(key_valid, (0, n_kb * block - key_valid.shape[-1])).view(batch, n_kb, block).any(-1)
+    candidate = (kb <= qb) & has_key[:, None, :]  # (B|1, nQB, nKB)
+    sink = kb == (first_real // block)[:, None, None]  # (B, 1, nKB)
+    scores = scores.masked_fill(~candidate[:, None], float("-inf"))
+    scores = scores.masked_fill((candidate & sink)[:, None], torch.finfo(scores.dtype).max)
+    scores = scores.masked_fill(kb == qb, float("inf"))
+    top = scores.topk(min(top_k, n_kb), dim=-1)
+    return top.indices.masked_fill(top.values == float("-inf"), -1)
+
+
+def window_blocks(q_offset: int, kv_len: int, block: int, window: int, device) -> torch.Tensor:
+    """(nQB, W+1) long: each query block and the W = ceil((window-1)/block) blocks before it (-1 before the start).
+
+    The earliest key a query of block i may see, (i*block) - window + 1, lies W blocks back.
+    """
+    n_kb = num_blocks(kv_len, block)
+    back = min(num_blocks(window - 1, block), n_kb - 1)
+    qb = torch.arange(q_offset // block, n_kb, device=device)[:, None]
+    return (qb - torch.arange(back, -1, -1, device=device)).clamp(min=-1)
+
+
+# --- the shared gather kernel ---------------------------------------------------------------------
+def block_gather_attention(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                           block_idx: torch.Tensor, scaling: float, q_block0: int = 0,
+                           valid_blocks: torch.Tensor | None = None,
+                           position_rule: PositionRule | None = None) -> torch.Tensor:
+    """Softmax attention of each query block over a few gathered key blocks, with a token-level mask.
+
+    q_blocks (B, H, nQB, bs, D): query block i holds positions (q_block0 + i)·bs + 0..bs-1.
+    k_blocks, v_blocks (B, H, nKB, bs, D): key block j holds positions j·bs + 0..bs-1.
+    block_idx (B|1, H|1, nQB, K) long: key blocks per query block, -1 for none.
+    valid_blocks (B, nKB, bs) bool: real keys (None: all real).
+    position_rule(q_pos (nQB, bs, 1), kv_pos (B|1, H|1, nQB, 1, K·bs)) -> bool: an extra token rule on absolute
+    positions, on top of causality (kv <= q), padding and unused slots, which are always applied.
+    Returns (B, H, nQB, bs, D); a query with no allowed key gets zeros.
+    """
+    batch, heads, n_qb, bs, dim = q_blocks.shape
+    n_sel = block_idx.shape[-1]
+    gather_idx = block_idx.clamp(min=0).expand(batch, heads, n_qb, n_sel)
+    b = torch.arange(batch, device=q_blocks.device).view(batch, 1, 1, 1)
+    h = torch.arange(heads, device=q_blocks.device).view(1, heads, 1, 1)
+    keys = k_blocks[b, h, gather_idx].reshape(batch, heads, n_qb, n_sel * bs, dim)  # (B, H, nQB, K·bs, D)
+    values = v_blocks[b, h, gather_idx].reshape(batch, heads, n_qb, n_sel * bs, dim)
+
+    offsets = torch.arange(bs, device=q_blocks.device)
+    q_pos = ((q_block0 + torch.arange(n_qb, device=q_blocks.device))[:, None] * bs + offsets)[..., None]  # (nQB, bs, 1)
+    kv_pos = (block_idx[..., None] * bs + offsets).flatten(-2)[..., None, :]  # (B|1, H|1, nQB, 1, K·bs)
+    used = (block_idx >= 0)[..., None].expand(*block_idx.shape, bs).flatten(-2)[..., None, :]
+    allowed = used & (kv_pos <= q_pos)  # (B|1, H|1, nQB, bs, K·bs)
+    if valid_blocks is not None:
+        real = valid_blocks[b, gather_idx].flatten(-2)  # (B, H, nQB, K·bs)
+        allowed = allowed & real[..., None, :]
+    if position_rule is not None:
+        allowed = allowed & position_rule(q_pos, kv_pos)
+
+    scores = torch.matmul(q_blocks, keys.transpose(-1, -2)) * scaling  # (B, H, nQB, bs, K·bs)
+    probs = masked_softmax(scores.float(), allowed).to(values.dtype)
+    return torch.matmul(probs, values)  # (B, H, nQB, bs, D)
+
+
+# --- all three branches ---------------------------------------------------------------------------
+def nsa_branches(q, k, v, scaling: float, block: int, top_k: int, window: int,
+                 key_valid: torch.Tensor | None = None, first_real: torch.Tensor | None = None):
+    """The compressed, selected and sliding outputs, each (B, H, T, D).
+
+    q (B, H, T, D) at positions S-T..S-1, k/v (B, H, S, D); key_valid (B, S) or None;
+    first_real (B,) position of each row's first real token (None: 0). The compressed output is fp32,
+    the other two are in q's dtype.
+    """
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[-2]
+    q_offset = kv_len - q_len
+    n_kb = num_blocks(kv_len, block)
+    q_block0, tail = q_offset // block, n_kb * block - kv_len
+    if first_real is None:
+        first_real = torch.zeros(batch, dtype=torch.long, device=q.device)
+
+    o_cmp, p_cmp = compressed_attention(q, k, v, scaling, block, key_valid)
+    selected = select_blocks(p_cmp, key_valid, first_real, q_offset, block, top_k)  # (B, H, nQB, K)
+
+    # Queries on the block grid: pad in front to their first block's start, behind to the last block's end.
+    lead = q_offset - q_block0 * block
+    q_blocks = F.pad(q, (0, 0, lead, tail)).view(batch, heads, n_kb - q_block0, block, dim)
+    k_blocks = F.pad(k, (0, 0, 0, tail)).view(batch, heads, n_kb, block, dim)
+    v_blocks = F.pad(v, (0, 0, 0, tail)).view(batch, heads, n_kb, block, dim)
+    valid_blocks = None if key_valid is None else F.pad(key_valid, (0, tail)).view(batch, n_kb, block)
+
+    def gather(block_idx, position_rule=None):
+        out = block_gather_attention(q_blocks, k_blocks, v_blocks, block_idx, scaling, q_block0, valid_blocks,
+                                     position_rule)
+        return out.reshape(batch, heads, -1, dim)[:, :, lead : lead + q_len]  # (B, H, T, D)
+
+    o_sel = gather(selected)
+    o_win = gather(window_blocks(q_offset, kv_len, block, window, q.device),
+                   lambda q_pos, kv_pos: q_pos - kv_pos < window)
+    return o_cmp, o_sel, o_win
