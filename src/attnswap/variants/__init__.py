@@ -5,10 +5,11 @@ from __future__ import annotations
 from attnswap.errors import AttnswapError
 from attnswap.variants.base import AttnContext, Variant, parse_params
 from attnswap.variants.full import Full
+from attnswap.variants.mixture import Mixture
 from attnswap.variants.nsa import NSA
 from attnswap.variants.window import Window
 
-VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window, NSA)}
+VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window, Mixture, NSA)}
 
 
 def register(cls: type[Variant]) -> type[Variant]:
