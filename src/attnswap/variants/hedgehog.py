@@ -1,0 +1,62 @@
+"""Hedgehog: linear attention with a learned softmax feature map per head (https://arxiv.org/abs/2402.04347)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from attnswap.variants.base import AttnContext, check
+from attnswap.variants.linear_base import LinearVariant, show_pattern
+
+
+@dataclass(frozen=True)
+class HedgehogParams:
+    feature_dim: int = 0  # f, the width of each softmax half; 0 = the head dimension
+    chunk: int = 64  # chunk length of the linear-attention kernel
+
+    def __post_init__(self):
+        check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")
+        check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
+
+
+class HedgehogMap(nn.Module):
+    """One layer's learned maps x -> x W_h + b_h, W (H, D, f) and b (H, f) in fp32, one per head, shared by q and k."""
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        # A rectangular identity: at the start the map softmaxes the (first f) coordinates of x themselves.
+        self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).repeat(num_heads, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(num_heads, feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """phi(x) = [softmax(x W + b), softmax(-(x W + b))]: x (B, H, N, D) fp32 -> (B, H, N, 2f)."""
+        logits = torch.einsum("bhnd,hdf->bhnf", x, self.weight) + self.bias[:, None, :]
+        return torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
+
+
+class Hedgehog(LinearVariant):
+    name = "hedgehog"
+    Params = HedgehogParams
+    summary = "linear attention with a learned per-head softmax feature map, distilled to mimic softmax"
+
+    @property
+    def label(self) -> str:
+        return f"hedgehog_f{self.params.feature_dim}" if self.params.feature_dim else "hedgehog"
+
+    def make_state(self, num_heads: int, head_dim: int) -> nn.Module:
+        return HedgehogMap(num_heads, head_dim, self.params.feature_dim or head_dim)
+
+    def feature_map(self, q, k, ctx: AttnContext, state: HedgehogMap):
+        assert state is not None, "hedgehog needs its state (make_state); swap() creates it"
+        # The model's scaling, split between q and k, keeps the logits at the scale softmax attention saw.
+        return state(q.float() * ctx.scaling**0.5), state(k.float() * ctx.scaling**0.5)
+
+
+def main() -> None:
+    show_pattern(Hedgehog())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared mechanism of every linear-attention variant: vary the feature map, share the kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attnswap.kernels.linear import causal_linear_attention
+from attnswap.kernels.masks import causal, materialize, to_index_mask
+from attnswap.variants.base import AttnContext, Variant
+
+
+class LinearVariant(Variant):
+    """Attention weights proportional to phi(q)·phi(k) for a non-negative feature map phi.
+
+    Subclasses implement ``feature_map``; causality and key padding are added here, once.
+    Their Params carry ``chunk``, the chunk length of the linear-attention kernel.
+    """
+
+    def feature_map(self, q, k, ctx: AttnContext, state: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi(q) (B, H, T, M) and phi(k) (B, H, S, M) in fp32, both non-negative."""
+        raise NotImplementedError
+
+    def features(self, q, k, ctx: AttnContext, state: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``feature_map`` with the rows of padded keys zeroed, so that no query sees them."""
+        phi_q, phi_k = self.feature_map(q, k, ctx, state)
+        if ctx.key_valid is not None:
+            phi_k = phi_k * ctx.key_valid[:, None, :, None]
+        return phi_q, phi_k
+
+    def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        """The implied attention matrix (B, H, T, S) fp32: causal, padded keys excluded, rows summing to 1 (or 0)."""
+        phi_q, phi_k = self.features(q, k, ctx, state)
+        q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
+        index_mask = to_index_mask(causal, q_pos, kv_pos, ctx.key_valid)
+        allowed = materialize(index_mask, q.shape[0], 1, q.shape[-2], k.shape[-2], q.device)
+        weights = torch.matmul(phi_q, phi_k.transpose(-1, -2)) * allowed  # (B, H, T, S)
+        total = weights.sum(dim=-1, keepdim=True)
+        return weights / torch.where(total == 0, 1.0, total)
+
+    def attend(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        if ctx.q_positions is not None or ctx.kv_positions is not None:
+            # A rolling cache reorders key slots; the chunked kernel needs keys in position order.
+            return super().attend(q, k, v, ctx, state)
+        phi_q, phi_k = self.features(q, k, ctx, state)
+        return causal_linear_attention(phi_q, phi_k, v, chunk=self.params.chunk).to(q.dtype)
+
+
+def draw_probs(probs: torch.Tensor) -> str:
+    """A (T, S) attention matrix as a grid of shades, darker = more weight (each row scaled to its maximum)."""
+    shades = " ░▒▓█"
+    scaled = probs / probs.amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    levels = (scaled * (len(shades) - 1)).round().long()
+    return "\n".join("".join(shades[i] * 2 for i in row) for row in levels.tolist())
+
+
+def show_pattern(variant: LinearVariant, head_dim: int = 16, length: int = 12) -> None:
+    """Print the variant's implied attention on ``length`` random tokens next to exact softmax attention."""
+    from attnswap.kernels.dense import dense_probs
+
+    q, k = torch.randn(2, 1, 1, length, head_dim, generator=torch.Generator().manual_seed(0)).unbind(0)
+    ctx = AttnContext(scaling=head_dim**-0.5)
+    probs = variant.probs(q, k, ctx, variant.make_state(1, head_dim))[0, 0]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    exact = dense_probs(q, k, allowed, ctx.scaling)[0, 0]
+    print(f"{variant.label} (implied attention):\n{draw_probs(probs)}\n\nsoftmax:\n{draw_probs(exact)}")
