@@ -53,3 +53,24 @@ def random_qkv(batch=2, heads=3, q_len=23, kv_len=None, dim=16, dtype=torch.floa
     kv_len = kv_len or q_len
     make = lambda n: torch.randn(batch, heads, n, dim, generator=g).to(dtype).requires_grad_(requires_grad)  # noqa: E731
     return make(q_len), make(kv_len), make(kv_len)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' 97 ids (words "w4" ... "w96"), built in memory, no files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(4, 97)]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny GPT-2 and its tokenizer saved to a directory, loadable by name like a real checkpoint."""
+    directory = tmp_path / "tiny-gpt2"
+    tiny_gpt2().save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

@@ -149,3 +149,22 @@ def test_load_refuses_a_corrupt_variant_checkpoint(tmp_path):
             attnswap.load(tmp_path / "m")
     finally:
         attnswap.variants.VARIANTS.pop(LearnedWindow.name)
+
+
+def test_original_attention_restores_distilled_base_weights(tiny_model):
+    """After distillation trained base weights, original_attention must still run the untouched original."""
+    from tests.conftest import MODEL_FACTORIES
+
+    ids, mask = random_batch(left_pad=3)
+    original_logits = _logits(tiny_model, ids, mask)
+    attnswap.swap(tiny_model, "window:w=3", trainable="all")
+    with torch.no_grad():
+        for param in tiny_model.parameters():
+            param.add_(0.01)  # stands in for distillation moving MLP / projection weights
+    pristine = MODEL_FACTORIES[tiny_model.config.model_type if tiny_model.config.model_type in MODEL_FACTORIES
+                               else "llama"]()
+    changed = attnswap.surgery.keep_original_weights(tiny_model, pristine)
+    assert changed
+    with original_attention(tiny_model):
+        assert _max_diff_on_real_tokens(_logits(tiny_model, ids, mask), original_logits, mask) <= LOGIT_TOL
+    assert not torch.allclose(_logits(tiny_model, ids, mask)[mask.bool()], original_logits[mask.bool()])

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
     "bench": ("attnswap.bench", "BenchConfig", "bench", None),
     "bench-kernel": ("attnswap.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
     "report": ("attnswap.report", "ReportConfig", "report", "run_dirs"),
-    "run": ("attnswap.pipeline", "RunConfig", "run", "config_file"),
+    "run": ("attnswap.pipeline", "RunConfig", "run", "config"),
 }
 
 USAGE = """usage: attnswap COMMAND [--config FILE.yaml] [--key value ...]
@@ -73,8 +73,12 @@ def parse_overrides(argv: list[str], positional_field: str | None) -> tuple[str 
             config_file = value
         else:
             overrides[key.replace("-", "_")] = value
-    if positional:
-        overrides[positional_field] = positional if positional_field == "run_dirs" else positional[0]
+    if positional and positional_field == "config":  # `attnswap run FILE.yaml`
+        if config_file is not None or len(positional) > 1:
+            raise AttnswapError("give one config file, either as the argument or with --config")
+        config_file = positional[0]
+    elif positional:
+        overrides[positional_field] = positional
     return config_file, overrides
 
 

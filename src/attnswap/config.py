@@ -65,14 +65,21 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
                 continue
         raise AttnswapError(f"config key '{key}' = {value!r} has the wrong type; expected {kind}")
     if origin in (list, tuple):
-        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v != ""]
         (item_kind, *_rest) = args or (Any,)
+        # Variant specs contain commas ("window:w=64,sinks=4"), so lists of strings split on ";".
+        separator = ";" if item_kind is str else ","
+        items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(separator) if v.strip()]
         converted = [_typed(key, v, item_kind) for v in items]
         return tuple(converted) if origin is tuple else converted
     if kind is Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):

@@ -35,7 +35,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
                attn_implementation: str = "sdpa") -> nn.Module:
     """A pretrained causal LM in eval mode: ``gpt2``, ``distilgpt2``, a Llama/Mistral/Qwen2 name, or a local dir."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a model that loads in a second
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     local = Path(name_or_path).expanduser()
     if _looks_like_path(name_or_path) and not (local / "config.json").is_file():

@@ -67,19 +67,24 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
             f"attnswap expects a (batch, keys) padding mask, got shape {tuple(attention_mask.shape)}; "
             "pass a 2-D attention_mask to the model"
         )
+    # A bounded cache (attnswap.cache) tags the keys it returns with what it holds; read it before GQA copies them.
+    cache_slots = getattr(key, "attnswap_slots", None)
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: expand once, here, so variants see H key heads
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     ctx = AttnContext(scaling=scaling, key_valid=attention_mask, layer_idx=getattr(module, "layer_idx", 0) or 0)
-    cache_hook = getattr(module, "attnswap_cache_positions", None)
-    if cache_hook is not None:
-        ctx = cache_hook(ctx, query, key)
+    if cache_slots is not None:
+        ctx = cache_slots.context(ctx)
     state = getattr(module, STATE_ATTR, None)
     for observer in getattr(module, "attnswap_observers", ()):
         observer(module, variant, query, key, value, ctx, state)
-    out = variant.attend(query, key, value, ctx, state)  # (B, H, T, D)
+    with torch.profiler.record_function("attnswap.attention"):  # bench isolates attention time by this range
+        if cache_slots is None:
+            out = variant.attend(query, key, value, ctx, state)  # (B, H, T, D)
+        else:  # the cache may hold a running state that the new keys extend
+            out = cache_slots.attend(variant, query, key, value, ctx, state)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
@@ -192,15 +197,39 @@ def swapped_variant(model: nn.Module) -> Variant | None:
 
 @contextlib.contextmanager
 def original_attention(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a swapped model with its original (full) attention: the frozen teacher, without a second copy."""
+    """Run a swapped model with its original (full) attention: the frozen teacher, without a second copy.
+
+    Where distillation also trained base weights (MLPs, projections), the original tensors remembered by
+    ``keep_original_weights`` are swapped in for the duration, so this is the true original model.
+    """
     modules = attention_modules(model)
+    kept: dict[str, torch.Tensor] = getattr(model, "attnswap_original_weights", {})
+    params = dict(model.named_parameters())
     for module in modules:
         module.attnswap_bypass = True
+    for name, tensor in kept.items():
+        params[name].data, kept[name] = tensor, params[name].data
     try:
         yield model
     finally:
+        for name, tensor in kept.items():
+            params[name].data, kept[name] = tensor, params[name].data
         for module in modules:
             module.attnswap_bypass = False
+
+
+def keep_original_weights(model: nn.Module, original: nn.Module) -> list[str]:
+    """Remember ``original``'s tensors wherever the (distilled) ``model``'s differ; returns their names."""
+    own = dict(model.named_parameters())
+    kept = {}
+    for name, param in original.named_parameters():
+        mine = own.get(name)
+        if mine is not None and mine.shape == param.shape:
+            theirs = param.detach().to(device=mine.device, dtype=mine.dtype)
+            if not torch.equal(mine.detach(), theirs):
+                kept[name] = theirs.clone()
+    model.attnswap_original_weights = kept
+    return sorted(kept)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,41 @@
-"""Block-sparse masked attention: FlexAttention on CUDA, a correct materialising fallback elsewhere."""
+"""Block-sparse masked attention: FlexAttention on CUDA, a correct materialising fallback elsewhere.
+
+On CUDA, ``flex_attention`` is compiled once (``compiled_flex_attention``) and skips every block of
+BLOCK_SIZE × BLOCK_SIZE scores that the mask rules out. The mask's block structure (a ``BlockMask``) is
+built once per mask and shape and kept in a small LRU cache (``block_mask_for``). Elsewhere, and for short
+query blocks (decode steps), the T×S scores are materialised: correct, and cheap at those sizes.
+
+The recompile trap: compiled flex specialises on every (B, T, S) shape, grad mode and mask constant.
+Past dynamo's recompile limit (8 by default) torch silently runs flex unfused, materialising the T×S
+scores (an OOM at 16k tokens). So the limit is raised to RECOMPILE_LIMIT, and flex is compiled with
+``fullgraph=True``: should even that be exceeded, the call fails with an AttnswapError instead of
+silently falling back.
+"""
 
 from __future__ import annotations
 
-import torch
+import functools
+from collections import OrderedDict
+from typing import Hashable
 
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import sdpa_masked
 from attnswap.kernels.masks import MaskFn, materialize, materialize_bias
+
+BLOCK_SIZE = 128  # flex_attention's default tile
+# Shorter query blocks (decode steps, T=1) materialise: T×S is small there, and as S grows by one token
+# per step, every step would otherwise be a new compiled shape.
+FLEX_MIN_QUERIES = BLOCK_SIZE
+FLEX_MIN_HEAD_DIM = 16  # the Triton kernel's tl.dot needs head_dim >= 16
+RECOMPILE_LIMIT = 64  # compiled shapes × grad modes × mask constants per process; dynamo's default is 8
+MASK_CACHE_SIZE = 32
+MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a block mask (bounds memory at 16k)
+
+_BLOCK_MASKS: OrderedDict[Hashable, tuple[BlockMask, list[torch.Tensor]]] = OrderedDict()
 
 
 def masked_attention(
@@ -15,11 +45,33 @@ def masked_attention(
     index_mask: MaskFn,
     scaling: float,
     score_bias: MaskFn | None = None,
+    *,
+    cache_key: Hashable = None,
+    per_batch: bool = True,
+    per_head: bool = True,
 ) -> torch.Tensor:
     """Softmax attention restricted to ``index_mask``: (B, H, T, D) from q (B, H, T, D), k/v (B, H, S, D).
 
-    ``score_bias(b, h, q_idx, kv_idx)`` is an optional float added to the scaled scores.
+    ``score_bias(b, h, q_idx, kv_idx)`` is an optional float added to the scaled scores; gradients reach
+    the tensors it captures. ``cache_key`` names what the mask depends on besides the shapes (see
+    ``block_mask_for``); None rebuilds the block mask every call. ``per_batch``/``per_head`` False say the
+    mask is the same for every row/head, so its block mask is built once and broadcast.
+    A query row with no allowed key outputs zeros.
     """
+    batch, heads, q_len, head_dim = q.shape
+    # Inductor (torch 2.11, H100) fails to lower the backward of the mixture's score_mod ("Buffers cannot be
+    # created while lowering a pointwise subgraph"), so a learnable bias trains through the materialising path;
+    # inference with a bias (a hardened mixture) still runs fused.
+    trains_bias = score_bias is not None and torch.is_grad_enabled()
+    if q.is_cuda and q_len >= FLEX_MIN_QUERIES and head_dim >= FLEX_MIN_HEAD_DIM and not trains_bias:
+        block_mask = block_mask_for(index_mask, batch, heads, q_len, k.shape[-2], q.device,
+                                    cache_key=cache_key, per_batch=per_batch, per_head=per_head)
+        return flex_masked_attention(q, k, v, block_mask, scaling, score_bias)
+    return materialised_attention(q, k, v, index_mask, scaling, score_bias)
+
+
+def materialised_attention(q, k, v, index_mask: MaskFn, scaling: float, score_bias: MaskFn | None = None) -> torch.Tensor:
+    """The same function through SDPA with a materialised (B, H, T, S) mask: any device, memory O(T×S)."""
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[-2]
     allowed = materialize(index_mask, batch, heads, q_len, kv_len, q.device)
@@ -27,6 +79,142 @@ def masked_attention(
         return sdpa_masked(q, k, v, allowed, scaling)
     bias = materialize_bias(score_bias, batch, heads, q_len, kv_len, q.device).to(q.dtype)
     bias = bias.masked_fill(~allowed, float("-inf"))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
     return out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
 
+
+# --- FlexAttention ------------------------------------------------------------------------------
+@functools.cache
+def compiled_flex_attention(backend: str = "inductor"):
+    """``flex_attention`` compiled once per process (per backend: tests use "eager" on CPU to count recompiles)."""
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.7
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+    return torch.compile(flex_attention, dynamic=False, fullgraph=True, backend=backend)
+
+
+def flex_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scaling: float,
+    score_bias: MaskFn | None = None,
+    *,
+    backend: str | None = "inductor",
+) -> torch.Tensor:
+    """FlexAttention over ``block_mask`` (its mask_mod is the index mask): (B, H, T, D).
+
+    ``backend`` is the torch.compile backend; None runs flex uncompiled, which is unfused and, on CPU,
+    forward-only: for tests.
+    """
+    from torch._dynamo.exc import FailOnRecompileLimitHit  # here: importing dynamo costs seconds
+
+    score_mod = None if score_bias is None else _bias_score_mod(score_bias)
+    flex = flex_attention if backend is None else compiled_flex_attention(backend)
+    try:
+        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling)
+    except FailOnRecompileLimitHit:
+        limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
+        raise AttnswapError(
+            f"compiled flex_attention hit dynamo's recompile limit ({limit}): too many distinct (batch, length, "
+            "grad mode) combinations; use a few fixed sequence lengths or raise torch._dynamo.config.recompile_limit"
+        ) from None
+
+
+def _bias_score_mod(bias: MaskFn):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias(b, h, q_idx, kv_idx)
+
+    score_mod.__name__ = f"bias_{getattr(bias, '__name__', 'score')}"
+    return score_mod
+
+
+# --- block masks --------------------------------------------------------------------------------
+def block_mask_for(
+    index_mask: MaskFn,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    device,
+    *,
+    cache_key: Hashable = None,
+    per_batch: bool = True,
+    per_head: bool = True,
+    block_size: int = BLOCK_SIZE,
+) -> BlockMask:
+    """The BlockMask of ``index_mask`` for q (batch, heads, q_len), k (.., kv_len), from the cache when it can be.
+
+    ``cache_key`` must name everything the mask depends on besides these arguments. Tensors inside it
+    count by identity and in-place version, and the cache keeps them alive so that an id is never reused:
+    an unpadded mask keyed by its spec is built once per shape; one keyed by a batch's padding tensor is
+    built once per forward and shared by all layers. None builds every call.
+    """
+    if cache_key is None:
+        return build_block_mask(index_mask, batch if per_batch else None, heads if per_head else None,
+                                q_len, kv_len, device, block_size)
+    pinned: list[torch.Tensor] = []
+    # The shape stays in the key even when the block mask broadcasts: the cached mask_mod indexes
+    # tensors captured at build time (first_real is (B,)), so they must fit this call.
+    key = (_freeze(cache_key, pinned), batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size)
+    if key in _BLOCK_MASKS:
+        _BLOCK_MASKS.move_to_end(key)
+        return _BLOCK_MASKS[key][0]
+    block_mask = build_block_mask(index_mask, batch if per_batch else None, heads if per_head else None,
+                                  q_len, kv_len, device, block_size)
+    _BLOCK_MASKS[key] = (block_mask, pinned)
+    if len(_BLOCK_MASKS) > MASK_CACHE_SIZE:
+        _BLOCK_MASKS.popitem(last=False)
+    return block_mask
+
+
+def _freeze(key, pinned: list[torch.Tensor]) -> Hashable:
+    if isinstance(key, torch.Tensor):
+        pinned.append(key)
+        return ("tensor", id(key), key._version)
+    if isinstance(key, (tuple, list)):
+        return tuple(_freeze(item, pinned) for item in key)
+    return key
+
+
+def build_block_mask(
+    index_mask: MaskFn,
+    batch: int | None,
+    heads: int | None,
+    q_len: int,
+    kv_len: int,
+    device,
+    block_size: int = BLOCK_SIZE,
+) -> BlockMask:
+    """``create_block_mask`` without materialising (B, H, T, S) at once: the mask is evaluated one band of
+    query blocks at a time (MASK_EVAL_BUDGET entries), so a 16k × 16k mask needs tens of MB, not GBs.
+    ``batch``/``heads`` None: the mask does not vary along that axis and the block mask broadcasts.
+    """
+    n_b, n_h = batch or 1, heads or 1
+    n_kv = -(-kv_len // block_size)
+    b = torch.arange(n_b, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(n_h, device=device).view(1, -1, 1, 1)
+    kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
+    band = max(1, MASK_EVAL_BUDGET // (n_b * n_h * block_size * kv_len)) * block_size
+    counts = []
+    for start in range(0, q_len, band):
+        q = torch.arange(start, min(start + band, q_len), device=device).view(1, 1, -1, 1)
+        allowed = index_mask(b, h, q, kv).expand(n_b, n_h, q.shape[2], kv_len)
+        # Positions past T or S pad with False, so edge blocks are never "full" and always run mask_mod.
+        allowed = F.pad(allowed, (0, n_kv * block_size - kv_len, 0, -q.shape[2] % block_size))
+        blocks = allowed.view(n_b, n_h, -1, block_size, n_kv, block_size)
+        counts.append(blocks.sum(dim=(3, 5), dtype=torch.int32))  # (B, H, blocks in band, n_kv)
+    count = torch.cat(counts, dim=2)  # (B, H, n_q, n_kv)
+    full = count == block_size * block_size  # flex skips mask_mod on these
+    partial = (count > 0) & ~full
+    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size,
+                                    mask_mod=index_mask, seq_lengths=(q_len, kv_len))
+
+
+def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, n_q, n_kv) bool -> per query block, the number of listed kv blocks (B, H, n_q) and their
+    indices first (B, H, n_q, n_kv), both int32: BlockMask's layout."""
+    num = dense.sum(dim=-1, dtype=torch.int32)
+    indices = torch.argsort(dense.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num, indices

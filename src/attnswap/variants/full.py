@@ -21,6 +21,7 @@ class Full(MaskedVariant):
     name = "full"
     Params = FullParams
     summary = "ordinary causal softmax attention (identity)"
+    mask_varies_by_head = False
 
     def positional_mask(self, ctx, batch, device, state):
         return causal

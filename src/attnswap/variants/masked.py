@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -16,6 +18,9 @@ class MaskedVariant(Variant):
 
     Subclasses implement ``positional_mask``; causality and key padding are added here, once.
     """
+
+    # Whether positional_mask reads the head index; False lets one block mask serve every head.
+    mask_varies_by_head: ClassVar[bool] = True
 
     def positional_mask(self, ctx: AttnContext, batch: int, device: torch.device, state: nn.Module | None) -> MaskFn:
         raise NotImplementedError
@@ -38,7 +43,22 @@ class MaskedVariant(Variant):
         bias = None if bias_fn is None else materialize_bias(bias_fn, batch, heads, q_len, k.shape[-2], q.device)
         return dense_probs(q, k, allowed, ctx.scaling, bias)
 
+    def mask_key(self, ctx: AttnContext, state: nn.Module | None) -> tuple:
+        """Everything the index mask depends on besides the shapes, so its block mask is built once and reused.
+
+        Tensors count by identity and in-place version: unpadded batches share one block mask per length,
+        a padded batch builds one per forward, and an optimizer step on the state invalidates it.
+        A variant whose mask reads anything else (ctx.layer_idx, ...) must add it here.
+        """
+        learnable = () if state is None else (*state.parameters(), *state.buffers())
+        return (self.spec, ctx.key_valid, ctx.first_real, ctx.q_positions, ctx.kv_positions, learnable)
+
     def attend(self, q, k, v, ctx, state):
         index_mask, q_pos, kv_pos = self.index_mask(q, k, ctx, state)
-        return masked_attention(q, k, v, index_mask, ctx.scaling, self.score_bias(state, ctx, q_pos, kv_pos))
+        return masked_attention(
+            q, k, v, index_mask, ctx.scaling, self.score_bias(state, ctx, q_pos, kv_pos),
+            cache_key=self.mask_key(ctx, state),
+            per_batch=ctx.key_valid is not None or ctx.first_real is not None,
+            per_head=self.mask_varies_by_head,
+        )
 

@@ -38,6 +38,7 @@ class Window(MaskedVariant):
     name = "window"
     Params = WindowParams
     summary = "each token sees the last w tokens (+ optional sink tokens at the start)"
+    mask_varies_by_head = False
 
     @property
     def label(self) -> str:

@@ -1,0 +1,417 @@
+"""Attention-kernel micro-benchmark: every variant's ``attend`` beside dense causal SDPA (flash backend).
+
+    attnswap bench-kernel --lengths 512,1024,2048 --out runs/bench-kernel
+
+Each case is one (mode, length, variant): forward, or forward+backward, on random q/k/v (B, H, T, D).
+The median of ``repeats`` timed calls is taken after ``warmup`` calls, whose time (compilation included)
+is reported apart; peak memory is measured per case; running out of memory is recorded as ``oom`` and
+skips the longer lengths of that curve. FLOPs per case give the useful-FLOP efficiency against the dense
+baseline. Every row carries the environment. Writes ``kernel_results.jsonl`` / ``.csv``, ``kernel_summary.json``
+and log-log plots with fitted scaling exponents into ``out``. The measuring helpers here are shared with
+``bench.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import importlib.metadata
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from tqdm import tqdm
+
+from attnswap.config import config_to_dict
+from attnswap.errors import AttnswapError
+from attnswap.models import REPO_ROOT, resolve_device, resolve_dtype
+from attnswap.plots import Panel, Series, line_plot
+from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
+from attnswap.variants.masked import MaskedVariant
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VARIANTS = ("window:w=256", "window:w=256,sinks=4", "longformer", "performer:m=256", "nsa", "mixture")
+DENSE = "sdpa_flash"  # label of the dense causal baseline
+MODES = ("forward", "forward+backward")
+# Backward of attention is 5 matmuls of the forward's size against its 2 (the FlashAttention papers' convention).
+BACKWARD_FLOP_FACTOR = 2.5
+
+
+@dataclass
+class KernelBenchConfig:
+    lengths: list[int] = field(default_factory=lambda: [2**i for i in range(9, 16)])  # 512 … 32768
+    batch: int = 1
+    heads: int = 16
+    head_dim: int = 64
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    variants: list[str] = field(default_factory=lambda: list(DEFAULT_VARIANTS))  # unregistered names are skipped
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    repeats: int = 5  # timed calls per case; the median is reported
+    warmup: int = 2  # untimed calls first (compilation, autotuning, allocator)
+    block: int = 128  # tile size for counting the FLOPs of block-sparse masks
+    seed: int = 0
+    out: str = "runs/bench-kernel"
+
+
+# --- environment, timing, fitting and output: shared with bench.py -------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    """What every benchmark row records about where it ran."""
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": str(device),
+        "cpu": platform.machine(),
+        "torch": torch.__version__,
+        "transformers": _package_version("transformers"),
+        "triton": _package_version("triton") or _package_version("pytorch-triton"),
+        "cuda": torch.version.cuda,
+        "git_commit": git_commit(),
+    }
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str:
+    """HEAD of the checkout attnswap runs from, ``-dirty`` if tracked files changed; ``unknown`` outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup: int,
+            prepare: Callable[[], Any] = lambda: None) -> dict[str, Any]:
+    """Time ``run(prepare())``: ``warmup`` untimed calls, then ``repeats`` timed ones (``prepare`` is never timed).
+
+    Peak memory is reset after the warm-up, so it is the steady state of this case; None on CPU.
+    """
+    warmup_start = time.perf_counter()
+    for _ in range(warmup):
+        run(prepare())
+    synchronize(device)
+    warmup_s = time.perf_counter() - warmup_start
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        arg = prepare()
+        synchronize(device)  # the clock must not start while earlier work is still queued
+        start = time.perf_counter()
+        run(arg)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"status": "ok", "median_s": statistics.median(times), "times_s": times, "warmup_s": warmup_s,
+            "peak_mem_mb": peak}
+
+
+def guarded(case: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
+    """Run one case; out-of-memory and kernel failures become a recorded status instead of ending the run."""
+    try:
+        return case()
+    except (RuntimeError, ValueError) as exc:  # e.g. no kernel for this dtype/shape; the message is recorded
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        # Compiled kernels (inductor, triton) may report running out of memory inside another exception.
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            result = {"status": "oom", "error": "out of memory"}
+        else:
+            log.warning("case failed: %s", message)
+            result = {"status": "error", "error": message}
+    gc.collect()  # the traceback held the case's tensors
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def fit_exponent(ns: Sequence[float], values: Sequence[float | None], last: int | None = None) -> float | None:
+    """Scaling exponent k of ``values ≈ c·n^k``: the least-squares slope in log-log space.
+
+    Missing or non-positive values are left out; ``last`` fits only the largest ``last`` lengths (where
+    fixed overheads matter least). None with fewer than two points.
+    """
+    points = sorted((n, v) for n, v in zip(ns, values) if v is not None and v > 0 and np.isfinite(v))
+    if last is not None:
+        points = points[-last:]
+    if len({n for n, _ in points}) < 2:
+        return None
+    log_n, log_v = np.log([n for n, _ in points]), np.log([v for _, v in points])
+    return float(np.polyfit(log_n, log_v, 1)[0])
+
+
+def curves(rows: Iterable[dict], metric: str, by: Sequence[str]) -> dict[tuple, tuple[list[int], list[float | None]]]:
+    """Rows grouped by the ``by`` fields into (lengths, values of ``metric``), sorted by length."""
+    grouped: dict[tuple, list[tuple[int, float | None]]] = {}
+    for row in rows:
+        grouped.setdefault(tuple(row[k] for k in by), []).append((row["length"], row.get(metric)))
+    return {key: ([n for n, _ in sorted(pts)], [v for _, v in sorted(pts)]) for key, pts in grouped.items()}
+
+
+def exponents(rows: list[dict], metrics: Sequence[str], by: Sequence[str]) -> list[dict[str, Any]]:
+    """One record per curve: its key fields and, per metric, the exponent over all lengths and over the last 3."""
+    table: dict[tuple, dict[str, Any]] = {}
+    for metric in metrics:
+        for key, (ns, values) in curves(rows, metric, by).items():
+            entry = table.setdefault(key, dict(zip(by, key)))
+            entry[f"{metric}_exponent"] = fit_exponent(ns, values)
+            entry[f"{metric}_exponent_last3"] = fit_exponent(ns, values, last=3)
+    return list(table.values())
+
+
+def open_rows(out: Path, prefix: str):
+    """A line-buffered ``{prefix}_results.jsonl``: rows reach the disk as they are measured, so an interrupted
+    run keeps them; ``write_results`` rewrites the file whole at the end."""
+    out.mkdir(parents=True, exist_ok=True)
+    return (out / f"{prefix}_results.jsonl").open("w", buffering=1)
+
+
+def write_results(out: Path, prefix: str, rows: list[dict], summary: dict) -> list[Path]:
+    """``{prefix}_results.jsonl`` (one row per case), ``{prefix}_results.csv`` and ``{prefix}_summary.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl, table, summary_file = (out / f"{prefix}_results.jsonl", out / f"{prefix}_results.csv",
+                                  out / f"{prefix}_summary.json")
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with table.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    return [jsonl, table, summary_file]
+
+
+def scaling_figure(rows: list[dict], path: Path, title: str, metrics: Sequence[tuple[str, str]],
+                   curve_of: Callable[[dict], tuple[str, str, bool]]) -> Path | None:
+    """Log-log panels (one per (metric, axis label)) with one line per curve and its fitted exponent.
+
+    ``curve_of(row) -> (curve label, colour group, dashed)``. None when no metric has any value.
+    """
+    panels = []
+    for metric, ylabel in metrics:
+        grouped: dict[tuple[str, str, bool], list[tuple[int, float | None]]] = {}
+        for row in rows:
+            grouped.setdefault(curve_of(row), []).append((row["length"], row.get(metric)))
+        series = []
+        for (label, group, dashed), points in grouped.items():
+            ns, values = zip(*sorted(points))
+            k = fit_exponent(ns, values)
+            if k is not None or any(v is not None for v in values):
+                series.append(Series(f"{label} (k={k:.2f})" if k is not None else label, ns, values, group, dashed))
+        if series:
+            panels.append(Panel(ylabel, series, xlabel="sequence length n", ylabel=ylabel, logx=True, logy=True))
+    return line_plot(panels, path, title=title) if panels else None
+
+
+# --- the kernel benchmark ---------------------------------------------------------------------
+def bench_kernel(config: KernelBenchConfig) -> Path:
+    """Run every (mode, length, variant) case; write results, summary and plots to ``config.out``."""
+    _check(config)
+    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+    log.info("bench-kernel config: %s", json.dumps(config_to_dict(config)))
+    variants, skipped = available_variants(config.variants)
+    env = environment(device)
+    contenders: list[tuple[str, Variant | None]] = [(DENSE, None)] + [(v.label, v) for v in variants]
+    cases = [(mode, n, c) for mode in config.modes for n in config.lengths for c in contenders]
+    out_of_memory_at: dict[tuple[str, str], int] = {}
+    rows = []
+    out = Path(config.out)
+    with open_rows(out, "kernel") as stream, tqdm(cases, desc="bench-kernel", dynamic_ncols=True) as bar:
+        for mode, n, (label, variant) in bar:
+            bar.set_postfix_str(f"{label} {mode} n={n}")
+            row = {**env, "dtype": dtype_name(dtype),
+                   "shape": f"({config.batch},{config.heads},{n},{config.head_dim})", "variant": label,
+                   "spec": "sdpa(is_causal=True), flash backend" if variant is None else variant.spec,
+                   "mode": mode, "length": n}
+            if (label, mode) in out_of_memory_at:
+                row.update(status="skipped", error=f"out of memory at length {out_of_memory_at[label, mode]}")
+            else:
+                row.update(guarded(lambda: _run_case(variant, mode, n, config, device, dtype), device))
+                if row["status"] == "oom":
+                    out_of_memory_at[label, mode] = n
+            rows.append(row)
+            stream.write(json.dumps(row) + "\n")
+    add_comparisons(rows)
+    plots = kernel_plots(rows, out)
+    summary = {"kind": "bench-kernel", "config": config_to_dict(config), "environment": env,
+               "variants_skipped": skipped,
+               "exponents": exponents(rows, ["median_s", "peak_mem_mb"], ("mode", "variant")),
+               "plots": [p.name for p in plots]}
+    for path in write_results(out, "kernel", rows, summary):
+        log.info("wrote %s", path)
+    return out
+
+
+def kernel_plots(rows: list[dict], out: Path) -> list[Path]:
+    """One figure per mode: time and peak memory against length, log-log, one line per variant with its exponent."""
+    plots = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        chosen = [r for r in rows if r["mode"] == mode]
+        first = chosen[0]
+        batch, heads, _, head_dim = first["shape"].strip("()").split(",")
+        title = f"attention kernels, {mode} ({first['dtype']}, B={batch}, H={heads}, D={head_dim})"
+        plots.append(scaling_figure(chosen, out / f"kernel_{_slug(mode)}.png", title,
+                                    [("median_s", "time (s)"), ("peak_mem_mb", "peak memory (MiB)")],
+                                    lambda r: (r["variant"], r["variant"], False)))
+    return [p for p in plots if p is not None]
+
+
+def available_variants(specs: Sequence[str]) -> tuple[list[Variant], list[str]]:
+    """(the variants among ``specs`` whose class is registered, the specs skipped because it is not)."""
+    found, skipped = [], []
+    for spec in specs:
+        name = spec.partition(":")[0].strip()
+        if name in VARIANTS:
+            found.append(get_variant(spec))
+        else:
+            skipped.append(spec)
+            log.info("skipping variant %r: no variant named %r is registered (have: %s)", spec, name,
+                     ", ".join(sorted(VARIANTS)))
+    return found, skipped
+
+
+def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchConfig, device: torch.device,
+              dtype: torch.dtype) -> dict[str, Any]:
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    backward = mode == "forward+backward"
+    q, k, v = (torch.randn(config.batch, config.heads, n, config.head_dim, device=device, dtype=dtype,
+                           generator=generator, requires_grad=backward) for _ in range(3))  # (B, H, T, D)
+    grad_out = torch.randn_like(q) if backward else None
+    ctx = AttnContext(scaling=config.head_dim**-0.5)
+    state = variant.make_state(config.heads, config.head_dim) if variant is not None else None
+    if state is not None:  # fp32, as surgery keeps learnable variant parameters
+        state = state.to(device=device, dtype=torch.float32)
+    leaves = [q, k, v, *(state.parameters() if state is not None else ())]
+
+    def attend() -> torch.Tensor:
+        if variant is None:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ctx.scaling)
+        return variant.attend(q, k, v, ctx, state)
+
+    def run(_: Any) -> None:
+        if backward:
+            attend().backward(grad_out)
+        else:
+            with torch.no_grad():
+                attend()
+
+    def clear_grads() -> None:
+        for t in leaves:
+            t.grad = None
+
+    result = measure(run, device, config.repeats, config.warmup, prepare=clear_grads)
+    flops, flops_source, density = case_flops(variant, q, k, ctx, state, config.block, backward, run)
+    return {**result, "flops": flops, "flops_source": flops_source, "mask_density": density,
+            "tflops_per_s": flops / result["median_s"] / 1e12 if flops else None}
+
+
+def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: int, backward: bool,
+               run: Callable[[Any], None]) -> tuple[float | None, str, float | None]:
+    """(FLOPs of one call, how they were counted, fraction of allowed (query, key) pairs).
+
+    Dense causal: 2·2·B·H·T²/2·D forward. Mask variants: the full 2·2·B·H·T·S·D times the fraction of
+    ``block``×``block`` tiles with any allowed pair (what a block-sparse kernel computes). Other variants:
+    counted by ``FlopCounterMode`` on one call. Backward adds ``BACKWARD_FLOP_FACTOR`` times the forward.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[-2]
+    factor = 1 + BACKWARD_FLOP_FACTOR if backward else 1
+    if variant is None:
+        return factor * 2.0 * batch * heads * q_len * kv_len * head_dim, "dense causal formula", None
+    if isinstance(variant, MaskedVariant):
+        with torch.no_grad():
+            index_mask, _, _ = variant.index_mask(q, k, ctx, state)
+            tiles, pairs = allowed_fractions(index_mask, batch, heads, q_len, kv_len, block, q.device)
+        return factor * 4.0 * batch * heads * q_len * kv_len * head_dim * tiles, f"allowed {block}x{block} tiles", pairs
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            run(None)
+    except RuntimeError as exc:  # a compiled kernel may refuse the dispatch mode; the timing stands without FLOPs
+        log.info("no FLOP count for %s: %s", variant.label, str(exc).splitlines()[0] if str(exc) else exc)
+        return None, "not counted", None
+    total = counter.get_total_flops()
+    return (float(total) if total else None), "counted (FlopCounterMode)", None
+
+
+def allowed_fractions(index_mask, batch: int, heads: int, q_len: int, kv_len: int, block: int,
+                      device) -> tuple[float, float]:
+    """(fraction of block×block tiles holding any allowed pair, fraction of allowed pairs) of an index mask.
+
+    Evaluated ``block`` query rows at a time, so memory stays B·H·block·S at any length.
+    """
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
+    kv_blocks = -(-kv_len // block)
+    tiles = pairs = 0
+    for start in range(0, q_len, block):
+        rows = torch.arange(start, min(start + block, q_len), device=device).view(1, 1, -1, 1)
+        allowed = index_mask(b, h, rows, kv).expand(batch, heads, rows.shape[2], kv_len)  # (B, H, rows, S)
+        pairs += int(allowed.sum())
+        padded = F.pad(allowed, (0, kv_blocks * block - kv_len))
+        tiles += int(padded.view(batch, heads, rows.shape[2], kv_blocks, block).any(dim=4).any(dim=2).sum())
+    q_blocks = -(-q_len // block)
+    return tiles / (batch * heads * q_blocks * kv_blocks), pairs / (batch * heads * q_len * kv_len)
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """Speedup over the dense baseline at the same (mode, length), the FLOP ratio, and efficiency = their ratio."""
+    dense = {(r["mode"], r["length"]): r for r in rows if r["variant"] == DENSE and r["status"] == "ok"}
+    for row in rows:
+        base = dense.get((row["mode"], row["length"]))
+        ok = base is not None and row["status"] == "ok"
+        speedup = base["median_s"] / row["median_s"] if ok else None
+        flop_ratio = base["flops"] / row["flops"] if ok and base["flops"] and row.get("flops") else None
+        row.update(speedup=speedup, flop_ratio=flop_ratio,
+                   efficiency=speedup / flop_ratio if speedup is not None and flop_ratio else None)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)
+
+
+def _check(config: KernelBenchConfig) -> None:
+    bad_modes = [m for m in config.modes if m not in MODES]
+    if bad_modes or not config.modes:
+        bad = bad_modes[0] if bad_modes else "(none)"
+        raise AttnswapError(f"unknown mode {bad!r}; choose from: {', '.join(MODES)}")
+    if not config.lengths or min(config.lengths) < 1:
+        raise AttnswapError(f"lengths must be positive integers, got {config.lengths}")
+    for key in ("batch", "heads", "head_dim", "repeats", "block"):
+        if getattr(config, key) < 1:
+            raise AttnswapError(f"{key} must be >= 1, got {key}={getattr(config, key)}")
+    if config.warmup < 0:
+        raise AttnswapError(f"warmup must be >= 0, got warmup={config.warmup}")
+

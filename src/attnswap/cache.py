@@ -1,0 +1,197 @@
+"""Generation whose memory does not grow with the generated length: HF cache layers over attnswap's kernels.
+
+``bounded_cache(model)`` builds a ``transformers`` Cache for a swapped model, to pass as
+``model.generate(..., past_key_values=bounded_cache(model))``. A window layer keeps ``w + sinks`` key/value
+slots (``RollingLayer``), a Hedgehog layer keeps its running linear-attention sums (``RecurrentLayer``);
+layers left unswapped keep HF's growing ``DynamicLayer``.
+
+How an attention call learns what the cache holds: the keys a bounded layer returns carry an
+``attnswap_slots`` attribute, which ``surgery.attnswap_attention`` reads before anything else touches them.
+It turns the call's context into one for the slots (``context``) and runs the variant on them (``attend``).
+The tag travels with the tensor, so the same model may run with any other cache in between.
+
+Padding: every layer's ``get_mask_sizes`` asks for the padding mask of all positions seen so far, as a
+growing cache would (so mixed caches agree), and that (B, seen) mask reaches the attention call. The
+window context picks each slot's entry out of it and finds each row's first real token, which the cache
+remembers to choose the row's sinks; the linear context keeps the entries of the new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from attnswap.errors import AttnswapError
+from attnswap.kernels.kv_cache import CacheView, RollingKV, linear_attention_extend
+from attnswap.surgery import attention_modules, swapped_variant
+from attnswap.variants.base import AttnContext, Variant
+from attnswap.variants.hedgehog import Hedgehog
+from attnswap.variants.linear_base import LinearVariant
+from attnswap.variants.window import Window
+
+SLOTS_ATTR = "attnswap_slots"  # the attribute on returned keys that surgery.attnswap_attention looks for
+
+
+# --- window variants: rolling key/value slots -----------------------------------------------------
+@dataclasses.dataclass
+class RollingSlots:
+    """The slots of one attention call of a ``RollingLayer``."""
+
+    rolling: RollingKV
+    view: CacheView
+
+    def context(self, ctx: AttnContext) -> AttnContext:
+        """ctx.key_valid arrives as (B, seen) over every position so far and leaves as (B, S) over the slots."""
+        token_positions = self.view.token_positions  # (B, S), -1 = empty slot
+        present = token_positions >= 0
+        if ctx.key_valid is None:
+            first_real = torch.zeros(token_positions.shape[0], dtype=torch.long, device=token_positions.device)
+            key_valid = present
+        else:
+            real = ctx.key_valid  # (B, seen)
+            assert real.shape[-1] == self.rolling.seen, f"mask covers {real.shape[-1]} of {self.rolling.seen} positions"
+            # A row with no real token yet gets a first real token past the end: no sink before it.
+            first_real = torch.where(real.any(dim=-1), real.long().argmax(dim=-1), real.shape[-1])
+            key_valid = present & real.gather(1, token_positions.clamp(min=0))
+        self.rolling.first_real = first_real
+        return dataclasses.replace(ctx, key_valid=key_valid, q_positions=self.view.q_positions,
+                                   kv_positions=self.view.positions, first_real=first_real)
+
+    def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        # Sink slots sit at stand-in positions that only the same sink count reads right (see CacheView).
+        window, sinks = self.rolling.window, self.rolling.sinks
+        if not (isinstance(variant, Window) and (variant.params.w, variant.params.sinks) == (window, sinks)):
+            raise AttnswapError(f"a cache of window {window} with {sinks} sinks cannot run variant {variant.spec!r} "
+                                "(original_attention?); generate with the default cache instead")
+        return variant.attend(q, k, v, ctx, state)
+
+
+class RollingLayer(CacheLayerMixin):
+    """A cache layer of ``window + sinks`` key/value slots (see ``kernels.kv_cache``)."""
+
+    def __init__(self, window: int, sinks: int = 0):
+        super().__init__()
+        self.window, self.sinks = window, sinks
+        self.rolling = RollingKV(window, sinks)
+
+    def __repr__(self) -> str:
+        return f"RollingLayer(window={self.window}, sinks={self.sinks})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """key/value_states (B, Hkv, T, D) -> the keys/values (B, Hkv, S, D) the T new queries attend over."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        view = self.rolling.append(key_states, value_states)
+        self.keys, self.values = self.rolling.keys, self.rolling.values
+        setattr(view.keys, SLOTS_ATTR, RollingSlots(self.rolling, view))
+        return view.keys, view.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.rolling.seen + query_length, 0  # all positions so far, as for a growing cache
+
+    def get_seq_length(self) -> int:
+        return self.rolling.seen  # positions seen, not slots kept: HF numbers the next tokens from it
+
+    def get_max_length(self) -> int:
+        return -1  # any sequence length fits
+
+    def reset(self) -> None:
+        self.rolling = RollingKV(self.window, self.sinks)
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise AttnswapError("the bounded cache does not support beam search; generate with num_beams=1")
+
+
+# --- linear variants: a running state ---------------------------------------------------------------
+@dataclasses.dataclass
+class RecurrentSlots:
+    """The new tokens of one attention call of a ``RecurrentLayer``; the past is in the layer's state."""
+
+    layer: RecurrentLayer
+    length: int  # T, the new tokens
+
+    def context(self, ctx: AttnContext) -> AttnContext:
+        """ctx.key_valid arrives as (B, seen) over every position so far and leaves as (B, T) over the new tokens."""
+        if ctx.key_valid is None:
+            return ctx
+        return dataclasses.replace(ctx, key_valid=ctx.key_valid[:, -self.length :])
+
+    def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        if not isinstance(variant, LinearVariant):
+            raise AttnswapError(f"a linear-attention cache cannot run variant {variant.spec!r}; "
+                                "generate with the default cache instead")
+        phi_q, phi_k = variant.features(q, k, ctx, state)
+        out, self.layer.state = linear_attention_extend(phi_q, phi_k, v, self.layer.state, variant.params.chunk)
+        return out
+
+
+class RecurrentLayer(CacheLayerMixin):
+    """A linear-attention layer's cache: the running sums (kv (B, H, M, D), z (B, H, M)) instead of keys and values."""
+
+    def __init__(self):
+        super().__init__()
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Hands the T new keys/values (B, Hkv, T, D) through; the attention call folds them into the state."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.seen += key_states.shape[-2]
+        setattr(key_states, SLOTS_ATTR, RecurrentSlots(self, key_states.shape[-2]))
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.state, self.seen = None, 0
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise AttnswapError("the bounded cache does not support beam search; generate with num_beams=1")
+
+
+# --- building one ---------------------------------------------------------------------------------
+class BoundedCache(Cache):
+    """One cache layer per decoder layer: bounded where the variant allows it, growing elsewhere."""
+
+
+def bounded_cache(model: nn.Module) -> BoundedCache:
+    """A fresh cache for ``model.generate(..., past_key_values=bounded_cache(model))`` on a swapped model.
+
+    Window layers keep ``w + sinks`` slots, Hedgehog layers a running state; unswapped layers keep every token.
+    Performer has none: its key features share one stabiliser over all keys (variants/performer.py), so
+    features computed a token at a time cannot be summed into one state.
+    """
+    variant = swapped_variant(model)
+    if variant is None:
+        raise AttnswapError("bounded_cache needs a swapped model; call swap(model, 'window:w=64,sinks=4') first")
+    if isinstance(variant, Window):
+        make_layer = lambda: RollingLayer(variant.params.w, variant.params.sinks)  # noqa: E731
+    elif isinstance(variant, Hedgehog):
+        make_layer = RecurrentLayer
+    else:
+        raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots) and hedgehog "
+                            "(a running state) have one; generate with the default cache instead")
+    swapped = [getattr(module, "attnswap_variant", None) is variant for module in attention_modules(model)]
+    return BoundedCache(layers=[make_layer() if bounded else DynamicLayer() for bounded in swapped])

@@ -1,0 +1,637 @@
+"""Distil a swapped model back to its original: KL between the original's and the swapped model's next tokens.
+
+The teacher is the same model run with its original attention (``original_attention``): no second copy of the
+weights. Optionally the run starts with an attention-transfer stage (Hedgehog, https://arxiv.org/abs/2402.04347;
+LoLCATs, https://arxiv.org/abs/2410.10254): for ``transfer_steps`` steps each swapped layer learns to reproduce
+the full-attention output on the teacher's own q, k, v, before the end-to-end KL stage.
+
+    attnswap distill --variant mixture --steps 500 --out runs/mixture
+    attnswap distill --config configs/distill_window64_sinks4.yaml --resume true
+    torchrun --nproc_per_node 4 -m attnswap.cli distill --config configs/distill_window64_sinks4.yaml
+
+Under torchrun every rank holds the whole model and a disjoint shard of each global batch (``batch_size`` is
+global); gradients of the trainable tensors are averaged once per step, so N ranks follow the loss curve of one
+process with the same ``batch_size``. Rank 0 writes ``metrics.jsonl``, checkpoints and results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from attnswap.config import config_to_dict
+from attnswap.data import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, pack_blocks, refuse_test_source, split_blocks,
+                           token_stream)
+from attnswap.errors import AttnswapError
+from attnswap.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, resolve_device
+from attnswap.surgery import (STATE_ATTR, attention_modules, l1_penalty, observe_attention, original_attention, save,
+                              swap, variant_state_dict)
+from attnswap.variants import Variant, get_variant
+from attnswap.variants.base import check
+from attnswap.variants.full import Full
+
+log = logging.getLogger(__name__)
+TRAINABLE = ("variant", "variant+mlp", "variant+attn", "variant+lora")
+CKPT_JSON = "checkpoint.json"
+# A resumed run must agree with its checkpoint on these, or it would not continue the same run.
+RESUME_MUST_MATCH = ("model", "variant", "layers", "data", "val_data", "val_fraction", "batch_size", "seq_len",
+                     "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_grad", "temperature",
+                     "l1", "transfer_steps", "trainable", "lora_r", "seed")
+
+
+@dataclass
+class DistillConfig:
+    model: str = ""  # hub name or local directory; empty = the bundled teacher
+    variant: str = "window:w=64,sinks=4"
+    layers: list[int] | None = None  # default: every layer
+    data: str = DISTILL_TEXT  # training text: a file, a directory or wikitext-103-raw-v1 (never a test set)
+    val_data: str = WIKITEXT2_VALID  # empty = hold out val_fraction of the training blocks
+    val_fraction: float = 0.02
+    steps: int = 500
+    batch_size: int = 8  # sequences per optimizer micro-step over all ranks
+    seq_len: int = 512
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0  # on matrices only; gates, biases and mixture logits are never decayed
+    clip_grad: float = 1.0  # 0 = no clipping
+    temperature: float = 1.0  # the KL is taken at this softmax temperature and scaled by T²
+    l1: float = 0.0  # λ of the variant's sparsity penalty (the mixture's weights)
+    transfer_steps: int = 0  # first steps that match each layer's attention output instead of the logits
+    # variant (its own parameters only) | variant+mlp or variant+attn (also the MLPs or the attention projections
+    # of the swapped layers; the default, as a window has no parameters) | variant+lora (LoRA on those projections)
+    trainable: str = "variant+mlp"
+    lora_r: int = 8
+    seed: int = 0
+    device: str = "auto"  # auto = cuda (this rank's GPU under torchrun) if visible, else cpu
+    dtype: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; or float32, bfloat16
+    eval_every: int = 100  # 0 = only before and after
+    eval_batches: int = 8
+    ckpt_every: int = 100  # 0 = only at the end
+    out: str = "runs/distill"
+    resume: bool = False
+    log_every: int = 10
+    max_seconds: float | None = None  # stop (checkpointed, with results) once this much time has passed
+    parallel: str = "ddp"  # under torchrun: every rank a whole replica, gradients averaged
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lora_r", "log_every"):
+            check(getattr(self, key) >= 1, f"{key} must be >= 1, got {key}={getattr(self, key)}")
+        for key in ("warmup_steps", "transfer_steps", "eval_every", "ckpt_every", "l1", "weight_decay", "clip_grad"):
+            check(getattr(self, key) >= 0, f"{key} must be >= 0, got {key}={getattr(self, key)}")
+        check(self.lr > 0, f"lr must be > 0, got lr={self.lr}")
+        check(self.temperature > 0, f"temperature must be > 0, got temperature={self.temperature}")
+        check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}")
+        check(self.dtype in ("auto", "float32", "bfloat16"),
+              f"dtype must be auto, float32 or bfloat16; got {self.dtype!r}")
+        check(self.parallel == "ddp", f"parallel={self.parallel!r} is not implemented yet; use ddp")
+
+
+# --- ranks ---------------------------------------------------------------------------------------
+@dataclass
+class Ranks:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun) and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+
+def start_ranks(device: str) -> Ranks:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks(0, 1, resolve_device(device))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device in ("auto", "cuda"):
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    torch_device = resolve_device(device)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off: it hangs on some shared hosts
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+        dist.init_process_group("nccl", device_id=torch_device)
+    else:
+        dist.init_process_group("gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), torch_device)
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """A flag that SIGTERM sets (torchrun forwards it to every rank), so the loop can checkpoint and stop."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- teacher and student in one model ------------------------------------------------------------
+@dataclass
+class Pair:
+    """The swapped model as student and, with its original attention and weights, as teacher."""
+
+    model: nn.Module
+    variant: Variant
+    trainable: dict[str, nn.Parameter]
+    autocast_dtype: torch.dtype | None
+    lora: bool = False  # a peft model: the teacher runs with the adapters disabled
+    # Originals of the base weights that train (variant+mlp/attn): the teacher runs with these, not the trained ones.
+    teacher_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def autocast(self):
+        device_type = next(self.model.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def student_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.teacher():
+            return self._teacher_forward(ids)
+
+    @contextlib.contextmanager
+    def teacher(self):
+        lora_off = self.model.disable_adapter() if self.lora else contextlib.nullcontext()
+        with original_attention(self.model), lora_off:
+            yield
+
+    def _teacher_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            if not self.teacher_weights:
+                return self.model(input_ids=ids, use_cache=False).logits
+            return torch.func.functional_call(self.model, self.teacher_weights, (),
+                                              {"input_ids": ids, "use_cache": False}, strict=False).logits
+
+    def transfer_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean over swapped layers of MSE(full attention, variant attention) on the teacher's q, k, v."""
+        losses = []
+
+        def observer(module, _running, q, k, v, ctx, state):
+            variant = getattr(module, "attnswap_variant", None)
+            if variant is None:
+                return
+            q, k, v = q.detach(), k.detach(), v.detach()
+            with torch.enable_grad():  # the teacher runs without a graph; only the variant's state learns here
+                target = _FULL.attend(q, k, v, ctx, None).float()
+                losses.append(F.mse_loss(variant.attend(q, k, v, ctx, state).float(), target))
+
+        with observe_attention(self.model, observer), torch.no_grad(), self.teacher():
+            self._teacher_forward(ids)
+        return torch.stack(losses).mean()
+
+    def train_variant_state(self, training: bool) -> None:
+        """Variant state in train mode while learning (Performer redraws count training calls); dropout stays off."""
+        for module in attention_modules(self.model):
+            state = getattr(module, STATE_ATTR, None)
+            if state is not None:
+                state.train(training)
+
+
+_FULL = Full()
+
+
+def build_pair(config: DistillConfig, device: torch.device) -> tuple[Pair, object]:
+    """Load the teacher, swap in the variant, choose what trains. Returns (pair, tokenizer)."""
+    name = config.model or DEFAULT_MODEL
+    variant = get_variant(config.variant)  # a bad spec fails before any weights load
+    low_precision = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+    autocast = torch.bfloat16 if low_precision else None
+    # Frozen weights in bf16 on a GPU (autocast computes in bf16 anyway); whatever trains is fp32.
+    weights_dtype = "bfloat16" if autocast is not None and device.type == "cuda" else "float32"
+    model = load_model(name, device=str(device), dtype=weights_dtype)
+    check_length(model, config.seq_len)
+    torch.manual_seed(config.seed)  # the variant's initial state
+    swap(model, variant, layers=config.layers, trainable="variant")
+    teacher_weights = {}
+    if config.trainable in ("variant+mlp", "variant+attn"):
+        prefixes = _swapped_prefixes(model, config.trainable.removeprefix("variant+"))
+        for param_name, param in model.named_parameters():
+            if param_name.startswith(prefixes) and f".{STATE_ATTR}." not in f".{param_name}":
+                teacher_weights[param_name] = param.detach().clone()
+                param.data = param.data.float()
+                param.requires_grad_(True)
+    elif config.trainable == "variant+lora":
+        model = _add_lora(model, config.lora_r)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not trainable:
+        raise AttnswapError(f"variant {variant.spec} has no learnable parameters; train something beside it: "
+                            "--trainable variant+mlp, variant+attn or variant+lora")
+    if config.transfer_steps and not any(f".{STATE_ATTR}." in f".{n}" for n in trainable):
+        raise AttnswapError(f"transfer_steps needs a variant with learnable parameters and {variant.spec} has none; "
+                            "set --transfer_steps 0")
+    pair = Pair(model, variant, trainable, autocast, config.trainable == "variant+lora", teacher_weights)
+    return pair, load_tokenizer(name)
+
+
+def _swapped_prefixes(model: nn.Module, part: str) -> tuple[str, ...]:
+    """Parameter-name prefixes of the swapped layers' attention modules (part="attn") or MLPs (part="mlp")."""
+    names = {id(m): n for n, m in model.named_modules()}
+    swapped = [names[id(m)] for m in attention_modules(model) if getattr(m, "attnswap_variant", None) is not None]
+    return tuple(f"{name}." if part == "attn" else f"{name.rsplit('.', 1)[0]}.mlp." for name in swapped)
+
+
+def _add_lora(model: nn.Module, rank: int) -> nn.Module:
+    """LoRA on the projections of the swapped attention layers (LoLCATs' low-rank adaptation)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise AttnswapError("trainable=variant+lora needs peft: pip install 'attnswap[lora]'") from None
+    targets = [
+        f"{attn_name}.{child_name}"
+        for attn_name, attn in model.named_modules()
+        if getattr(attn, "attnswap_variant", None) is not None and hasattr(attn, "layer_idx")
+        for child_name, child in attn.named_children()
+        if child_name != STATE_ATTR and type(child).__name__ in ("Linear", "Conv1D")
+    ]
+    conv1d = any(type(module).__name__ == "Conv1D" for module in model.modules())  # GPT-2 stores weights transposed
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, fan_in_fan_out=conv1d)
+    model = get_peft_model(model, config)
+    for param_name, param in model.named_parameters():  # peft froze everything but LoRA, the variant included
+        if f".{STATE_ATTR}." in f".{param_name}":
+            param.requires_grad_(True)
+    return model
+
+
+# --- losses ------------------------------------------------------------------------------------
+def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(P_teacher ‖ P_student) per position, averaged over all positions, times T² (Hinton et al.); fp32."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, T, V)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean() * temperature**2
+
+
+def learning_rate(step: int, config: DistillConfig) -> float:
+    """Linear warm-up, then cosine from lr down to lr * min_lr_ratio at the last step."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(pair: Pair, config: DistillConfig) -> torch.optim.AdamW:
+    matrices = [p for p in pair.trainable.values() if p.dim() >= 2]
+    others = [p for p in pair.trainable.values() if p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": config.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
+
+
+# --- data --------------------------------------------------------------------------------------
+def load_blocks(config: DistillConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) blocks of seq_len tokens."""
+    blocks = pack_blocks(token_stream(config.data, tokenizer), config.seq_len)
+    if not config.val_data:
+        return split_blocks(blocks, config.val_fraction, config.seed)
+    return blocks, pack_blocks(token_stream(config.val_data, tokenizer, split="validation"), config.seq_len)
+
+
+def batch_ids(blocks: torch.Tensor, config: DistillConfig, ranks: Ranks, step: int, micro: int) -> torch.Tensor:
+    """This rank's slice of the global batch (step, micro): (batch_size / world, seq_len) token ids."""
+    local = config.batch_size // ranks.world
+    first = (step * config.grad_accum + micro) * config.batch_size + ranks.rank * local
+    return blocks[block_order(blocks.shape[0], config.seed, first, local)].to(ranks.device)
+
+
+# --- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_blocks(pair: Pair, blocks: torch.Tensor, config: DistillConfig, ranks: Ranks) -> dict[str, float]:
+    """KL(teacher ‖ student) at T=1 and top-1 agreement per token, over the first eval_batches batches."""
+    pair.train_variant_state(False)
+    n_blocks = min(blocks.shape[0], config.eval_batches * config.batch_size)
+    mine = torch.arange(ranks.rank, n_blocks, ranks.world)
+    totals = torch.zeros(3, dtype=torch.float64, device=ranks.device)  # KL sum, agreements, tokens
+    ones = torch.ones((), dtype=torch.float64, device=ranks.device)
+    for chunk in mine.split(max(1, config.batch_size // ranks.world)):
+        ids = blocks[chunk].to(ranks.device)
+        teacher, student = pair.teacher_logits(ids).float(), pair.student_logits(ids).float()
+        kl = kl_divergence(student, teacher) * ids.numel()
+        agree = (student.argmax(-1) == teacher.argmax(-1)).sum()
+        totals += torch.stack([kl.double(), agree.double(), ones * ids.numel()])
+    kl_sum, agree_sum, tokens = ranks.sum(totals).tolist()  # host sync
+    return {"kl": kl_sum / tokens, "top1": agree_sum / tokens}
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+def save_checkpoint(out: Path, step: int, pair: Pair, optimizer: torch.optim.Optimizer, record: dict) -> Path:
+    """Tensors to ``checkpoint-<step>.safetensors``, then ``checkpoint.json`` naming them: each written atomically,
+    and the JSON last, so a crash at any moment leaves the previous checkpoint whole."""
+    from safetensors.torch import save_file
+
+    names = list(pair.trainable)
+    tensors = {f"model/{k}": v for k, v in variant_state_dict(pair.model).items()}
+    tensors.update({f"model/{k}": p.detach() for k, p in pair.trainable.items()})
+    optim_state = optimizer.state_dict()
+    for index, state in optim_state["state"].items():
+        for key, value in state.items():
+            tensors[f"optim/{names[index]}/{key}"] = value
+    tensors["rng/torch"] = torch.get_rng_state()
+    if pair_device(pair).type == "cuda":
+        tensors["rng/cuda"] = torch.cuda.get_rng_state(pair_device(pair))
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    tensor_file = out / f"checkpoint-{step:07d}.safetensors"
+    _atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp)))
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
+    meta = {**record, "step": step, "tensors": tensor_file.name, "param_groups": groups}
+    _atomic(out / CKPT_JSON, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    for old in out.glob("checkpoint-*.safetensors"):
+        if old != tensor_file:
+            old.unlink()
+    return tensor_file
+
+
+def _corrupt(path: Path, detail: str) -> AttnswapError:
+    return AttnswapError(f"corrupt checkpoint {path}: {detail}; delete it or start without --resume")
+
+
+def read_checkpoint(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON record and the tensors of the checkpoint in ``out`` (safetensors only: nothing is unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = out / CKPT_JSON
+    try:
+        meta = json.loads(path.read_text())
+        tensors = load_file(str(out / meta["tensors"]))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise _corrupt(path, f"unreadable record ({type(exc).__name__}: {exc})") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _corrupt(path, f"unreadable tensors ({exc})") from None
+    for key in ("step", "config", "param_groups"):
+        if key not in meta:
+            raise _corrupt(path, f"the record has no {key!r}")
+    return meta, tensors
+
+
+def restore_checkpoint(meta: dict, tensors: dict[str, torch.Tensor], pair: Pair, optimizer, path: Path) -> None:
+    """Put the checkpoint's variant state, trained weights, optimizer state and RNG back."""
+    model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    expected = set(variant_state_dict(pair.model)) | set(pair.trainable)
+    missing, unexpected = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
+    if missing or unexpected:
+        raise _corrupt(path, f"its tensors do not match this model (missing {missing[:2]}, "
+                             f"unexpected {unexpected[:2]})")
+    current = pair.model.state_dict()
+    with torch.no_grad():
+        for key, value in model_state.items():
+            if current[key].shape != value.shape:
+                raise _corrupt(path, f"{key} has shape {tuple(value.shape)}, the model {tuple(current[key].shape)}")
+            current[key].copy_(value)  # state_dict tensors share storage with the parameters
+    state = {}
+    for index, name in enumerate(pair.trainable):
+        prefix = f"optim/{name}/"
+        entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if entry:
+            state[index] = entry
+    groups = optimizer.state_dict()["param_groups"]
+    if len(meta["param_groups"]) != len(groups):
+        raise _corrupt(path, "its optimizer groups do not match")
+    groups = [{**group, **saved} for group, saved in zip(groups, meta["param_groups"])]  # saved lr etc., live params
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and pair_device(pair).type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng/cuda"], pair_device(pair))
+
+
+def pair_device(pair: Pair) -> torch.device:
+    return next(pair.model.parameters()).device
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _check_resumable(saved: dict, config: DistillConfig, path: Path) -> None:
+    current = config_to_dict(config)
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != current[key]:
+            raise AttnswapError(f"--resume: {key}={current[key]!r} but the checkpoint {path} was made with "
+                                f"{key}={saved.get(key)!r}; use the same value or another --out")
+
+
+# --- the run ------------------------------------------------------------------------------------
+class Metrics:
+    """``metrics.jsonl`` on rank 0: one JSON line per step and per evaluation."""
+
+    def __init__(self, path: Path, enabled: bool, keep_until: int | None):
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until is not None and path.is_file():  # drop what a killed run wrote after its checkpoint
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif enabled:
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a line cut short by the kill
+
+
+def distill(config: DistillConfig) -> dict:
+    """Train ``config.variant`` inside ``config.model`` to match the original; returns (and writes) results.json."""
+    ranks = start_ranks(config.device)
+    try:
+        return _distill(config, ranks)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _distill(config: DistillConfig, ranks: Ranks) -> dict:
+    out = Path(config.out)
+    record, tensors = _open_run(config, ranks, out)
+
+    # --- teacher, student, data, optimizer
+    pair, tokenizer = build_pair(config, ranks.device)
+    train_blocks, val_blocks = load_blocks(config, tokenizer)
+    optimizer = make_optimizer(pair, config)
+    if record:
+        restore_checkpoint(record, tensors, pair, optimizer, out / CKPT_JSON)
+    start_step = record.get("step", 0)
+    metrics = Metrics(out / "metrics.jsonl", ranks.main, start_step if record else None)
+    before = record.get("before") or evaluate_blocks(pair, val_blocks, config, ranks)
+    if not record:
+        metrics.write({"step": 0, "val_kl": before["kl"], "val_top1": before["top1"]})
+    tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
+
+    # --- the loop: train, log, evaluate, checkpoint
+    step, started, stopped_by = start_step, time.time(), None
+    progress = _progress(config, start_step, ranks)
+    with stop_requests() as requested:
+        while step < config.steps and stopped_by is None:
+            loss, parts = train_step(pair, optimizer, train_blocks, config, ranks, step)
+            step += 1
+            elapsed = time.time() - started
+            tokens_per_s = (step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+            metrics.write({"step": step, "loss": loss, **parts, "lr": learning_rate(step - 1, config),
+                           "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s, "elapsed_s": elapsed})
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            if ranks.main and (step % config.log_every == 0 or step == config.steps):
+                log.info("step %d/%d loss %.5f lr %.2e %.0f tok/s", step, config.steps, loss,
+                         learning_rate(step - 1, config), tokens_per_s)
+            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
+                result = evaluate_blocks(pair, val_blocks, config, ranks)
+                metrics.write({"step": step, "val_kl": result["kl"], "val_top1": result["top1"]})
+            timed_out = config.max_seconds is not None and elapsed >= config.max_seconds
+            stopped_by = _agree_to_stop(requested["stop"], timed_out, ranks)
+            due = step == config.steps or (config.ckpt_every and step % config.ckpt_every == 0)
+            if ranks.main and (stopped_by or due):
+                save_checkpoint(out, step, pair, optimizer, {
+                    "config": config_to_dict(config), "before": before, "world_size": ranks.world,
+                    "data": {"samples_seen": step * config.batch_size * config.grad_accum,
+                             "train_blocks": train_blocks.shape[0]},
+                    "scheduler": {"kind": "warmup+cosine", "next_lr": learning_rate(step, config)},
+                })
+    progress.close()
+    if stopped_by == "SIGTERM":
+        log.info("stopped by SIGTERM at step %d; checkpoint in %s; continue with --resume true", step, out)
+        raise KeyboardInterrupt
+
+    # --- results
+    after = evaluate_blocks(pair, val_blocks, config, ranks)
+    metrics.write({"step": step, "val_kl": after["kl"], "val_top1": after["top1"]})
+    results = _results(config, pair, ranks, before, after, step, stopped_by, out)
+    if ranks.main:
+        save(pair.model.merge_and_unload() if pair.lora else pair.model, out / "model", tokenizer)
+        _atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+        log.info("KL %.4f -> %.4f, top-1 agreement %.3f -> %.3f; model in %s",
+                 before["kl"], after["kl"], before["top1"], after["top1"], out / "model")
+    return results
+
+
+def _open_run(config: DistillConfig, ranks: Ranks, out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Check the run can start (or continue) in ``out``; the checkpoint to resume from, or ({}, {})."""
+    if config.batch_size % ranks.world:
+        raise AttnswapError(f"batch_size {config.batch_size} does not split over {ranks.world} ranks; "
+                            f"use a multiple of {ranks.world}")
+    refuse_test_source(config.data)  # also: a missing data path fails here, before any weights load
+    has_checkpoint = (out / CKPT_JSON).exists()
+    if has_checkpoint and not config.resume:
+        raise AttnswapError(f"{out} already holds a run ({CKPT_JSON}); pass --resume true or choose another --out")
+    record, tensors = read_checkpoint(out) if has_checkpoint else ({}, {})
+    if record:
+        _check_resumable(record["config"], config, out / CKPT_JSON)
+    if ranks.main:
+        import yaml
+
+        out.mkdir(parents=True, exist_ok=True)
+        log.info("distill config:\n%s", "\n".join(f"  {k}: {v}" for k, v in config_to_dict(config).items()))
+        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        if record:
+            log.info("resuming from %s at step %d", out / CKPT_JSON, record["step"])
+        elif config.resume:
+            log.info("no checkpoint in %s; starting at step 0", out)
+    return record, tensors
+
+
+def _agree_to_stop(sigterm: bool, timed_out: bool, ranks: Ranks) -> str | None:
+    """Why to stop now (SIGTERM on any rank, or rank 0's clock), the same answer on every rank: one collective."""
+    votes = ranks.sum(torch.tensor([float(sigterm), float(timed_out and ranks.main)], device=ranks.device)).tolist()
+    return "SIGTERM" if votes[0] else "max_seconds" if votes[1] else None
+
+
+def train_step(pair: Pair, optimizer, blocks: torch.Tensor, config: DistillConfig, ranks: Ranks,
+               step: int) -> tuple[float, dict[str, float]]:
+    """One optimizer update over grad_accum micro-batches; returns the loss averaged over ranks and its parts."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(step, config)
+    transfer = step < config.transfer_steps
+    pair.train_variant_state(True)
+    sums = torch.zeros(3, device=ranks.device)  # loss, KL or attention MSE, L1
+    for micro in range(config.grad_accum):
+        ids = batch_ids(blocks, config, ranks, step, micro)
+        if transfer:
+            main_loss = pair.transfer_loss(ids)
+        else:
+            main_loss = kl_divergence(pair.student_logits(ids), pair.teacher_logits(ids), config.temperature)
+        penalty = l1_penalty(pair.model) if config.l1 else None
+        loss = main_loss + config.l1 * penalty if penalty is not None else main_loss
+        (loss / config.grad_accum).backward()
+        zero = torch.zeros((), device=ranks.device)
+        sums += torch.stack([loss.detach(), main_loss.detach(), zero if penalty is None else penalty.detach()]).float()
+    params = [p for p in pair.trainable.values() if p.grad is not None]
+    average_gradients(params, ranks)
+    sums = ranks.sum(sums) / (ranks.world * config.grad_accum)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or float("inf"))
+    loss, main, penalty = sums.tolist()  # host sync, once per step
+    grad_norm = grad_norm.item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise AttnswapError(f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}; "
+                            f"the last good checkpoint is in {config.out}; lower --lr or use --dtype float32")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, {"attn_mse" if transfer else "kl": main, "l1": penalty, "grad_norm": grad_norm}
+
+
+def average_gradients(params: list[nn.Parameter], ranks: Ranks) -> None:
+    """Mean of each gradient over ranks, in one collective (the trainable set is small: no bucketing needed)."""
+    if ranks.world == 1 or not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    ranks.sum(flat)
+    flat /= ranks.world
+    for param, chunk in zip(params, flat.split([p.numel() for p in params])):
+        param.grad.copy_(chunk.view_as(param.grad))
+
+
+def _progress(config: DistillConfig, start_step: int, ranks: Ranks):
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar on a terminal, nothing in log files (log_every lines there).
+    return tqdm(total=config.steps, initial=start_step, desc="distill", unit="step",
+                disable=None if ranks.main else True)
+
+
+def _results(config, pair, ranks, before, after, step, stopped_by, out) -> dict:
+    import transformers
+
+    device = ranks.device
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "teacher": config.model or DEFAULT_MODEL, "variant": pair.variant.spec, "label": pair.variant.label,
+        "kl_before": before["kl"], "kl_after": after["kl"], "top1_before": before["top1"], "top1_after": after["top1"],
+        "steps_done": step, "tokens_seen": step * config.batch_size * config.grad_accum * config.seq_len,
+        "token_budget": config.steps * config.batch_size * config.grad_accum * config.seq_len,
+        "stopped_by": stopped_by, "seed": config.seed, "world_size": ranks.world, "device": device_name,
+        "torch": torch.__version__, "transformers": transformers.__version__, "command": " ".join(sys.argv),
+        "model_dir": str(out / "model"), "config": config_to_dict(config),
+    }

@@ -1,0 +1,121 @@
+"""Matplotlib figures for benchmarks and reports, drawn without pyplot so no global backend is touched.
+
+``Figure`` objects are rendered by the Agg canvas directly: importing this module never opens a window
+and never changes the backend of a notebook that imports attnswap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator, NullLocator
+
+_PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+            "#7f7f7f", "#bcbd22"]
+
+
+@dataclass
+class Series:
+    """One line: ``ys[i]`` at ``xs[i]``; None values (OOM, missing) are left out. Same ``group``, same colour."""
+
+    label: str
+    xs: Sequence[float]
+    ys: Sequence[float | None]
+    group: str | None = None
+    dashed: bool = False
+
+
+@dataclass
+class Panel:
+    """One set of axes of a figure."""
+
+    title: str
+    series: list[Series]
+    xlabel: str = ""
+    ylabel: str = ""
+    logx: bool = False
+    logy: bool = False
+
+
+def line_plot(panels: "Panel | list[Panel]", path: str | Path, title: str = "", ncols: int = 2) -> Path:
+    """Lines with markers, one set of axes per panel; log axes use base 2 on x (sequence lengths) and 10 on y."""
+    panels = [panels] if isinstance(panels, Panel) else panels
+    ncols = min(ncols, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(6.4 * ncols, 4.2 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    groups: dict[str, str] = {}
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for s in panel.series:
+            points = [(x, y) for x, y in zip(s.xs, s.ys) if y is not None and np.isfinite(y)]
+            if not points:
+                continue
+            color = groups.setdefault(s.group or s.label, _PALETTE[len(groups) % len(_PALETTE)])
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=4, linestyle="--" if s.dashed else "-", color=color, label=s.label)
+        xs_all = sorted({float(x) for s in panel.series for x in s.xs})
+        if panel.logx:
+            ax.set_xscale("log", base=2)
+            if 0 < len(xs_all) <= 16:  # label the measured lengths themselves, not powers of two around them
+                ax.set_xticks(xs_all, [f"{x:g}" for x in xs_all], rotation=45 if len(xs_all) > 8 else 0)
+                ax.xaxis.set_minor_locator(NullLocator())
+        elif all(x.is_integer() for x in xs_all):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers, steps: no 0.25 ticks
+        if panel.logy:
+            ax.set_yscale("log")
+        ax.set_title(panel.title, fontsize=11)
+        ax.set_xlabel(panel.xlabel)
+        ax.set_ylabel(panel.ylabel)
+        ax.grid(True, which="major", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def bar_plot(labels: Sequence[str], values: Sequence[float], path: str | Path, ylabel: str, title: str) -> Path:
+    """Vertical bars with their values written on top."""
+    fig = Figure(figsize=(max(5.0, 0.9 * len(labels) + 2), 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bars = ax.bar(range(len(labels)), values, color=[_PALETTE[i % len(_PALETTE)] for i in range(len(labels))])
+    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def heatmaps(maps: Sequence[tuple[str, np.ndarray]], path: str | Path, title: str = "",
+             tokens: Sequence[str] | None = None) -> Path:
+    """(T, S) matrices side by side on one colour scale per matrix; token strings label the axes if given."""
+    fig = Figure(figsize=(4.6 * len(maps), 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, (name, matrix) in enumerate(maps):
+        ax = fig.add_subplot(1, len(maps), i + 1)
+        image = ax.imshow(np.asarray(matrix, dtype=float), cmap="viridis", interpolation="nearest", aspect="auto")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_title(name, fontsize=11)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        if tokens is not None and len(tokens) == matrix.shape[-1] <= 40:
+            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+            ax.set_yticks(range(matrix.shape[0]), tokens[-matrix.shape[0]:], fontsize=6)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
