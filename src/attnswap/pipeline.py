@@ -100,8 +100,10 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     from attnswap.report import ReportConfig, report
 
+    first = rows[0]  # attention maps of the first variant against the original, for one input
     report(ReportConfig(run_dirs=run_dirs, out=str(out / "report"), title=f"attnswap: {config.name}",
-                        model=config.model))
+                        model=config.model, swapped=first["swapped_dir"],
+                        variant="" if first["swapped_dir"] else first["variant"]))
     print(f"run {config.name} done in {summary['seconds']} s: {out / 'summary.md'}, {out / 'report' / 'report.html'}")
     return summary
 
