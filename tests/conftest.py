@@ -74,3 +74,22 @@ def tiny_model_dir(tmp_path):
     tiny_gpt2().save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+def assert_attend_matches_reference(variant, dtype, kv_len: int = 23, q_lens=(23, 1, 4)):
+    """The efficient path equals the dense reference on outputs and q/k/v gradients, with a left-padded row,
+    for prefill (T = S), decode (T = 1) and a chunk (1 < T < S)."""
+    from attnswap.variants import AttnContext
+
+    for q_len in q_lens:
+        q, k, v = random_qkv(q_len=q_len, kv_len=kv_len, dtype=dtype, requires_grad=True)
+        key_valid = torch.ones(2, kv_len, dtype=torch.bool)
+        key_valid[0, :4] = False
+        ctx = AttnContext(scaling=0.3, key_valid=key_valid)
+        fast, ref = variant.attend(q, k, v, ctx, None), variant.reference(q, k, v, ctx, None)
+        torch.testing.assert_close(fast.float(), ref, rtol=0, atol=TOLERANCE[dtype])
+        grads_fast = torch.autograd.grad(fast.float().square().sum(), (q, k, v))
+        grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for name, g_fast, g_ref in zip("qkv", grads_fast, grads_ref):
+            torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 10,
+                                       msg=f"d{name}")

@@ -11,7 +11,7 @@ from attnswap.kernels.masks import materialize
 from attnswap.variants import AttnContext
 from attnswap.variants.full import Full
 from attnswap.variants.longformer import Longformer, LongformerParams
-from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2
+from tests.conftest import assert_attend_matches_reference, TOLERANCE, random_batch, random_qkv, tiny_gpt2
 
 
 def longformer(**params) -> Longformer:
@@ -64,17 +64,7 @@ def test_window_covering_everything_equals_full(left_pad):
 @pytest.mark.parametrize("params", [dict(w=5), dict(w=4, global_tokens=3, global_stride=7)], ids=["w5_g1", "w4_g3_s7"])
 def test_longformer_matches_reference_with_padding_and_decode(params, dtype):
     variant = longformer(**params)
-    for q_len, kv_len in [(23, 23), (1, 23), (4, 23)]:
-        q, k, v = random_qkv(q_len=q_len, kv_len=kv_len, dtype=dtype, requires_grad=True)
-        key_valid = torch.ones(2, kv_len, dtype=torch.bool)
-        key_valid[0, :4] = False
-        ctx = AttnContext(scaling=0.3, key_valid=key_valid)
-        fast, ref = variant.attend(q, k, v, ctx, None), variant.reference(q, k, v, ctx, None)
-        torch.testing.assert_close(fast.float(), ref, rtol=0, atol=TOLERANCE[dtype])
-        grads_fast = torch.autograd.grad(fast.float().square().sum(), (q, k, v))
-        grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
-        for name, g_fast, g_ref in zip("qkv", grads_fast, grads_ref):
-            torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 10, msg=f"d{name}")
+    assert_attend_matches_reference(variant, dtype)
 
 
 def _logits(model, ids, mask):

@@ -69,7 +69,15 @@ class RollingSlots:
         return variant.attend(q, k, v, ctx, state)
 
 
-class RollingLayer(CacheLayerMixin):
+class _BoundedLayer(CacheLayerMixin):
+    """What both bounded layers share: they learn dtype and device from the first keys they see."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+
+class RollingLayer(_BoundedLayer):
     """A cache layer of ``window + sinks`` key/value slots (see ``kernels.kv_cache``)."""
 
     def __init__(self, window: int, sinks: int = 0):
@@ -79,10 +87,6 @@ class RollingLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         return f"RollingLayer(window={self.window}, sinks={self.sinks})"
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """key/value_states (B, Hkv, T, D) -> the keys/values (B, Hkv, S, D) the T new queries attend over."""
@@ -134,17 +138,13 @@ class RecurrentSlots:
         return out
 
 
-class RecurrentLayer(CacheLayerMixin):
+class RecurrentLayer(_BoundedLayer):
     """A linear-attention layer's cache: the running sums (kv (B, H, M, D), z (B, H, M)) instead of keys and values."""
 
     def __init__(self):
         super().__init__()
         self.state: tuple[torch.Tensor, torch.Tensor] | None = None
         self.seen = 0
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Hands the T new keys/values (B, Hkv, T, D) through; the attention call folds them into the state."""
