@@ -27,6 +27,9 @@ case "${1:-1}" in
   4)
     step 420 python3 -m attnswap.cli run configs/experiments/distill_compare_fp32.yaml --device cuda
     ;;
+  5)
+    step 240 python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_fwd_bwd.yaml --device cuda
+    ;;
 esac
 tail -n 3 runs/log-*.txt
 find runs -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.csv' -o -name '*.md' -o -name '*.png' -o -name '*.html' -o -name '*.txt' -o -name '*.yaml' \) \
