@@ -58,7 +58,10 @@ def key_padding_mask(batch_size: int, q_length: int = 0, kv_length: int = 0, kv_
 
 
 def attnswap_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry. query (B, H, T, D), key/value (B, Hkv, S, D) -> ((B, T, H, D), None)."""
+    """AttentionInterface entry. query (B, H, T, D), key/value (B, Hkv, S, D) -> ((B, T, H, D), None).
+
+    ``dropout`` is not applied: distillation keeps the model in eval mode so teacher and student are deterministic.
+    """
     variant = getattr(module, "attnswap_variant", None)
     if variant is None or getattr(module, "attnswap_bypass", False):
         variant = _FULL
