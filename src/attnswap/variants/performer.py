@@ -69,6 +69,9 @@ class PerformerFeatures(nn.Module):
             self.omega = self._draw().to(self.omega)
 
 
+FEATURE_EPS = 1e-4  # relative to a feature's largest value, 1 after stabilising
+
+
 def random_feature_logits(x: torch.Tensor, omega: torch.Tensor) -> torch.Tensor:
     """ω·x - |x|²/2: x (B, H, N, D), ω (H, m, D) -> (B, H, N, m). exp of it, over sqrt(m), is the feature map."""
     return torch.einsum("bhnd,hmd->bhnm", x, omega) - x.square().sum(dim=-1, keepdim=True) / 2
@@ -101,7 +104,11 @@ class Performer(LinearVariant):
         stab_q = logits_q.amax(dim=-1, keepdim=True).detach()
         stab_k = logits_k.amax(dim=(-2, -1), keepdim=True).detach().clamp_min(torch.finfo(torch.float32).min)
         scale = omega.shape[-2] ** -0.5
-        return torch.exp(logits_q - stab_q) * scale, torch.exp(logits_k - stab_k) * scale
+        # The k stabiliser is a maximum over all keys, so an early query's only keys can underflow: its normaliser
+        # becomes ~1e-40 and the division's backward (num / den²) NaN. FAVOR+'s usual kernel epsilon keeps every
+        # feature >= FEATURE_EPS (padded keys are still zeroed by LinearVariant.features).
+        return ((torch.exp(logits_q - stab_q) + FEATURE_EPS) * scale,
+                (torch.exp(logits_k - stab_k) + FEATURE_EPS) * scale)
 
     def attend(self, q, k, v, ctx, state):
         out = super().attend(q, k, v, ctx, state)
