@@ -27,6 +27,9 @@ case "${1:-1}" in
   4)
     step 420 python3 -m attnswap.cli run configs/experiments/distill_compare_fp32.yaml --device cuda
     ;;
+  6)
+    step 200 python3 -m attnswap.cli run configs/experiments/distill_performer.yaml --device cuda
+    ;;
   5)
     step 240 python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_fwd_bwd.yaml --device cuda
     ;;
