@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU experiments, as run through the device tool (H100, torch 2.11, transformers 5.17 preinstalled; no network).
-# Usage: scripts/gpu_experiments.sh STAGE   (1: anchor + untrained sweep + kernel bench; 2: windows/longformer/mixture distilled +
-# long-context bench; 3: the other distillations + the n=1024 train-step bench)
+# Usage: scripts/gpu_experiments.sh STAGE
+#   1: teacher anchor + untrained window sweep + kernel bench     2: distilled windows/longformer/mixture + long bench
+#   3: mixture (bf16) + n=1024 train-step bench                    4: NSA, Hedgehog (fp32)
+#   5: kernel forward+backward bench                               6: Performer (after its epsilon fix)
 # Results (no weights) are packed into $OUT/results-STAGE.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
