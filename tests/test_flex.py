@@ -212,3 +212,25 @@ def test_compiled_flex_matches_reference_with_gradients(name, dtype):
     inputs = (q, k, v) + (() if state is None else (state.slope,))
     grads_fast = torch.autograd.grad(fast.float().square().sum(), inputs)
     _assert_grads_close(grads_fast, torch.autograd.grad(ref.square().sum(), inputs), dtype)
+
+
+def test_one_compiled_kernel_serves_every_window_size():
+    """The window size is a tensor captured by the mask, not a constant of the kernel: sweeping w (the
+    window experiments distil 7 sizes) compiles once per shape, not once per size."""
+    device, backend = ("cuda", "inductor") if CUDA else ("cpu", "eager")
+    block = flex.BLOCK_SIZE if CUDA else BLOCK
+    length = 2 * block + 7
+    compiles = []
+    for w in (5, 17, 40):
+        variant = Window(WindowParams(w=w))
+        q, k, v = (t.to(device) for t in random_qkv(1, 2, length, length, 32))
+        ctx = AttnContext(scaling=32**-0.5)
+        index_mask, _, _ = variant.index_mask(q, k, ctx, None)
+        block_mask = flex.block_mask_for(index_mask, None, None, length, length, device,
+                                         cache_key=variant.mask_key(ctx, None), per_batch=False, per_head=False,
+                                         block_size=block)
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        out = flex.flex_masked_attention(q, k, v, block_mask, ctx.scaling, backend=backend)
+        compiles.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+        torch.testing.assert_close(out.float(), variant.reference(q, k, v, ctx, None), rtol=0, atol=2e-5)
+    assert compiles[1:] == [0, 0], f"compiles per window size: {compiles}"

@@ -5,22 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.conftest import TOLERANCE
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from attnswap.kernels.linear import causal_linear_attention, linear_attention_state, linear_attention_step
+from attnswap.kernels.linear import (
+    _CausalProduct,
+    causal_linear_attention,
+    linear_attention_state,
+    linear_attention_step,
+)
 
 
-def naive_linear_attention(phi_q, phi_k, v):
-    """The T×S weights phi_q·phi_k, causally masked (queries = last T keys), rows normalised; fp32.
+def naive_linear_attention(phi_q, phi_k, v, dtype=torch.float32):
+    """The T×S weights phi_q·phi_k, causally masked (queries = last T keys), rows normalised; in ``dtype``.
 
     A row with nothing visible is the constant 0, so no gradient flows through it.
     """
     q_len, kv_len = phi_q.shape[-2], phi_k.shape[-2]
-    weights = torch.matmul(phi_q.float(), phi_k.float().transpose(-1, -2))  # (B, H, T, S)
+    weights = torch.matmul(phi_q.to(dtype), phi_k.to(dtype).transpose(-1, -2))  # (B, H, T, S)
     visible = torch.ones(q_len, kv_len, dtype=torch.bool).tril(diagonal=kv_len - q_len)
     weights = weights * visible
     total = weights.sum(dim=-1, keepdim=True)
     empty = total == 0
-    return torch.where(empty, 0.0, torch.matmul(weights, v.float()) / torch.where(empty, 1.0, total))
+    return torch.where(empty, 0.0, torch.matmul(weights, v.to(dtype)) / torch.where(empty, 1.0, total))
 
 
 def random_features(batch, heads, q_len, kv_len, m, dim, dtype, seed=0, pad=0):
@@ -83,3 +90,98 @@ def test_state_step_equals_last_row_of_full_computation():
     kv, z = linear_attention_state(phi_k[..., :11, :], v[..., :11, :])
     torch.testing.assert_close(linear_attention_step(phi_q[..., 10:11, :], kv, z), full[..., 10:11, :],
                                atol=TOLERANCE[torch.float32], rtol=0)
+
+
+def assert_close_to_scale(got, want, tol, name):
+    """|got - want| <= tol · max|want|: fp32 sums of many terms are only accurate relative to their scale."""
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol * want.abs().max().item(),
+                               msg=lambda m: f"{name}: {m}")
+
+
+SCAN_CASES = {
+    # name: (batch, heads, length, m, e, chunk, segment)
+    "ragged_5_segments": (2, 3, 203, 8, 5, 16, 48),
+    "segment_is_chunk": (2, 2, 100, 6, 7, 8, 8),
+    "whole_segments": (3, 1, 96, 5, 4, 16, 48),
+    "shorter_than_chunk": (2, 2, 5, 4, 3, 16, 32),
+    "chunk1": (2, 2, 23, 4, 3, 1, 4),
+}
+
+
+@pytest.mark.parametrize("case", SCAN_CASES.values(), ids=SCAN_CASES.keys())
+def test_segmented_scan_matches_dense_float64(case):
+    """The raw scan on signed inputs, forward and all three gradients, against tril(a b^T) c in float64.
+
+    Lengths that are not whole chunks or segments put padding at the end of the forward scan and, through the
+    reversed scans of the backward pass, at what is the start of the sequence.
+    """
+    batch, heads, length, m, e, chunk, segment = case
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(batch, heads, length, m, generator=g) for _ in range(2))
+    c = torch.randn(batch, heads, length, e, generator=g)
+    grad_out = torch.randn(batch, heads, length, e, generator=g)
+    inputs = tuple(x.requires_grad_(True) for x in (a, b, c))
+    reference = tuple(x.detach().double().requires_grad_(True) for x in (a, b, c))
+    out = _CausalProduct.apply(*inputs, chunk, segment)
+    ra, rb, rc = reference
+    want = torch.matmul(torch.matmul(ra, rb.transpose(-1, -2)).tril(), rc)
+    assert_close_to_scale(out, want, 2e-6, "out")
+    got = torch.autograd.grad(out, inputs, grad_out)
+    expected = torch.autograd.grad(want, reference, grad_out.double())
+    for name, gr, ex in zip(("da", "db", "dc"), got, expected):
+        assert_close_to_scale(gr, ex, 2e-6, name)
+
+
+MULTI_SEGMENT_CASES = {
+    # name: (batch, heads, q_len, kv_len, m, dim, chunk, segment, pad)
+    "ragged_segments": (2, 3, 203, 203, 8, 5, 16, 48, 0),
+    "prefix_keys": (2, 2, 150, 181, 6, 4, 8, 24, 0),
+    "padded_prefix_keys": (2, 2, 77, 100, 6, 4, 8, 16, 30),
+}
+
+
+@pytest.mark.parametrize("case", MULTI_SEGMENT_CASES.values(), ids=MULTI_SEGMENT_CASES.keys())
+def test_multi_segment_attention_matches_naive_float64(case):
+    batch, heads, q_len, kv_len, m, dim, chunk, segment, pad = case
+    inputs = random_features(batch, heads, q_len, kv_len, m, dim, torch.float32, pad=pad)
+    reference = tuple(x.detach().double().requires_grad_(True) for x in inputs)
+    out = causal_linear_attention(*inputs, chunk=chunk, segment=segment)
+    want = naive_linear_attention(*reference, dtype=torch.float64)
+    assert_close_to_scale(out, want, 2e-6, "out")
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, inputs, grad_out)
+    expected = torch.autograd.grad(want, reference, grad_out.double())
+    for name, gr, ex in zip(("dphi_q", "dphi_k", "dv"), got, expected):
+        assert_close_to_scale(gr, ex, 2e-6, name)
+
+
+def test_segment_must_be_whole_chunks():
+    with pytest.raises(AssertionError, match="multiple of chunk"):
+        causal_linear_attention(*random_features(1, 1, 10, 10, 4, 3, torch.float32), chunk=8, segment=12)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an op returns, backward ops included."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        sizes = [x.numel() for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+        self.largest = max([self.largest, *sizes])
+        return out
+
+
+@pytest.mark.parametrize("segment", [None, 256], ids=["default_segment", "segment256"])
+def test_no_tensor_of_t_by_t_elements(segment):
+    q_len = 2048
+    inputs = random_features(1, 2, q_len, q_len, 16, 8, torch.float32)
+    with LargestTensor() as dense:
+        naive_linear_attention(*inputs)
+    assert dense.largest >= q_len * q_len, "the guard must see a dense product"
+    with LargestTensor() as scan:
+        out = causal_linear_attention(*inputs, chunk=64, segment=segment)
+        torch.autograd.grad(out.square().sum(), inputs)
+    assert scan.largest < q_len * q_len // 8, f"largest tensor {scan.largest} elements at T={q_len}"

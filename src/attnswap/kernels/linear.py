@@ -3,34 +3,56 @@
 With non-negative features phi, query i attends as
 ``out_i = sum_{j<=i} (phi_q_i·phi_k_j) v_j / sum_{j<=i} phi_q_i·phi_k_j``.
 The sums are prefix sums, so the work is O(n·M·D): within a chunk of C positions a small causal C×C
-product, across chunks a carried state sum phi_k_j v_j^T (M, D) and normaliser sum phi_k_j (M,).
-A column of ones appended to v makes the same scan carry the normaliser. The backward pass is three
-more scans of the same kind (two of them reversed), so training memory is the inputs plus one chunk,
-not one state per chunk. Everything accumulates in fp32.
+product, across chunks a state sum phi_k_j v_j^T (M, D) and normaliser sum phi_k_j (M,).
+A column of ones appended to v makes the same scan carry the normaliser.
+
+The scan walks the sequence in segments of whole chunks and does each segment in a few batched
+operations: every chunk's own state, a cumulative sum over the segment's chunks plus the state carried
+in from earlier segments, then all chunks' outputs at once. So there are T/segment steps rather than
+T/C, and the extra memory is O(segment·(M·D/C + C)) per batch and head, not O(T·M·D/C).
+The backward pass is three more scans of the same kind (two of them reversed), so training memory is
+the inputs plus one segment's work space, not one state per chunk. Everything accumulates in fp32.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+# Floats of scan work space per (batch, head) and segment. Each chunk of a segment holds its own state
+# and its running sum (2·M·E, E = D+1) and its causal block (C·C); those dominate. 2**20 (4 MiB fp32)
+# is about one head's inputs at T=4096 (M=D=C=64) and a shrinking fraction beyond, while leaving few
+# segments (4 at T=16384), so kernel launches stop dominating the way they do with one step per chunk.
+_SEGMENT_FLOATS = 2**20
+
+
+def _segment_length(chunk: int, m: int, e: int) -> int:
+    """Positions per segment: the most whole chunks whose N·(2·M·E + C·C) fits in _SEGMENT_FLOATS, at least one."""
+    return chunk * max(1, _SEGMENT_FLOATS // (2 * m * e + chunk * chunk))
 
 
 def causal_linear_attention(
-    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk: int = 64
+    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk: int = 64, segment: int | None = None
 ) -> torch.Tensor:
     """Causal linear attention: phi_q (B, H, T, M), phi_k (B, H, S, M), v (B, H, S, D) -> (B, H, T, D) in v's dtype.
 
     Queries are the last T of the S key positions (T <= S; T = 1 is a decode step against S keys).
     Features must be non-negative. Padding is the caller's job: zero the phi_k rows of padded keys.
     A query whose normaliser is 0 (every visible key padded) outputs 0.
+    ``segment`` (a multiple of ``chunk``) is how many positions the scan does per step; None sizes it
+    to a fixed work space, see ``_segment_length``.
     """
     q_len, kv_len = phi_q.shape[-2], phi_k.shape[-2]
     assert q_len <= kv_len, f"queries are the last T of S keys, got T={q_len} > S={kv_len}"
     assert chunk >= 1, f"chunk must be >= 1, got {chunk}"
+    if segment is None:
+        segment = _segment_length(chunk, phi_q.shape[-1], v.shape[-1] + 1)
+    assert segment >= chunk and segment % chunk == 0, f"segment must be a multiple of chunk={chunk}, got {segment}"
     phi_q, phi_k, v32 = phi_q.float(), phi_k.float(), v.float()
     prefix = kv_len - q_len  # keys every query sees: folded into one state up front
     ones = v32.new_ones(*v32.shape[:-2], q_len, 1)
     v_ones = torch.cat([v32[..., prefix:, :], ones], dim=-1)  # (B, H, T, D+1)
-    num_den = _CausalProduct.apply(phi_q, phi_k[..., prefix:, :], v_ones, chunk)  # (B, H, T, D+1)
+    num_den = _CausalProduct.apply(phi_q, phi_k[..., prefix:, :], v_ones, chunk, segment)  # (B, H, T, D+1)
     num, den = num_den[..., :-1], num_den[..., -1:]
     if prefix:
         kv, z = linear_attention_state(phi_k[..., :prefix, :], v32[..., :prefix, :])
@@ -60,19 +82,34 @@ def _normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, 0.0, num / torch.where(empty, 1.0, den))
 
 
-def _causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int) -> torch.Tensor:
-    """out_i = sum_{j<=i} (a_i·b_j) c_j for a, b (B, H, T, M), c (B, H, T, E) -> (B, H, T, E)."""
+def _causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int, segment: int) -> torch.Tensor:
+    """out_i = sum_{j<=i} (a_i·b_j) c_j for a, b (B, H, T, M), c (B, H, T, E) -> (B, H, T, E).
+
+    A segment is N = segment/chunk chunks done together: chunk n sees the state carried in from earlier
+    segments plus the states b_c^T c_c of chunks before it in the segment, and its own chunk causally.
+    """
     q_len = a.shape[-2]
     out = c.new_empty(*a.shape[:-1], c.shape[-1])
-    state = c.new_zeros(*a.shape[:-2], a.shape[-1], c.shape[-1])  # (B, H, M, E): sum of b_j c_j^T so far
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).tril()
-    for start in range(0, q_len, chunk):
-        end = min(start + chunk, q_len)
-        a_c, b_c, c_c = a[..., start:end, :], b[..., start:end, :], c[..., start:end, :]
-        scores = torch.matmul(a_c, b_c.transpose(-1, -2))  # (B, H, C, C)
-        scores = scores.masked_fill(~causal[: end - start, : end - start], 0.0)
-        out[..., start:end, :] = torch.matmul(a_c, state) + torch.matmul(scores, c_c)
-        state = state + torch.matmul(b_c.transpose(-1, -2), c_c)
+    state = c.new_zeros(*a.shape[:-2], 1, a.shape[-1], c.shape[-1])  # (B, H, 1, M, E): sum of b_j c_j^T so far
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)
+    for start in range(0, q_len, segment):
+        end = min(start + segment, q_len)
+        a_s, b_s, c_s = (x[..., start:end, :] for x in (a, b, c))
+        if pad := -(end - start) % chunk:
+            # Only the last segment is ragged. In a causal scan no position sees the ones after it, so
+            # padding at the end (of whichever sequence is scanned, reversed ones included) changes
+            # nothing kept; zeros keep the discarded rows finite.
+            a_s, b_s, c_s = (F.pad(x, (0, 0, 0, pad)) for x in (a_s, b_s, c_s))
+        a_s, b_s, c_s = (x.unflatten(-2, (-1, chunk)) for x in (a_s, b_s, c_s))  # (B, H, N, C, ·)
+        b_t = b_s.transpose(-1, -2)
+        # Running sums of [carried state, chunk states]: entry n is chunk n's incoming state, the last the outgoing.
+        states = torch.cat([state, torch.matmul(b_t, c_s)], dim=-3).cumsum(dim=-3)  # (B, H, N+1, M, E)
+        scores = torch.matmul(a_s, b_t).masked_fill_(future, 0.0)  # (B, H, N, C, C)
+        # baddbmm adds the earlier-chunks term onto the in-chunk term inside the product, saving a pass.
+        out_s = torch.baddbmm(torch.matmul(scores, c_s).flatten(0, -3), a_s.flatten(0, -3),
+                              states[..., :-1, :, :].flatten(0, -3))  # (B·H·N, C, E)
+        out[..., start:end, :] = out_s.unflatten(0, a_s.shape[:-2]).flatten(-3, -2)[..., : end - start, :]
+        state = states[..., -1:, :, :]
     return out
 
 
@@ -84,18 +121,18 @@ class _CausalProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, c, chunk):
+    def forward(ctx, a, b, c, chunk, segment):
         ctx.save_for_backward(a, b, c)
-        ctx.chunk = chunk
-        return _causal_scan(a, b, c, chunk)
+        ctx.chunk, ctx.segment = chunk, segment
+        return _causal_scan(a, b, c, chunk, segment)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         a, b, c = ctx.saved_tensors
-        chunk = ctx.chunk
+        chunk, segment = ctx.chunk, ctx.segment
         a_r, b_r, c_r, grad_r = (x.flip(-2) for x in (a, b, c, grad))
-        grad_a = _causal_scan(grad, c, b, chunk)
-        grad_b = _causal_scan(c_r, grad_r, a_r, chunk).flip(-2)
-        grad_c = _causal_scan(b_r, a_r, grad_r, chunk).flip(-2)
-        return grad_a, grad_b, grad_c, None
+        grad_a = _causal_scan(grad, c, b, chunk, segment)
+        grad_b = _causal_scan(c_r, grad_r, a_r, chunk, segment).flip(-2)
+        grad_c = _causal_scan(b_r, a_r, grad_r, chunk, segment).flip(-2)
+        return grad_a, grad_b, grad_c, None, None

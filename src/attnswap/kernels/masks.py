@@ -8,11 +8,22 @@ by broadcasting, or per element inside a FlexAttention kernel.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
 
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@functools.lru_cache(maxsize=256)
+def device_constant(value: int, device: torch.device) -> torch.Tensor:
+    """A 0-d int64 tensor holding ``value`` on ``device``, made once.
+
+    A mask function that captures a size as a tensor instead of a Python int lets compiled FlexAttention
+    serve every value with one kernel: an int is baked into the kernel, one compilation per value.
+    """
+    return torch.tensor(value, dtype=torch.long, device=device)
 
 
 def and_masks(*fns: MaskFn) -> MaskFn:

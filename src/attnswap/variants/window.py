@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnswap.kernels.masks import draw, materialize, to_index_mask
+from attnswap.kernels.masks import device_constant, draw, materialize, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
 
@@ -23,9 +23,10 @@ class WindowParams:
 
 def sliding_window_mask(w: int, sinks: int, first_real: torch.Tensor):
     """Positional mask: q - kv < w, or kv among the first `sinks` real tokens (first_real (B,))."""
+    width = device_constant(w, first_real.device)
 
     def mask(b, h, q, kv):
-        near = (q - kv) < w
+        near = (q - kv) < width
         if sinks == 0:
             return near
         return near | ((kv - first_real[b]) < sinks)
