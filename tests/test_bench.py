@@ -57,6 +57,7 @@ def test_bench_kernel_runs_on_cpu_and_writes_results(tmp_path):
         assert row["shape"] == f"(2,2,{row['length']},8)" and row["dtype"] == "float32"
         assert len(row["times_s"]) == 2 and row["median_s"] > 0 and row["warmup_s"] >= 0
         assert row["flops"] > 0 and row["speedup"] > 0 and row["efficiency"] > 0
+        assert "graph_median_s" not in row and row["graph_speedup"] is None, "CUDA graphs are CUDA only"
     dense = next(r for r in rows if r["variant"] == DENSE and r["mode"] == "forward" and r["length"] == 72)
     assert dense["flops"] == 2 * 2 * 2 * 72 * 72 / 2 * 8 * 2, "2·2·B·H·T²/2·D"
     window = next(r for r in rows
@@ -74,6 +75,19 @@ def test_bench_kernel_runs_on_cpu_and_writes_results(tmp_path):
     for name in ("kernel_forward.png", "kernel_forward_backward.png"):
         assert (out / name).read_bytes().startswith(PNG_MAGIC), name
         assert name in summary["plots"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+def test_bench_kernel_times_cuda_graph_replays_beside_calls(tmp_path):
+    config = KernelBenchConfig(lengths=[512], heads=4, variants=["window:w=64"], repeats=3, warmup=1,
+                               out=str(tmp_path), device="cuda")
+    rows = [json.loads(line) for line in (bench_kernel(config) / "kernel_results.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert row["status"] == "ok" and "graph_error" not in row, row
+        assert 0 < row["graph_median_s"] and len(row["graph_times_s"]) == 3
+        assert row["graph_speedup"] is not None
+    dense = next(r for r in rows if r["variant"] == DENSE and r["mode"] == "forward+backward")
+    assert dense["graph_median_s"] < dense["median_s"], "a replay skips the Python and autograd work of a call"
 
 
 def test_bench_kernel_refuses_an_unknown_mode(tmp_path):

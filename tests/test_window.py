@@ -58,3 +58,21 @@ def test_all_padding_rows_give_zeros_not_nan():
     out = variant.attend(q, k, v, AttnContext(scaling=0.3, key_valid=key_valid), None)
     assert torch.isfinite(out).all()
     assert out[0, :, :3].abs().max() == 0
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(9, 9), (4, 11), (1, 11)])
+def test_slots_in_order_need_no_position_lookup(q_len, kv_len):
+    """Without explicit positions the mask adds an offset to the index instead of looking positions up (a
+    load per score inside the kernel); both must allow exactly the same pairs."""
+    from attnswap.kernels.masks import to_index_mask
+    from attnswap.variants.window import sliding_window_mask
+
+    ctx = AttnContext(scaling=1.0)
+    q_map, kv_map = ctx.position_maps(q_len, kv_len, "cpu")
+    assert (q_map, kv_map) == (kv_len - q_len, 0)
+    positional = sliding_window_mask(3, 2, torch.zeros(2, dtype=torch.long))
+    looked_up = to_index_mask(positional, torch.arange(kv_len - q_len, kv_len), torch.arange(kv_len), None)
+    offset = to_index_mask(positional, q_map, kv_map, None)
+    expected = materialize(looked_up, 2, 1, q_len, kv_len, "cpu")
+    assert torch.equal(materialize(offset, 2, 1, q_len, kv_len, "cpu"), expected)
+    assert expected[0, 0, -1].sum() == min(kv_len, 5)  # the last query: its window of 3 and 2 sinks

@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.models import DEFAULT_MODEL, REPO_ROOT, check_length, load_model, load_tokenizer
+from attnswap.models import DEFAULT_MODEL, REPO_ROOT, check_length, git_commit, load_model, load_tokenizer
 from attnswap.surgery import keep_original_weights, load, original_attention, swap, swapped_variant
 from attnswap.variants import get_variant
 
@@ -60,19 +59,11 @@ def run_info(config: Any, model_name: str, device: torch.device, dtype: torch.dt
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "config": config_to_dict(config),
         "command": shlex.join(sys.argv),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-
-
-def _git_commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
 
 
 # --- loading -----------------------------------------------------------------------------------

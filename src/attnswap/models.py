@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -13,6 +15,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = str(REPO_ROOT / "models" / "teacher-gpt2-19m")  # bundled: runs with no network
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+def git_commit() -> str:
+    """HEAD of the checkout attnswap runs from, ``-dirty`` if tracked files changed; outside git (a copy of the
+    tree on a GPU machine), what ``ATTNSWAP_COMMIT`` says, else ``unknown``."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("ATTNSWAP_COMMIT", "unknown")
 
 
 def resolve_dtype(dtype: "str | torch.dtype") -> torch.dtype:

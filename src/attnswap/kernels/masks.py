@@ -16,14 +16,23 @@ import torch
 MaskFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+# Small constant tensors are made once per device: each call of an attention layer needs them, and making
+# them anew is a host-to-device copy or a kernel launch per call, which at long lengths is what a block-sparse
+# kernel's time is made of. Callers never write into them.
 @functools.lru_cache(maxsize=256)
 def device_constant(value: int, device: torch.device) -> torch.Tensor:
-    """A 0-d int64 tensor holding ``value`` on ``device``, made once.
+    """A 0-d int64 tensor holding ``value`` on ``device``.
 
     A mask function that captures a size as a tensor instead of a Python int lets compiled FlexAttention
     serve every value with one kernel: an int is baked into the kernel, one compilation per value.
     """
     return torch.tensor(value, dtype=torch.long, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def device_arange(start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """``torch.arange(start, stop)`` (int64) on ``device``."""
+    return torch.arange(start, stop, device=device)
 
 
 def and_masks(*fns: MaskFn) -> MaskFn:
@@ -54,18 +63,19 @@ def causal(b, h, q, kv):
 
 def to_index_mask(
     positional: MaskFn,
-    q_pos: torch.Tensor,
-    kv_pos: torch.Tensor,
+    q_pos: torch.Tensor | int,
+    kv_pos: torch.Tensor | int,
     key_valid: torch.Tensor | None,
 ) -> MaskFn:
     """Turn a positional mask into one over tensor indices, adding causality and key padding.
 
-    q_pos (T,) and kv_pos (S,) map query/key indices to absolute positions; key_valid (B, S)
-    marks real keys. The result is what ``flex_attention``'s ``create_block_mask`` expects.
+    q_pos (T,) and kv_pos (S,) map query/key indices to absolute positions, or are an int added to the
+    index (slots in order: no lookup inside the kernel); key_valid (B, S) marks real keys. The result is
+    what ``flex_attention``'s ``create_block_mask`` expects.
     """
 
     def index_mask(b, h, q_idx, kv_idx):
-        qp, kp = q_pos[q_idx], kv_pos[kv_idx]
+        qp, kp = _position(q_idx, q_pos), _position(kv_idx, kv_pos)
         allowed = (kp <= qp) & positional(b, h, qp, kp)
         if key_valid is not None:
             allowed = allowed & key_valid[b, kv_idx]
@@ -73,6 +83,10 @@ def to_index_mask(
 
     index_mask.__name__ = positional.__name__
     return index_mask
+
+
+def _position(index: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+    return index + positions if isinstance(positions, int) else positions[index]
 
 
 def index_grid(batch: int, heads: int, q_len: int, kv_len: int, device):

@@ -9,6 +9,7 @@ and return (B, H, T, D).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.kernels.masks import device_arange, device_constant
 
 
 @dataclass
@@ -39,16 +41,22 @@ class AttnContext:
 
     def positions(self, q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute positions (T,), (S,) of queries and keys."""
-        kv_pos = self.kv_positions if self.kv_positions is not None else torch.arange(kv_len, device=device)
-        q_pos = self.q_positions if self.q_positions is not None else torch.arange(kv_len - q_len, kv_len, device=device)
+        kv_pos = self.kv_positions if self.kv_positions is not None else device_arange(0, kv_len, device)
+        q_pos = self.q_positions if self.q_positions is not None else device_arange(kv_len - q_len, kv_len, device)
         return q_pos, kv_pos
+
+    def position_maps(self, q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+        """``positions``, except that slots in order are an int offset: what ``to_index_mask`` takes."""
+        q_pos, kv_pos = self.positions(q_len, kv_len, device)
+        return (kv_len - q_len if self.q_positions is None else q_pos,
+                0 if self.kv_positions is None else kv_pos)
 
     def first_real_token(self, batch: int, device: torch.device) -> torch.Tensor:
         """(B,) absolute position of each row's first non-padding token (0 without padding)."""
         if self.first_real is not None:
             return self.first_real
         if self.key_valid is None:
-            return torch.zeros(batch, dtype=torch.long, device=device)
+            return device_constant(0, device).expand(batch)
         return self.key_valid.long().argmax(dim=-1)
 
 
@@ -65,7 +73,7 @@ class Variant:
             raise AttnswapError(f"variant '{self.name}' takes {self.Params.__name__}, got {type(self.params).__name__}")
 
     # --- naming ---------------------------------------------------------------------------------
-    @property
+    @functools.cached_property  # params are frozen; the spec keys the block-mask cache on every call
     def spec(self) -> str:
         """Round-trippable spec string, e.g. ``window:w=64,sinks=4``."""
         fields = [f"{f.name}={_format_value(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params)]
