@@ -16,6 +16,7 @@ and log-log plots with fitted scaling exponents into ``out``. The measuring help
 from __future__ import annotations
 
 import csv
+import functools
 import gc
 import importlib.metadata
 import json
@@ -97,10 +98,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def measure(run: Callable[[Any], Any], device: torch.device, repeats: int, warmup: int,
-            prepare: Callable[[], Any] = lambda: None) -> dict[str, Any]:
+            prepare: Callable[[], Any] = lambda: None, baseline_mb: float = 0.0) -> dict[str, Any]:
     """Time ``run(prepare())``: ``warmup`` untimed calls, then ``repeats`` timed ones (``prepare`` is never timed).
 
-    Peak memory is reset after the warm-up, so it is the steady state of this case; None on CPU.
+    Peak memory is reset after the warm-up, so it is the steady state of this case, less ``baseline_mb``
+    (memory that was allocated before the case and is not its own); None on CPU.
     """
     warmup_start = time.perf_counter()
     for _ in range(warmup):
@@ -117,7 +119,7 @@ def measure(run: Callable[[Any], Any], device: torch.device, repeats: int, warmu
         run(arg)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 - baseline_mb if device.type == "cuda" else None
     return {"status": "ok", "median_s": statistics.median(times), "times_s": times, "warmup_s": warmup_s,
             "peak_mem_mb": peak}
 
@@ -289,6 +291,8 @@ def available_variants(specs: Sequence[str]) -> tuple[list[Variant], list[str]]:
 
 def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchConfig, device: torch.device,
               dtype: torch.dtype) -> dict[str, Any]:
+    # Whatever earlier cases left allocated (the allocator's cuBLAS workspaces, say) is not this case's memory.
+    baseline_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     generator = torch.Generator(device=device).manual_seed(config.seed)
     backward = mode == "forward+backward"
     q, k, v = (torch.randn(config.batch, config.heads, n, config.head_dim, device=device, dtype=dtype,
@@ -317,7 +321,7 @@ def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchCon
         for t in leaves:
             t.grad = None
 
-    result = measure(run, device, config.repeats, config.warmup, prepare=clear_grads)
+    result = measure(run, device, config.repeats, config.warmup, prepare=clear_grads, baseline_mb=baseline_mb)
     if config.cuda_graphs and device.type == "cuda":
         result.update(graph_timing(run, clear_grads, device, config.repeats, config.warmup))
     flops, flops_source, density = case_flops(variant, q, k, ctx, state, config.block, backward, run)
@@ -331,7 +335,7 @@ def graph_timing(run: Callable[[Any], None], clear_grads: Callable[[], None], de
     or ``graph_error`` when the case cannot be captured (a host sync inside it, say)."""
     clear_grads()  # the captured backward then allocates the gradients in the graph's pool and rewrites them on replay
     try:
-        side = torch.cuda.Stream(device)
+        side = _capture_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # capture needs its allocations warmed up on a side stream first
             for _ in range(2):
@@ -398,6 +402,12 @@ def allowed_fractions(index_mask, batch: int, heads: int, q_len: int, kv_len: in
         tiles += int(padded.view(batch, heads, rows.shape[2], kv_blocks, block).any(dim=4).any(dim=2).sum())
     q_blocks = -(-q_len // block)
     return tiles / (batch * heads * q_blocks * kv_blocks), pairs / (batch * heads * q_len * kv_len)
+
+
+@functools.cache
+def _capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream for every capture: each new stream would keep a cuBLAS workspace allocated for good."""
+    return torch.cuda.Stream(device)
 
 
 def add_comparisons(rows: list[dict]) -> None:
