@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
     "generate": ("attnswap.generate", "GenerateConfig", "generate_side_by_side", None),
     "bench": ("attnswap.bench", "BenchConfig", "bench", None),
     "bench-kernel": ("attnswap.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
+    "harden": ("attnswap.harden", "HardenConfig", "harden_model", None),
     "report": ("attnswap.report", "ReportConfig", "report", "run_dirs"),
     "run": ("attnswap.pipeline", "RunConfig", "run", "config"),
 }
@@ -36,6 +37,7 @@ commands:
   generate       generations of the original and swapped models side by side
   bench          whole-model time and memory against sequence length
   bench-kernel   attention-kernel time and memory against sequence length
+  harden         harden a distilled mixture: surviving candidates, density, the hardened model, its speed
   report         an HTML + markdown report from run folders
   run            the whole pipeline from one YAML config
 

@@ -114,6 +114,28 @@ def heatmaps(maps: Sequence[tuple[str, np.ndarray]], path: str | Path, title: st
     return _save(fig, path)
 
 
+def marked_grid(values: np.ndarray, marked: np.ndarray, row_labels: Sequence[str], column_labels: Sequence[str],
+                path: str | Path, title: str = "", colour_label: str = "") -> Path:
+    """A (rows, columns) table of values in [0, 1] as coloured cells, with an × on each ``marked`` cell.
+
+    Sized for tables of many rows (layer·head): at most 40 row labels are written, evenly spaced.
+    """
+    n_rows, n_columns = values.shape
+    fig = Figure(figsize=(2.5 + 0.55 * n_columns, min(24.0, 2.0 + 0.16 * n_rows)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(values, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    fig.colorbar(image, ax=ax, shrink=0.8, label=colour_label)
+    rows, columns = np.nonzero(marked)
+    ax.scatter(columns, rows, marker="x", color="#d62728", s=max(4.0, min(30.0, 3000.0 / n_rows)), linewidths=1)
+    every = -(-n_rows // 40)
+    ax.set_yticks(range(0, n_rows, every), list(row_labels)[::every], fontsize=7)
+    ax.set_xticks(range(n_columns), column_labels, rotation=45, ha="right", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return _save(fig, path)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

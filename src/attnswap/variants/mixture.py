@@ -49,6 +49,7 @@ DEFAULT_CANDIDATES = ("win4", "win8", "win16", "win32", "win64", "win128", "win2
 CANDIDATE_FORMS = "winN (window), sinkN (first N tokens), dilN_D (N keys at dilation D), strideN (every N-th), full"
 _CANDIDATE = re.compile(r"(win|sink|stride)(\d+)|dil(\d+)_(\d+)|full")
 _TINY = torch.finfo(torch.float32).tiny  # log(M) of a zero-weight key: finite, so its gradient is 0, not NaN
+DENSITY_BUDGET = 1 << 24  # mask entries `density` evaluates at once: tens of MB at any length
 
 
 def parse_candidate(name: str) -> tuple[str, tuple[int, ...]]:
@@ -149,11 +150,24 @@ class MixtureState(nn.Module):
 
 
 def density(state: MixtureState, n: int) -> torch.Tensor:
-    """(H|1,) fraction of the causal n×n triangle the kept candidates allow, without padding (materialises n×n)."""
-    pos = torch.arange(n, device=state.kept.device)
-    mask = union_mask(state.candidates, state.kept, torch.zeros(1, dtype=torch.long, device=pos.device))
-    allowed = materialize(to_index_mask(mask, pos, pos, None), 1, state.kept.shape[0], n, n, pos.device)[0]
-    return allowed.sum(dim=(-1, -2)).double() / (n * (n + 1) / 2)
+    """(H|1,) fraction of the causal n×n triangle the kept candidates allow, without padding.
+
+    Evaluated a band of query rows at a time (about DENSITY_BUDGET mask entries), so memory stays bounded:
+    the whole n×n at 8192 tokens and 32 heads would be 2 GB of booleans, plus int64 temporaries.
+    """
+    heads = state.kept.shape[0]
+    device = state.kept.device
+    pos = torch.arange(n, device=device)
+    mask = union_mask(state.candidates, state.kept, torch.zeros(1, dtype=torch.long, device=device))
+    index_mask = to_index_mask(mask, pos, pos, None)
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    h, kv = torch.arange(heads, device=device).view(1, -1, 1, 1), pos.view(1, 1, 1, -1)
+    band = max(1, DENSITY_BUDGET // (heads * n))
+    allowed = torch.zeros(heads, dtype=torch.long, device=device)
+    for start in range(0, n, band):
+        q = pos[start : start + band].view(1, 1, -1, 1)
+        allowed += index_mask(b, h, q, kv).expand(1, heads, q.shape[2], n).sum(dim=(0, 2, 3))
+    return allowed.double() / (n * (n + 1) / 2)
 
 
 def survivors(state: MixtureState, n: int | None = None) -> dict:
