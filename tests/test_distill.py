@@ -142,6 +142,29 @@ def test_mixture_l1_drives_useless_candidates_to_zero(assets, tmp_path, monkeypa
     assert useless[1.0] < 0.05 and useless[1.0] < 0.5 * useless[0.0], useless
 
 
+def test_variant_parameters_learn_at_their_own_rate(assets, tmp_path, monkeypatch):
+    """One AdamW step moves every parameter by about its lr: the mixture's logits by lr × variant_lr_scale,
+    the attention projections by lr, whatever the scale."""
+    monkeypatch.setitem(VARIANTS, "mixture", variant_class("mixture"))
+    from safetensors.torch import load_file
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for file in folder.glob("*.safetensors") for k, v in load_file(file).items()}
+
+    initial = {k: v for k, v in tensors(assets / "model").items() if ".attn.c_attn." in k}
+    moved = {}
+    for scale in (1.0, 10.0):
+        out = tmp_path / f"scale_{scale}"
+        distill(make_config(assets, out, variant="mixture:candidates=win2+full", trainable="variant+attn", steps=1,
+                            warmup_steps=0, lr=1e-3, variant_lr_scale=scale))
+        saved = tensors(out / "model")
+        logits = torch.cat([v.flatten() for k, v in saved.items() if k.endswith(".attnswap.logits")])
+        projections = torch.cat([(saved[k] - v).flatten() for k, v in initial.items() if k in saved])
+        moved[scale] = (logits.abs().max().item(), projections.abs().max().item())
+    assert moved[10.0][0] == pytest.approx(10 * moved[1.0][0], rel=0.02), moved
+    assert moved[10.0][1] == pytest.approx(moved[1.0][1], rel=0.02), moved
+
+
 def test_transfer_stage_matches_attention_outputs(assets, tmp_path, monkeypatch):
     """Hedgehog's first stage: attention MSE on the teacher's q, k, v falls; then the KL stage takes over."""
     monkeypatch.setitem(VARIANTS, "hedgehog", variant_class("hedgehog"))
