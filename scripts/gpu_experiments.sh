@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU experiments, as run through the device tool (H100, torch 2.11, transformers 5.17 preinstalled; no network).
 # Usage: scripts/gpu_experiments.sh STAGE
-#   1: teacher anchor + untrained window sweep + kernel bench     2: distilled windows/longformer/mixture + long bench
-#   3: mixture (bf16) + n=1024 train-step bench                    4: NSA, Hedgehog (fp32)
-#   5: kernel forward+backward bench                               6: Performer (after its epsilon fix)
+#   1: teacher anchor + untrained window sweep          2: distilled windows/longformer + long-sequence bench
+#   3: mixture (bf16, lr 5e-4) + n=1024 train-step bench  4: NSA, Hedgehog (fp32)
+#   5: kernel benchmark, calls and CUDA-graph replays   6: Performer m=256 and m=64 (after its epsilon fix)
+#   7: distilled window sweep, all 14 settings          8: mixture with its own lr, hardened; Hedgehog with its own lr
 # Results (no weights) are packed into $OUT/results-STAGE.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,6 @@ case "${1:-1}" in
   1)
     step 120 python3 -m attnswap.cli eval --device cuda --dtype bfloat16 --batch_size 8 --context 1024 --stride 512 --gen_tokens 0 --out runs/anchor_gpu_bf16
     step 240 python3 -m attnswap.cli run configs/experiments/window_sweep_untrained.yaml --device cuda
-    step 200 python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel.yaml --device cuda
     ;;
   2)
     step 420 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --device cuda
@@ -29,11 +29,21 @@ case "${1:-1}" in
   4)
     step 420 python3 -m attnswap.cli run configs/experiments/distill_compare_fp32.yaml --device cuda
     ;;
+  5)
+    step 390 python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_graphs.yaml --device cuda
+    ;;
   6)
     step 200 python3 -m attnswap.cli run configs/experiments/distill_performer.yaml --device cuda
+    step 80 python3 -m attnswap.cli run configs/experiments/distill_performer.yaml --variants performer:m=64 --out runs/distill_performer_m64 --device cuda
     ;;
-  5)
-    step 240 python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_fwd_bwd.yaml --device cuda
+  7)
+    step 390 python3 -m attnswap.cli run configs/experiments/distill_window_sweep.yaml --device cuda
+    ;;
+  8)
+    step 200 python3 -m attnswap.cli run configs/experiments/distill_mixture.yaml --device cuda
+    step 150 python3 -m attnswap.cli harden --swapped runs/distill_mixture/mixture_k10_head/distill/model --threshold 0.1 --lengths 1024,8192 --device cuda --out runs/mixture_hardened
+    step 90 python3 -m attnswap.cli eval --swapped runs/mixture_hardened/model --device cuda --dtype bfloat16 --batch_size 8 --context 1024 --stride 512 --gen_tokens 0 --edge_cases false --out runs/mixture_hardened/eval
+    step 120 python3 -m attnswap.cli run configs/experiments/distill_hedgehog.yaml --device cuda
     ;;
 esac
 tail -n 3 runs/log-*.txt
