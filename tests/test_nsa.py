@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_probs
-from attnswap.kernels.nsa import nsa_branches, select_blocks
+from attnswap.kernels.nsa import block_importance, compressed_attention, nsa_branches, select_blocks
 from attnswap.surgery import attention_modules, variant_state_dict
 from attnswap.variants import AttnContext, register
 from attnswap.variants.nsa import INITIAL_GATES, NSA, NSAParams
@@ -100,7 +100,7 @@ def test_nsa_selection_always_includes_own_and_first_block():
     key_valid = torch.ones(2, kv_len, dtype=torch.bool)
     key_valid[0, :9] = False  # row 0's first real token is in block 2
     first_real = key_valid.long().argmax(-1)
-    selected = select_blocks(p_cmp, key_valid, first_real, 0, block, top_k)  # (B, H, nQB, K)
+    selected = select_blocks(block_importance(p_cmp, 0, block), key_valid, first_real, 0, block, top_k)  # (B, H, nQB, K)
     assert selected.shape == (2, 3, 8, top_k)
     for b, first_block in enumerate([2, 0]):
         for qb in range(8):
@@ -117,7 +117,7 @@ def test_nsa_selection_always_includes_own_and_first_block():
 def test_nsa_selection_follows_compressed_probabilities():
     p_cmp = torch.zeros(1, 1, 24, 6)
     p_cmp[:, :, 20:, 3] = 1.0  # the queries of block 5 look at block 3
-    selected = select_blocks(p_cmp, None, torch.zeros(1, dtype=torch.long), 0, 4, 3)
+    selected = select_blocks(block_importance(p_cmp, 0, 4), None, torch.zeros(1, dtype=torch.long), 0, 4, 3)
     assert sorted(selected[0, 0, 5].tolist()) == [0, 3, 5]
 
 
@@ -226,3 +226,27 @@ def test_nsa_cached_generation_matches_uncached_when_every_block_is_selected():
     assert torch.equal(cached.sequences, uncached.sequences)
     for step_cached, step_uncached in zip(cached.scores, uncached.scores):
         torch.testing.assert_close(step_cached, step_uncached, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(70, 70), (37, 70)])
+def test_compressed_branch_in_query_chunks_equals_one_pass(q_len, kv_len):
+    """Chunked and checkpointed, the compressed branch gives the same output, selection importance and gradients
+    as one pass, and autograd keeps no chunk's T×nKB probabilities (they are recomputed in the backward)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 8, generator=g, requires_grad=True) for n in (q_len, kv_len, kv_len))
+    key_valid = torch.ones(2, kv_len, dtype=torch.bool)
+    key_valid[1, :11] = False
+    whole, whole_importance = compressed_attention(q, k, v, 0.3, 4, key_valid, chunk=q_len)
+    grads_whole = torch.autograd.grad(whole.square().sum(), (q, k, v))
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        chunked, chunked_importance = compressed_attention(q, k, v, 0.3, 4, key_valid, chunk=12)
+    n_kb = whole_importance.shape[-1]
+    score_shaped = [shape for shape in saved if len(shape) == 4 and shape[-1] == n_kb and shape[-2] != n_kb]
+    assert saved and not score_shaped, f"scores or probabilities were kept for backward: {score_shaped}"
+    grads_chunked = torch.autograd.grad(chunked.square().sum(), (q, k, v))
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked_importance, whole_importance, rtol=0, atol=1e-6)
+    for a, b in zip(grads_chunked, grads_whole):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)

@@ -3,7 +3,7 @@
 Key slots are cut into blocks of ``block`` slots on the absolute-position grid; queries (the last T of the S
 slots) are grouped into query blocks on the same grid, so query block i and key block i cover the same positions.
 
-    compressed  softmax over mean-pooled key blocks that end at or before the query:   T × S/block scores
+    compressed  softmax over mean-pooled key blocks that end at or before the query:   chunk × S/block scores
     selected    per query block, exact softmax over its top_k key blocks:              T × top_k·block scores
     sliding     exact softmax over the last ``window`` tokens, gathered as whole blocks: T × (W+1)·block scores
 
@@ -17,8 +17,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 PositionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+COMPRESSED_QUERY_CHUNK = 2048  # queries per step of the compressed branch (bounds its scores to chunk × S/block)
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -52,32 +54,57 @@ def pool_blocks(x: torch.Tensor, key_valid: torch.Tensor | None, block: int) -> 
     return summed / counts.clamp(min=1)[:, None, :, None], counts
 
 
-def compressed_attention(q, k, v, scaling: float, block: int, key_valid: torch.Tensor | None = None):
-    """Softmax attention over mean-pooled blocks, in fp32.
+def compressed_attention(q, k, v, scaling: float, block: int, key_valid: torch.Tensor | None = None,
+                         chunk: int = COMPRESSED_QUERY_CHUNK):
+    """Softmax attention over mean-pooled blocks, in fp32, ``chunk`` queries at a time.
 
     q (B, H, T, D) at positions S-T..S-1, k/v (B, H, S, D), key_valid (B, S) or None.
     A query sees a block once the block has ended (last slot <= its position) and if it holds a real key.
-    Returns out (B, H, T, D) and the block probabilities (B, H, T, nKB). fp32 throughout because these
-    probabilities decide the discrete selection, which should not flip with the model's dtype.
+    Returns out (B, H, T, D) and ``block_importance`` of the block probabilities, (B, H, nQB, nKB): what the
+    selection ranks. fp32 throughout because these probabilities decide the discrete selection, which should
+    not flip with the model's dtype.
+
+    The T × S/block scores would grow as n²/block; per chunk they are chunk × S/block, and under autograd each
+    chunk is recomputed in the backward pass instead of kept (activation checkpointing), so memory stays linear.
     """
     q_len, kv_len = q.shape[-2], k.shape[-2]
     k_cmp, counts = pool_blocks(k, key_valid, block)  # (B, H, nKB, D), (B|1, nKB)
     v_cmp, _ = pool_blocks(v, key_valid, block)
-    scores = torch.matmul(q.float(), k_cmp.transpose(-1, -2)) * scaling  # (B, H, T, nKB)
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)
-    block_end = torch.arange(1, counts.shape[-1] + 1, device=q.device) * block - 1  # (nKB,)
-    visible = (block_end <= q_pos[:, None]) & (counts > 0)[:, None, :]  # (B|1, T, nKB)
-    probs = masked_softmax(scores, visible[:, None])
+    n_kb, q_offset = counts.shape[-1], kv_len - q_len
+    block_end = torch.arange(1, n_kb + 1, device=q.device) * block - 1  # (nKB,)
+    has_key = (counts > 0)[:, None, :]  # (B|1, 1, nKB)
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cmp, v_cmp))
+    outs, importance = [], q.new_zeros(*q.shape[:2], n_kb - q_offset // block, n_kb, dtype=torch.float32)
+    for start in range(0, q_len, chunk):
+        q_pos = torch.arange(q_offset + start, q_offset + min(start + chunk, q_len), device=q.device)
+        visible = (block_end <= q_pos[:, None]) & has_key  # (B|1, Tc, nKB)
+        args = (q[..., start : start + chunk, :], k_cmp, v_cmp, visible, scaling)
+        out, probs = checkpoint(_compressed_chunk, *args, use_reentrant=False) if keep else _compressed_chunk(*args)
+        outs.append(out)
+        importance.index_add_(2, q_pos // block - q_offset // block, probs.detach())
+    return torch.cat(outs, dim=-2), importance
+
+
+def _compressed_chunk(q, k_cmp, v_cmp, visible, scaling: float):
+    probs = masked_softmax(torch.matmul(q.float(), k_cmp.transpose(-1, -2)) * scaling, visible[:, None])
     return torch.matmul(probs, v_cmp), probs
 
 
 # --- selection ------------------------------------------------------------------------------------
-def select_blocks(p_cmp: torch.Tensor, key_valid: torch.Tensor | None, first_real: torch.Tensor, q_offset: int,
+def block_importance(p_cmp: torch.Tensor, q_offset: int, block: int) -> torch.Tensor:
+    """Compressed probabilities (B, H, T, nKB) of the queries at positions q_offset.. summed per query block:
+    (B, H, nQB, nKB) for query blocks q_offset//block .. nKB-1."""
+    q_block = torch.arange(q_offset, q_offset + p_cmp.shape[-2], device=p_cmp.device) // block - q_offset // block
+    shape = (*p_cmp.shape[:2], p_cmp.shape[-1] - q_offset // block, p_cmp.shape[-1])
+    return p_cmp.detach().new_zeros(shape).index_add_(2, q_block, p_cmp.detach())
+
+
+def select_blocks(importance: torch.Tensor, key_valid: torch.Tensor | None, first_real: torch.Tensor, q_offset: int,
                   block: int, top_k: int) -> torch.Tensor:
     """The key blocks each query block attends to exactly in the selected branch.
 
-    p_cmp (B, H, T, nKB): compressed probabilities of the queries at positions q_offset..q_offset+T-1;
-    key_valid (B, S) or None; first_real (B,): position of each row's first real token.
+    importance (B, H, nQB, nKB): ``block_importance`` of the compressed probabilities of the queries at positions
+    q_offset..; key_valid (B, S) or None; first_real (B,): position of each row's first real token.
     Returns (B, H, nQB, K) long with K = min(top_k, nKB), for query blocks q_offset//block .. nKB-1;
     -1 marks an unused slot (fewer candidates than K).
 
@@ -85,12 +112,10 @@ def select_blocks(p_cmp: torch.Tensor, key_valid: torch.Tensor | None, first_rea
     query block's own block, then the block of the row's first real token (an attention sink), then the
     compressed probability summed over the query block's queries in this call.
     """
-    batch, heads, q_len, n_kb = p_cmp.shape
-    device = p_cmp.device
+    batch, heads, _, n_kb = importance.shape
+    device = importance.device
     q_block0 = q_offset // block
-    q_block = torch.arange(q_offset, q_offset + q_len, device=device) // block - q_block0  # (T,)
-    # The ranking is discrete: no gradient flows through it.
-    scores = p_cmp.detach().new_zeros(batch, heads, n_kb - q_block0, n_kb).index_add_(2, q_block, p_cmp.detach())
+    scores = importance.detach().clone()  # the ranking is discrete: no gradient flows through it
     kb = torch.arange(n_kb, device=device)  # (nKB,)
     qb = torch.arange(q_block0, n_kb, device=device)[:, None]  # (nQB, 1)
     if key_valid is None:
@@ -173,8 +198,8 @@ def nsa_branches(q, k, v, scaling: float, block: int, top_k: int, window: int,
     if first_real is None:
         first_real = torch.zeros(batch, dtype=torch.long, device=q.device)
 
-    o_cmp, p_cmp = compressed_attention(q, k, v, scaling, block, key_valid)
-    selected = select_blocks(p_cmp, key_valid, first_real, q_offset, block, top_k)  # (B, H, nQB, K)
+    o_cmp, importance = compressed_attention(q, k, v, scaling, block, key_valid)
+    selected = select_blocks(importance, key_valid, first_real, q_offset, block, top_k)  # (B, H, nQB, K)
 
     # Queries on the block grid: pad in front to their first block's start, behind to the last block's end.
     lead = q_offset - q_block0 * block

@@ -9,7 +9,7 @@ from torch import nn
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_probs
-from attnswap.kernels.nsa import nsa_branches, num_blocks, select_blocks
+from attnswap.kernels.nsa import block_importance, nsa_branches, num_blocks, select_blocks
 from attnswap.variants.base import AttnContext, Variant, check
 
 
@@ -100,7 +100,8 @@ class NSA(Variant):
         block_probs = torch.nan_to_num(block_probs, nan=0.0)
         compressed = torch.matmul(block_probs, pool[:, None].transpose(-1, -2))  # (B, H, T, S)
 
-        selected = select_blocks(block_probs, ctx.key_valid, first_real, kv_len - q_len, p.block, p.top_k)
+        selected = select_blocks(block_importance(block_probs, kv_len - q_len, p.block), ctx.key_valid, first_real,
+                                 kv_len - q_len, p.block, p.top_k)
         chosen = torch.zeros(*selected.shape[:-1], n_kb + 1, dtype=torch.bool, device=device)
         chosen.scatter_(-1, torch.where(selected < 0, n_kb, selected), True)  # (B, H, nQB, nKB+1)
         q_block = q_pos[:, 0] // p.block - (kv_len - q_len) // p.block  # (T,)
