@@ -32,10 +32,12 @@ def criteria_met(criteria: list[dict], memory_met: bool | None) -> str:
 def train_costs() -> dict[str, dict]:
     rows = jsonl(RESULTS / "bench_gpt2_train_h100" / "bench_results.jsonl")
     train = {r["variant"]: r for r in rows if r["mode"] == "train" and r["status"] == "ok"}
+    prefill = {r["variant"]: r for r in rows if r["mode"] == "prefill" and r["status"] == "ok"}
     sdpa, eager = train["hf_sdpa"], train["hf_eager"]
     return {k: {"mem": r["peak_mem_mb"] / sdpa["peak_mem_mb"], "time": r["median_s"] / sdpa["median_s"],
                 "mem_eager": r["peak_mem_mb"] / eager["peak_mem_mb"], "ms": r["median_s"] * 1e3,
-                "mb": r["peak_mem_mb"]} for k, r in train.items()}
+                "mb": r["peak_mem_mb"], "prefill_ms": prefill[k]["median_s"] * 1e3,
+                "prefill_mb": prefill[k]["peak_mem_mb"]} for k, r in train.items()}
 
 
 def anchor() -> None:
@@ -81,10 +83,12 @@ def distilled_variants(costs: dict[str, dict]) -> None:
 
 
 def train_step(costs: dict[str, dict]) -> None:
-    print("\n| train step, n=1024, batch 8 | time | peak memory | memory vs eager | vs sdpa | time vs sdpa |")
-    print("|---|---|---|---|---|---|")
+    print("\n| n=1024, batch 8 | train step | peak memory | memory vs eager | vs sdpa | time vs sdpa | "
+          "inference (prefill) | its peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, c in costs.items():
-        print(f"| {label} | {c['ms']:.1f} ms | {c['mb']:.0f} MiB | {c['mem_eager']:.3f} | {c['mem']:.3f} | {c['time']:.2f} |")
+        print(f"| {label} | {c['ms']:.1f} ms | {c['mb']:.0f} MiB | {c['mem_eager']:.3f} | {c['mem']:.3f} | {c['time']:.2f} | "
+              f"{c['prefill_ms']:.1f} ms | {c['prefill_mb']:.0f} MiB |")
 
 
 def mixture_hardening() -> None:
