@@ -49,7 +49,7 @@ from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, to_index_mask
 from attnswap.models import load_tokenizer, resolve_device, resolve_dtype
 from attnswap.plots import marked_grid
-from attnswap.surgery import STATE_ATTR, _head_shape, attention_modules, load, save, swapped_variant
+from attnswap.surgery import STATE_ATTR, head_shape, attention_modules, load, save, swapped_variant
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.mixture import Mixture, MixtureState, density, harden
 
@@ -107,7 +107,7 @@ def harden_model(config: HardenConfig) -> Path:
     log.info("saved the hardened model to %s", out / "model")
 
     # --- speed of the attention, layer by layer
-    head_dim, num_heads = _head_shape(model)
+    head_dim, num_heads = head_shape(model)
     del model  # only the state copies are timed
     rows = time_attention(variant, before, after, num_heads, head_dim, config, device, dtype,
                           {**env, "model": str(swapped)}, out)

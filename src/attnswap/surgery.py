@@ -154,7 +154,7 @@ def swap(model: nn.Module, variant: "str | Variant", layers: Sequence[int] | Non
         requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
     )
     modules = attention_modules(model)
-    head_dim, num_heads = _head_shape(model)
+    head_dim, num_heads = head_shape(model)
     weight = next(model.parameters())
     for idx in chosen:
         module = modules[idx]
@@ -266,7 +266,8 @@ def l1_penalty(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(terms).sum() if terms else None
 
 
-def _head_shape(model: nn.Module) -> tuple[int, int]:
+def head_shape(model: nn.Module) -> tuple[int, int]:
+    """(head_dim, num_attention_heads) of a model's config."""
     config = model.config
     num_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
