@@ -185,3 +185,24 @@ def test_no_tensor_of_t_by_t_elements(segment):
         out = causal_linear_attention(*inputs, chunk=64, segment=segment)
         torch.autograd.grad(out.square().sum(), inputs)
     assert scan.largest < q_len * q_len // 8, f"largest tensor {scan.largest} elements at T={q_len}"
+
+
+@pytest.mark.parametrize("q_len, kv_len, segment", [(53, 53, 16), (53, 53, 56), (37, 61, 16)])
+def test_key_log_scale_is_a_running_rescale_not_a_change_of_weights(q_len, kv_len, segment):
+    """Keys given as phi_k_j with a non-decreasing log-scale s_j count as phi_k_j·exp(s_j): the kernel, which keeps
+    every factor <= 1, equals the unscaled computation done in float64 (to the kernel's fp32 precision), outputs and
+    gradients, across segments and with keys before the queries. The scale climbs 400 nats, far past what exp holds."""
+    g = torch.Generator().manual_seed(5)
+    phi_q, phi_k, v = (torch.rand(2, 3, n, d, generator=g, dtype=torch.float64, requires_grad=True)
+                       for n, d in ((q_len, 6), (kv_len, 6), (kv_len, 4)))
+    log_scale = torch.cumsum(torch.rand(2, 3, kv_len, generator=g, dtype=torch.float64) * 400 / kv_len, dim=-1)
+    out = causal_linear_attention(phi_q, phi_k, v, chunk=8, segment=segment, key_log_scale=log_scale)
+    # The reference in log space: weights exp(log(phi_q·phi_k_j) + s_j), normalised per query.
+    logits = torch.log(phi_q @ phi_k.transpose(-1, -2)) + log_scale[..., None, :]
+    causal = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
+    ref = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1) @ v
+    torch.testing.assert_close(out, ref, rtol=2e-5, atol=2e-6)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for got, want in zip(torch.autograd.grad(out, (phi_q, phi_k, v), grad),
+                         torch.autograd.grad(ref, (phi_q, phi_k, v), grad)):
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)

@@ -133,8 +133,9 @@ class RecurrentSlots:
         if not isinstance(variant, LinearVariant):
             raise AttnswapError(f"a linear-attention cache cannot run variant {variant.spec!r}; "
                                 "generate with the default cache instead")
-        phi_q, phi_k = variant.features(q, k, ctx, state)
-        out, self.layer.state = linear_attention_extend(phi_q, phi_k, v, self.layer.state, variant.params.chunk)
+        features = variant.features(q, k, ctx, state)
+        out, self.layer.state = linear_attention_extend(features.q, features.k, v, self.layer.state,
+                                                        variant.params.chunk)
         return out
 
 

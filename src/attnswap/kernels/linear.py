@@ -12,6 +12,8 @@ in from earlier segments, then all chunks' outputs at once. So there are T/segme
 T/C, and the extra memory is O(segment·(M·D/C + C)) per batch and head, not O(T·M·D/C).
 The backward pass is three more scans of the same kind (two of them reversed), so training memory is
 the inputs plus one segment's work space, not one state per chunk. Everything accumulates in fp32.
+Keys may come with a running log-scale (``key_log_scale``): states are then rescaled as they are carried,
+the way online softmax rescales its running sums.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ def _segment_length(chunk: int, m: int, e: int) -> int:
 
 
 def causal_linear_attention(
-    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk: int = 64, segment: int | None = None
+    phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk: int = 64, segment: int | None = None,
+    key_log_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal linear attention: phi_q (B, H, T, M), phi_k (B, H, S, M), v (B, H, S, D) -> (B, H, T, D) in v's dtype.
 
@@ -41,6 +44,10 @@ def causal_linear_attention(
     A query whose normaliser is 0 (every visible key padded) outputs 0.
     ``segment`` (a multiple of ``chunk``) is how many positions the scan does per step; None sizes it
     to a fixed work space, see ``_segment_length``.
+    ``key_log_scale`` s (B, H, S), non-decreasing, says key j's features were divided by exp(s_j): the keys count
+    as phi_k_j·exp(s_j). A feature map whose values span too wide a range for fp32 stabilises each key by the
+    running maximum of what came before it this way, which keeps the attention causal (a maximum over all keys
+    would let later keys change earlier outputs).
     """
     q_len, kv_len = phi_q.shape[-2], phi_k.shape[-2]
     assert q_len <= kv_len, f"queries are the last T of S keys, got T={q_len} > S={kv_len}"
@@ -52,12 +59,19 @@ def causal_linear_attention(
     prefix = kv_len - q_len  # keys every query sees: folded into one state up front
     ones = v32.new_ones(*v32.shape[:-2], q_len, 1)
     v_ones = torch.cat([v32[..., prefix:, :], ones], dim=-1)  # (B, H, T, D+1)
-    num_den = _CausalProduct.apply(phi_q, phi_k[..., prefix:, :], v_ones, chunk, segment)  # (B, H, T, D+1)
+    log_scale = None if key_log_scale is None else key_log_scale.detach().float()
+    num_den = _CausalProduct.apply(phi_q, phi_k[..., prefix:, :], v_ones, chunk, segment,
+                                   None if log_scale is None else log_scale[..., prefix:])  # (B, H, T, D+1)
     num, den = num_den[..., :-1], num_den[..., -1:]
     if prefix:
-        kv, z = linear_attention_state(phi_k[..., :prefix, :], v32[..., :prefix, :])
-        num = num + torch.matmul(phi_q, kv)
-        den = den + torch.matmul(phi_q, z.unsqueeze(-1))
+        prefix_k, q_factor = phi_k[..., :prefix, :], 1.0
+        if log_scale is not None:  # the prefix state at the scale of its last key, then to each query's own
+            last = log_scale[..., prefix - 1 : prefix]
+            prefix_k = prefix_k * torch.exp(log_scale[..., :prefix] - last).unsqueeze(-1)
+            q_factor = torch.exp(last - log_scale[..., prefix:]).unsqueeze(-1)
+        kv, z = linear_attention_state(prefix_k, v32[..., :prefix, :])
+        num = num + torch.matmul(phi_q, kv) * q_factor
+        den = den + torch.matmul(phi_q, z.unsqueeze(-1)) * q_factor
     return _normalise(num, den).to(v.dtype)
 
 
@@ -82,15 +96,20 @@ def _normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(empty, 0.0, num / torch.where(empty, 1.0, den))
 
 
-def _causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int, segment: int) -> torch.Tensor:
-    """out_i = sum_{j<=i} (a_i·b_j) c_j for a, b (B, H, T, M), c (B, H, T, E) -> (B, H, T, E).
+def _causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int, segment: int,
+                 log_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """out_i = sum_{j<=i} (a_i·b_j) exp(s_j - s_i) c_j for a, b (B, H, T, M), c (B, H, T, E) -> (B, H, T, E).
 
-    A segment is N = segment/chunk chunks done together: chunk n sees the state carried in from earlier
-    segments plus the states b_c^T c_c of chunks before it in the segment, and its own chunk causally.
+    ``log_scale`` s (B, H, T) must not decrease along T; None means s = 0 (a plain prefix sum). A segment is
+    N = segment/chunk chunks done together: chunk n sees the state carried in from earlier segments plus the
+    states b_c^T c_c of chunks before it in the segment, and its own chunk causally. With s, every state is kept
+    at the scale of its last position and every factor applied is exp(earlier s - later s) <= 1, so nothing
+    overflows however far s climbs.
     """
     q_len = a.shape[-2]
     out = c.new_empty(*a.shape[:-1], c.shape[-1])
     state = c.new_zeros(*a.shape[:-2], 1, a.shape[-1], c.shape[-1])  # (B, H, 1, M, E): sum of b_j c_j^T so far
+    state_scale = None if log_scale is None else log_scale[..., :1]  # (B, H, 1): the scale the state is kept at
     future = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).triu(1)
     for start in range(0, q_len, segment):
         end = min(start + segment, q_len)
@@ -102,9 +121,21 @@ def _causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int, 
             a_s, b_s, c_s = (F.pad(x, (0, 0, 0, pad)) for x in (a_s, b_s, c_s))
         a_s, b_s, c_s = (x.unflatten(-2, (-1, chunk)) for x in (a_s, b_s, c_s))  # (B, H, N, C, ·)
         b_t = b_s.transpose(-1, -2)
-        # Running sums of [carried state, chunk states]: entry n is chunk n's incoming state, the last the outgoing.
-        states = torch.cat([state, torch.matmul(b_t, c_s)], dim=-3).cumsum(dim=-3)  # (B, H, N+1, M, E)
-        scores = torch.matmul(a_s, b_t).masked_fill_(future, 0.0)  # (B, H, N, C, C)
+        scores = torch.matmul(a_s, b_t)  # (B, H, N, C, C)
+        if log_scale is None:
+            # Running sums of [carried state, chunk states]: entry n is chunk n's incoming state, the last the outgoing.
+            states = torch.cat([state, torch.matmul(b_t, c_s)], dim=-3).cumsum(dim=-3)  # (B, H, N+1, M, E)
+            scores.masked_fill_(future, 0.0)
+        else:
+            s_s = F.pad(log_scale[..., start:end], (0, pad), mode="replicate") if pad else log_scale[..., start:end]
+            s_c = s_s.unflatten(-1, (-1, chunk))  # (B, H, N, C)
+            refs = torch.cat([state_scale, s_c[..., -1]], dim=-1)  # (B, H, N+1): scale of each incoming state
+            own = torch.matmul(b_t * torch.exp(s_c - s_c[..., -1:]).unsqueeze(-2), c_s)  # chunk states, at their ends
+            # Entry n of the running sums is at scale refs[n]: earlier entries k <= n enter times exp(refs[k] - refs[n]).
+            states = torch.einsum("bhnk,bhkme->bhnme", _decay(refs), torch.cat([state, own], dim=-3))
+            scores.mul_(_decay(s_c))
+            a_s = a_s * torch.exp(refs[..., :-1, None] - s_c).unsqueeze(-1)  # to each query's own scale
+            state_scale = refs[..., -1:]
         # baddbmm adds the earlier-chunks term onto the in-chunk term inside the product, saving a pass.
         out_s = torch.baddbmm(torch.matmul(scores, c_s).flatten(0, -3), a_s.flatten(0, -3),
                               states[..., :-1, :, :].flatten(0, -3))  # (B·H·N, C, E)
@@ -113,26 +144,38 @@ def _causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int, 
     return out
 
 
+def _decay(s: torch.Tensor) -> torch.Tensor:
+    """(..., L) non-decreasing -> (..., L, L) with [i, j] = exp(s_j - s_i) for j <= i and 0 above the diagonal.
+
+    The exponent is masked before exp: above the diagonal it is positive and could overflow to inf (inf·0 = nan).
+    """
+    diff = s[..., None, :] - s[..., :, None]
+    upper = torch.ones(diff.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
+    return torch.exp(diff.masked_fill(upper, float("-inf")))
+
+
 class _CausalProduct(torch.autograd.Function):
     """``_causal_scan`` with a backward made of scans, saving only the inputs.
 
-    With L = sum_{j<=i} (a_i·b_j)(g_i·c_j): dL/da_i = sum_{j<=i} (g_i·c_j) b_j is a forward scan;
-    dL/db_j = sum_{i>=j} (c_j·g_i) a_i and dL/dc_j = sum_{i>=j} (b_j·a_i) g_i are scans of the reversed sequence.
+    With L = sum_{j<=i} (a_i·b_j) w_ij (g_i·c_j), w_ij = exp(s_j - s_i): dL/da_i = sum_{j<=i} w_ij (g_i·c_j) b_j is a
+    forward scan; dL/db_j = sum_{i>=j} w_ij (c_j·g_i) a_i and dL/dc_j = sum_{i>=j} w_ij (b_j·a_i) g_i are scans of the
+    reversed sequence, whose scale -s reversed again does not decrease. s is a constant: no gradient reaches it.
     """
 
     @staticmethod
-    def forward(ctx, a, b, c, chunk, segment):
-        ctx.save_for_backward(a, b, c)
+    def forward(ctx, a, b, c, chunk, segment, log_scale=None):
+        ctx.save_for_backward(a, b, c, log_scale)
         ctx.chunk, ctx.segment = chunk, segment
-        return _causal_scan(a, b, c, chunk, segment)
+        return _causal_scan(a, b, c, chunk, segment, log_scale)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        a, b, c = ctx.saved_tensors
+        a, b, c, log_scale = ctx.saved_tensors
         chunk, segment = ctx.chunk, ctx.segment
         a_r, b_r, c_r, grad_r = (x.flip(-2) for x in (a, b, c, grad))
-        grad_a = _causal_scan(grad, c, b, chunk, segment)
-        grad_b = _causal_scan(c_r, grad_r, a_r, chunk, segment).flip(-2)
-        grad_c = _causal_scan(b_r, a_r, grad_r, chunk, segment).flip(-2)
-        return grad_a, grad_b, grad_c, None, None
+        reversed_scale = None if log_scale is None else -log_scale.flip(-1)
+        grad_a = _causal_scan(grad, c, b, chunk, segment, log_scale)
+        grad_b = _causal_scan(c_r, grad_r, a_r, chunk, segment, reversed_scale).flip(-2)
+        grad_c = _causal_scan(b_r, a_r, grad_r, chunk, segment, reversed_scale).flip(-2)
+        return grad_a, grad_b, grad_c, None, None, None

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attnswap.variants.base import AttnContext, check
-from attnswap.variants.linear_base import LinearVariant, show_pattern
+from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pattern
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Hedgehog(LinearVariant):
     def feature_map(self, q, k, ctx: AttnContext, state: HedgehogMap):
         assert state is not None, "hedgehog needs its state (make_state); swap() creates it"
         # The model's scaling, split between q and k, keeps the logits at the scale softmax attention saw.
-        return state(q.float() * ctx.scaling**0.5), state(k.float() * ctx.scaling**0.5)
+        return LinearFeatures(state(q.float() * ctx.scaling**0.5), state(k.float() * ctx.scaling**0.5))
 
 
 def main() -> None:

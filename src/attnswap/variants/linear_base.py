@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 from attnswap.kernels.linear import causal_linear_attention
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.variants.base import AttnContext, Variant
+
+
+class LinearFeatures(NamedTuple):
+    """phi(q) (B, H, T, M) and phi(k) (B, H, S, M) in fp32, both non-negative; ``key_log_scale`` (B, H, S) or None:
+    key j's features were divided by exp(key_log_scale_j) to fit fp32 (see ``causal_linear_attention``)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    key_log_scale: torch.Tensor | None = None
 
 
 class LinearVariant(Variant):
@@ -17,24 +28,27 @@ class LinearVariant(Variant):
     Their Params carry ``chunk``, the chunk length of the linear-attention kernel.
     """
 
-    def feature_map(self, q, k, ctx: AttnContext, state: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi(q) (B, H, T, M) and phi(k) (B, H, S, M) in fp32, both non-negative."""
+    def feature_map(self, q, k, ctx: AttnContext, state: nn.Module | None) -> LinearFeatures:
         raise NotImplementedError
 
-    def features(self, q, k, ctx: AttnContext, state: nn.Module | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def features(self, q, k, ctx: AttnContext, state: nn.Module | None) -> LinearFeatures:
         """``feature_map`` with the rows of padded keys zeroed, so that no query sees them."""
-        phi_q, phi_k = self.feature_map(q, k, ctx, state)
-        if ctx.key_valid is not None:
-            phi_k = phi_k * ctx.key_valid[:, None, :, None]
-        return phi_q, phi_k
+        features = self.feature_map(q, k, ctx, state)
+        if ctx.key_valid is None:
+            return features
+        return features._replace(k=features.k * ctx.key_valid[:, None, :, None])
 
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """The implied attention matrix (B, H, T, S) fp32: causal, padded keys excluded, rows summing to 1 (or 0)."""
-        phi_q, phi_k = self.features(q, k, ctx, state)
+        features = self.features(q, k, ctx, state)
         q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
         index_mask = to_index_mask(causal, q_pos, kv_pos, ctx.key_valid)
         allowed = materialize(index_mask, q.shape[0], 1, q.shape[-2], k.shape[-2], q.device)
-        weights = torch.matmul(phi_q, phi_k.transpose(-1, -2)) * allowed  # (B, H, T, S)
+        weights = torch.matmul(features.q, features.k.transpose(-1, -2)) * allowed  # (B, H, T, S)
+        if features.key_log_scale is not None:  # key j counts exp(s_j - s_i) for query i (slot i + S - T)
+            s = features.key_log_scale.float()
+            exponent = s[..., None, :] - s[..., -q.shape[-2]:, None]
+            weights = weights * torch.exp(exponent.masked_fill(~allowed, float("-inf")))
         total = weights.sum(dim=-1, keepdim=True)
         return weights / torch.where(total == 0, 1.0, total)
 
@@ -42,8 +56,9 @@ class LinearVariant(Variant):
         if ctx.q_positions is not None or ctx.kv_positions is not None:
             # A rolling cache reorders key slots; the chunked kernel needs keys in position order.
             return super().attend(q, k, v, ctx, state)
-        phi_q, phi_k = self.features(q, k, ctx, state)
-        return causal_linear_attention(phi_q, phi_k, v, chunk=self.params.chunk).to(q.dtype)
+        features = self.features(q, k, ctx, state)
+        return causal_linear_attention(features.q, features.k, v, chunk=self.params.chunk,
+                                       key_log_scale=features.key_log_scale).to(q.dtype)
 
 
 def draw_probs(probs: torch.Tensor) -> str:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from attnswap.variants.base import AttnContext, check
-from attnswap.variants.linear_base import LinearVariant, show_pattern
+from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pattern
 
 
 @dataclass(frozen=True)
@@ -98,17 +98,22 @@ class Performer(LinearVariant):
         logits_k = random_feature_logits(k.float() * ctx.scaling**0.5, omega)  # (B, H, S, m)
         if ctx.key_valid is not None:
             logits_k = logits_k.masked_fill(~ctx.key_valid[:, None, :, None], float("-inf"))
-        # Stabilisers only rescale and cancel in the normalised ratio: one per query for q, but one constant per
-        # (batch, head) for k, as a per-key factor would reweight the keys. Padded keys do not set it; a row
-        # with no real key keeps a finite one.
+        # exp of the logits spans more than fp32 holds, so both sides are stabilised. For q, one constant per query
+        # (it cancels in the normalised ratio). For k, each key by the running maximum of the keys up to it: the
+        # kernel carries that scale (key_log_scale), so the keys keep their true relative weights, and no key is
+        # divided by anything a later key decides -- a maximum over all keys, as in FAVOR+'s reference code, lets
+        # later tokens change earlier outputs through the kernel epsilon and through underflow. Padded keys set
+        # no maximum; before the first real key the scale is a finite floor.
         stab_q = logits_q.amax(dim=-1, keepdim=True).detach()
-        stab_k = logits_k.amax(dim=(-2, -1), keepdim=True).detach().clamp_min(torch.finfo(torch.float32).min)
+        running = logits_k.detach().amax(dim=-1).cummax(dim=-1).values  # (B, H, S)
+        key_log_scale = running.clamp_min(torch.finfo(torch.float32).min)
         scale = omega.shape[-2] ** -0.5
-        # The k stabiliser is a maximum over all keys, so an early query's only keys can underflow: its normaliser
-        # becomes ~1e-40 and the division's backward (num / den²) NaN. FAVOR+'s usual kernel epsilon keeps every
-        # feature >= FEATURE_EPS (padded keys are still zeroed by LinearVariant.features).
-        return ((torch.exp(logits_q - stab_q) + FEATURE_EPS) * scale,
-                (torch.exp(logits_k - stab_k) + FEATURE_EPS) * scale)
+        # FAVOR+'s kernel epsilon keeps every feature >= FEATURE_EPS of its key's scale, so a query's normaliser
+        # never underflows to ~1e-40 (whose backward, num / den², was NaN on the teacher); padded keys are still
+        # zeroed by LinearVariant.features.
+        return LinearFeatures((torch.exp(logits_q - stab_q) + FEATURE_EPS) * scale,
+                              (torch.exp(logits_k - key_log_scale.unsqueeze(-1)) + FEATURE_EPS) * scale,
+                              key_log_scale)
 
     def attend(self, q, k, v, ctx, state):
         out = super().attend(q, k, v, ctx, state)
