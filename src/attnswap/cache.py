@@ -181,8 +181,8 @@ def bounded_cache(model: nn.Module) -> BoundedCache:
     """A fresh cache for ``model.generate(..., past_key_values=bounded_cache(model))`` on a swapped model.
 
     Window layers keep ``w + sinks`` slots, Hedgehog layers a running state; unswapped layers keep every token.
-    Performer has none: its key features share one stabiliser over all keys (variants/performer.py), so
-    features computed a token at a time cannot be summed into one state.
+    Performer has none yet: its key features are scaled by the running maximum of all earlier keys
+    (variants/performer.py), which a decode step, seeing one key, would have to be handed by the cache.
     """
     variant = swapped_variant(model)
     if variant is None:
