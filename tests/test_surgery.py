@@ -8,6 +8,7 @@ import torch
 import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.surgery import attention_modules, original_attention, variant_state_dict
+from attnswap.variants import VARIANTS
 from tests.conftest import random_batch, tiny_gpt2
 
 LOGIT_TOL = 1e-5
@@ -168,3 +169,24 @@ def test_original_attention_restores_distilled_base_weights(tiny_model):
     with original_attention(tiny_model):
         assert _max_diff_on_real_tokens(_logits(tiny_model, ids, mask), original_logits, mask) <= LOGIT_TOL
     assert not torch.allclose(_logits(tiny_model, ids, mask)[mask.bool()], original_logits[mask.bool()])
+
+
+# Every registered variant with parameters small enough for the tiny models (n_embd 32, 4 heads of 8).
+CAUSAL_SPECS = ["full", "window:w=5,sinks=2", "longformer:w=5,global_tokens=2,global_stride=16", "mixture",
+                "performer:m=16,chunk=8", "hedgehog:chunk=8"]
+
+
+def test_every_variant_registered_is_covered_by_the_causality_test():
+    assert {spec.partition(":")[0] for spec in CAUSAL_SPECS} | {"nsa"} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("spec", CAUSAL_SPECS)
+def test_later_tokens_never_change_earlier_predictions(tiny_model, spec):
+    """A causal LM's prediction at position t must not depend on tokens after t. (NSA is exempt: it selects
+    blocks per query block, so it is causal at block granularity only, tested in test_nsa.py.)"""
+    attnswap.swap(tiny_model, spec)
+    ids = torch.randint(0, tiny_model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = tiny_model(ids).logits[:, :20]
+        prefix = tiny_model(ids[:, :20]).logits
+    torch.testing.assert_close(whole, prefix, rtol=0, atol=1e-4)
