@@ -13,6 +13,7 @@ from attnswap.kernels.kv_cache import RollingKV
 from attnswap.surgery import observe_attention, original_attention, swap
 from attnswap.variants.full import Full
 from attnswap.variants.hedgehog import Hedgehog, HedgehogParams
+from attnswap.variants.longformer import Longformer, LongformerParams
 from attnswap.variants.performer import Performer, PerformerParams
 from attnswap.variants.window import Window, WindowParams, sliding_window_mask
 from tests.conftest import TOLERANCE, random_batch, tiny_gpt2, tiny_llama
@@ -71,6 +72,7 @@ CASES = {  # model, variant, prompt length (13 > w + sinks: the prompt fills the
     "llama-window-sinks2-short-prompt": (tiny_llama, WINDOW["sinks2"], 6),
     "llama-window-nosinks": (tiny_llama, WINDOW["nosinks"], 6),
     "llama-hedgehog": (tiny_llama, Hedgehog(HedgehogParams(chunk=4)), 13),
+    "gpt2-performer": (tiny_gpt2, Performer(PerformerParams(m=16, chunk=4)), 13),
 }
 
 
@@ -98,8 +100,11 @@ def test_bounded_cache_generates_like_full_recomputation(factory, variant, lengt
     if isinstance(variant, Window):
         slots = W + variant.params.sinks
         held = [(2, kv_heads, slots, head_dim)] * 2
-    else:  # hedgehog features: two softmaxes of head_dim each
+    elif isinstance(variant, Hedgehog):  # features: two softmaxes of head_dim each
         slots, held = 1, [(2, heads, 2 * head_dim, head_dim), (2, heads, 2 * head_dim)]
+    else:  # performer: m random features, and the keys' running log-scale
+        m = variant.params.m
+        slots, held = 1, [(2, heads, m, head_dim), (2, heads, m), (2, heads)]
     keys_seen = []
     cache = bounded_cache(model)
     with observe_attention(model, lambda module, variant, q, k, *rest: keys_seen.append((q.shape[-2], k.shape[-2]))):
@@ -117,8 +122,8 @@ def test_bounded_cache_generates_like_full_recomputation(factory, variant, lengt
         assert torch.equal(tokens[row, -4 * W :], alone[0, -4 * W :]), f"row {row} differs from its unpadded self"
 
 
-@pytest.mark.parametrize("variant", [Window(WindowParams(w=5, sinks=2)), Hedgehog(HedgehogParams(chunk=4))],
-                         ids=["window", "hedgehog"])
+@pytest.mark.parametrize("variant", [Window(WindowParams(w=5, sinks=2)), Hedgehog(HedgehogParams(chunk=4)),
+                                     Performer(PerformerParams(m=16, chunk=4))], ids=["window", "hedgehog", "performer"])
 def test_bounded_cache_prefill_in_chunks_matches_one_forward(variant):
     """A prompt fed in three blocks (the later ones after a full cache) gives the logits of one forward."""
     model = swap(tiny_llama(), variant)
@@ -145,7 +150,8 @@ def test_bounded_cache_keeps_every_token_of_unswapped_layers():
     torch.testing.assert_close(scores, ref_scores, atol=TOLERANCE[torch.float32], rtol=0)
 
 
-@pytest.mark.parametrize("variant", [Full(), Performer(PerformerParams(m=16))], ids=["full", "performer"])
+@pytest.mark.parametrize("variant", [Full(), Longformer(LongformerParams(w=5, global_tokens=2))],
+                         ids=["full", "longformer"])
 def test_bounded_cache_refuses_a_variant_without_a_bound(variant):
     with pytest.raises(AttnswapError, match=f"variant '{variant.name}.*' has no bounded cache"):
         bounded_cache(swap(tiny_gpt2(), variant))

@@ -170,3 +170,19 @@ def test_performer_gradients_stay_finite_when_early_keys_underflow():
     out = variant.attend(q, k, v, AttnContext(scaling=16 ** -0.5), state)
     out.square().sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_features_of_a_continuation_equal_those_of_the_whole_sequence():
+    """A cached decode step sees only its new keys; handed the running scale of the keys before them, it gets the
+    features and scales a forward over the whole sequence gives those keys (so cached generation is exact)."""
+    variant = Performer(PerformerParams(m=16, chunk=4))
+    state = variant.make_state(3, 16)
+    q, k, _ = random_qkv(q_len=23, kv_len=23)
+    ctx = AttnContext(scaling=0.3)
+    whole = variant.features(q, k, ctx, state)
+    head = variant.features(q[..., :15, :], k[..., :15, :], ctx, state)
+    tail = variant.features(q[..., 15:, :], k[..., 15:, :], ctx, state, running_scale=head.key_log_scale[..., -1])
+    torch.testing.assert_close(tail.key_log_scale, whole.key_log_scale[..., 15:], rtol=0, atol=0)
+    torch.testing.assert_close(tail.k, whole.k[..., 15:, :], rtol=0, atol=1e-7)
+    alone = variant.features(q[..., 15:, :], k[..., 15:, :], ctx, state)
+    assert not torch.equal(alone.key_log_scale, whole.key_log_scale[..., 15:]), "the test needs a scale to carry"

@@ -2,7 +2,7 @@
 
 ``bounded_cache(model)`` builds a ``transformers`` Cache for a swapped model, to pass as
 ``model.generate(..., past_key_values=bounded_cache(model))``. A window layer keeps ``w + sinks`` key/value
-slots (``RollingLayer``), a Hedgehog layer keeps its running linear-attention sums (``RecurrentLayer``);
+slots (``RollingLayer``), a Hedgehog or Performer layer its running linear-attention sums (``RecurrentLayer``);
 layers left unswapped keep HF's growing ``DynamicLayer``.
 
 How an attention call learns what the cache holds: the keys a bounded layer returns carry an
@@ -28,7 +28,6 @@ from attnswap.errors import AttnswapError
 from attnswap.kernels.kv_cache import CacheView, RollingKV, linear_attention_extend
 from attnswap.surgery import attention_modules, swapped_variant
 from attnswap.variants.base import AttnContext, Variant
-from attnswap.variants.hedgehog import Hedgehog
 from attnswap.variants.linear_base import LinearVariant
 from attnswap.variants.window import Window
 
@@ -133,9 +132,11 @@ class RecurrentSlots:
         if not isinstance(variant, LinearVariant):
             raise AttnswapError(f"a linear-attention cache cannot run variant {variant.spec!r}; "
                                 "generate with the default cache instead")
-        features = variant.features(q, k, ctx, state)
-        out, self.layer.state = linear_attention_extend(features.q, features.k, v, self.layer.state,
-                                                        variant.params.chunk)
+        held = self.layer.state
+        running_scale = held[2] if held is not None and len(held) == 3 else None
+        features = variant.features(q, k, ctx, state, running_scale)
+        out, self.layer.state = linear_attention_extend(features.q, features.k, v, held, variant.params.chunk,
+                                                        features.key_log_scale)
         return out
 
 
@@ -180,19 +181,18 @@ class BoundedCache(Cache):
 def bounded_cache(model: nn.Module) -> BoundedCache:
     """A fresh cache for ``model.generate(..., past_key_values=bounded_cache(model))`` on a swapped model.
 
-    Window layers keep ``w + sinks`` slots, Hedgehog layers a running state; unswapped layers keep every token.
-    Performer has none yet: its key features are scaled by the running maximum of all earlier keys
-    (variants/performer.py), which a decode step, seeing one key, would have to be handed by the cache.
+    Window layers keep ``w + sinks`` slots, linear-attention layers (Hedgehog, Performer) a running state, with
+    Performer's key scale in it; unswapped layers keep every token.
     """
     variant = swapped_variant(model)
     if variant is None:
         raise AttnswapError("bounded_cache needs a swapped model; call swap(model, 'window:w=64,sinks=4') first")
     if isinstance(variant, Window):
         make_layer = lambda: RollingLayer(variant.params.w, variant.params.sinks)  # noqa: E731
-    elif isinstance(variant, Hedgehog):
+    elif isinstance(variant, LinearVariant):
         make_layer = RecurrentLayer
     else:
-        raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots) and hedgehog "
-                            "(a running state) have one; generate with the default cache instead")
+        raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots), hedgehog and "
+                            "performer (a running state) have one; generate with the default cache instead")
     swapped = [getattr(module, "attnswap_variant", None) is variant for module in attention_modules(model)]
     return BoundedCache(layers=[make_layer() if bounded else DynamicLayer() for bounded in swapped])

@@ -169,21 +169,32 @@ def linear_attention_extend(
     phi_q: torch.Tensor,
     phi_k: torch.Tensor,
     v: torch.Tensor,
-    state: tuple[torch.Tensor, torch.Tensor] | None,
+    state: tuple[torch.Tensor, ...] | None,
     chunk: int = 64,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    key_log_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """T new tokens of causal linear attention after a running state, and the state after them.
 
     phi_q/phi_k (B, H, T, M) non-negative, v (B, H, T, D); state (kv (B, H, M, D), z (B, H, M)) fp32, or None
-    before the first token. Returns the output (B, H, T, D) in v's dtype and the new state, whose size does not
-    depend on how many tokens it has summed.
+    before the first token. With ``key_log_scale`` (B, H, T), the running scale of the new keys continuing the
+    state's (see ``causal_linear_attention``), the state also holds its scale (B, H) and is rescaled as it goes.
+    Returns the output (B, H, T, D) in v's dtype and the new state, whose size does not depend on how many tokens
+    it has summed.
     """
     if state is None:
-        return causal_linear_attention(phi_q, phi_k, v, chunk), linear_attention_state(phi_k, v)
-    kv, z = state
+        out = causal_linear_attention(phi_q, phi_k, v, chunk, key_log_scale=key_log_scale)
+        if key_log_scale is None:
+            return out, linear_attention_state(phi_k, v)
+        last = key_log_scale[..., -1:].float()
+        kv, z = linear_attention_state(phi_k * torch.exp(key_log_scale - last).unsqueeze(-1), v)
+        return out, (kv, z, last[..., 0])
+    kv, z, *scale = state
     out = []
     for t in range(phi_q.shape[-2]):  # a decode step, or (rarely) a block that continues a sequence
+        if key_log_scale is not None:  # the scale only grows: bring the sums to this key's scale
+            decay = torch.exp(scale[0] - key_log_scale[..., t])  # (B, H)
+            kv, z, scale = kv * decay[..., None, None], z * decay[..., None], [key_log_scale[..., t].float()]
         kv_t, z_t = linear_attention_state(phi_k[..., t : t + 1, :], v[..., t : t + 1, :])
         kv, z = kv + kv_t, z + z_t
         out.append(linear_attention_step(phi_q[..., t : t + 1, :], kv, z))
-    return torch.cat(out, dim=-2).to(v.dtype), (kv, z)
+    return torch.cat(out, dim=-2).to(v.dtype), (kv, z, *scale)

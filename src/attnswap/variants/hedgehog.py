@@ -48,7 +48,7 @@ class Hedgehog(LinearVariant):
     def make_state(self, num_heads: int, head_dim: int) -> nn.Module:
         return HedgehogMap(num_heads, head_dim, self.params.feature_dim or head_dim)
 
-    def feature_map(self, q, k, ctx: AttnContext, state: HedgehogMap):
+    def feature_map(self, q, k, ctx: AttnContext, state: HedgehogMap, running_scale=None):
         assert state is not None, "hedgehog needs its state (make_state); swap() creates it"
         # The model's scaling, split between q and k, keeps the logits at the scale softmax attention saw.
         return LinearFeatures(state(q.float() * ctx.scaling**0.5), state(k.float() * ctx.scaling**0.5))

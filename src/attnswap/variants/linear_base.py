@@ -28,12 +28,16 @@ class LinearVariant(Variant):
     Their Params carry ``chunk``, the chunk length of the linear-attention kernel.
     """
 
-    def feature_map(self, q, k, ctx: AttnContext, state: nn.Module | None) -> LinearFeatures:
+    def feature_map(self, q, k, ctx: AttnContext, state: nn.Module | None,
+                    running_scale: torch.Tensor | None = None) -> LinearFeatures:
+        """``running_scale`` (B, H): the key log-scale reached before these keys, when they continue a cached
+        sequence; only a map that returns ``key_log_scale`` reads it."""
         raise NotImplementedError
 
-    def features(self, q, k, ctx: AttnContext, state: nn.Module | None) -> LinearFeatures:
+    def features(self, q, k, ctx: AttnContext, state: nn.Module | None,
+                 running_scale: torch.Tensor | None = None) -> LinearFeatures:
         """``feature_map`` with the rows of padded keys zeroed, so that no query sees them."""
-        features = self.feature_map(q, k, ctx, state)
+        features = self.feature_map(q, k, ctx, state, running_scale)
         if ctx.key_valid is None:
             return features
         return features._replace(k=features.k * ctx.key_valid[:, None, :, None])

@@ -90,7 +90,7 @@ class Performer(LinearVariant):
     def make_state(self, num_heads: int, head_dim: int) -> nn.Module:
         return PerformerFeatures(num_heads, head_dim, self.params)
 
-    def feature_map(self, q, k, ctx: AttnContext, state: PerformerFeatures):
+    def feature_map(self, q, k, ctx: AttnContext, state: PerformerFeatures, running_scale=None):
         assert state is not None, "performer needs its state (make_state); swap() creates it"
         omega = state.omega.float()
         # Splitting the scaling between q and k makes E[phi(q)·phi(k)] = exp(scaling · q·k).
@@ -105,7 +105,10 @@ class Performer(LinearVariant):
         # later tokens change earlier outputs through the kernel epsilon and through underflow. Padded keys set
         # no maximum; before the first real key the scale is a finite floor.
         stab_q = logits_q.amax(dim=-1, keepdim=True).detach()
-        running = logits_k.detach().amax(dim=-1).cummax(dim=-1).values  # (B, H, S)
+        own = logits_k.detach().amax(dim=-1)  # (B, H, S)
+        if running_scale is not None:  # these keys continue a cached sequence whose maximum so far is running_scale
+            own = torch.cat([running_scale.unsqueeze(-1), own], dim=-1)
+        running = own.cummax(dim=-1).values[..., -k.shape[-2]:]  # (B, H, S)
         key_log_scale = running.clamp_min(torch.finfo(torch.float32).min)
         scale = omega.shape[-2] ** -0.5
         # FAVOR+'s kernel epsilon keeps every feature >= FEATURE_EPS of its key's scale, so a query's normaliser
