@@ -68,7 +68,7 @@ def test_slots_in_order_need_no_position_lookup(q_len, kv_len):
     from attnswap.variants.window import sliding_window_mask
 
     ctx = AttnContext(scaling=1.0)
-    q_map, kv_map = ctx.position_maps(q_len, kv_len, "cpu")
+    q_map, kv_map = ctx.position_maps(q_len, kv_len)
     assert (q_map, kv_map) == (kv_len - q_len, 0)
     positional = sliding_window_mask(3, 2, torch.zeros(2, dtype=torch.long))
     looked_up = to_index_mask(positional, torch.arange(kv_len - q_len, kv_len), torch.arange(kv_len), None)

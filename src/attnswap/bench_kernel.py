@@ -292,41 +292,65 @@ def available_variants(specs: Sequence[str]) -> tuple[list[Variant], list[str]]:
 def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchConfig, device: torch.device,
               dtype: torch.dtype) -> dict[str, Any]:
     # Whatever earlier cases left allocated (the allocator's cuBLAS workspaces, say) is not this case's memory.
-    baseline_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    backward = mode == "forward+backward"
-    q, k, v = (torch.randn(config.batch, config.heads, n, config.head_dim, device=device, dtype=dtype,
-                           generator=generator, requires_grad=backward) for _ in range(3))  # (B, H, T, D)
-    grad_out = torch.randn_like(q) if backward else None
+    baseline_mb = allocated_mb(device)
     ctx = AttnContext(scaling=config.head_dim**-0.5)
     state = variant.make_state(config.heads, config.head_dim) if variant is not None else None
     if state is not None:  # fp32, as surgery keeps learnable variant parameters
         state = state.to(device=device, dtype=torch.float32)
-    leaves = [q, k, v, *(state.parameters() if state is not None else ())]
+    attend = (functools.partial(dense_causal_attention, scaling=ctx.scaling) if variant is None
+              else lambda q, k, v: variant.attend(q, k, v, ctx, state))
+    result, run, (q, k, _) = time_attention_case(
+        attend, (config.batch, config.heads, n, config.head_dim), mode, device, dtype, config.seed, config.repeats,
+        config.warmup, parameters=state.parameters() if state is not None else (),
+        cuda_graphs=config.cuda_graphs, baseline_mb=baseline_mb)
+    flops, flops_source, density = case_flops(variant, q, k, ctx, state, config.block, mode == "forward+backward", run)
+    return {**result, "flops": flops, "flops_source": flops_source, "mask_density": density,
+            "tflops_per_s": flops / result["median_s"] / 1e12 if flops else None}
 
-    def attend() -> torch.Tensor:
-        if variant is None:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ctx.scaling)
-        return variant.attend(q, k, v, ctx, state)
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The dense baseline: causal SDPA forced to the flash backend."""
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+
+
+def allocated_mb(device: torch.device) -> float:
+    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
+def time_attention_case(attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                   shape: tuple[int, int, int, int], mode: str, device: torch.device, dtype: torch.dtype, seed: int,
+                   repeats: int, warmup: int, *, parameters: Iterable[torch.Tensor] = (), cuda_graphs: bool = False,
+                   baseline_mb: float | None = None) -> tuple[dict[str, Any], Callable[[Any], None], tuple]:
+    """Time ``attend(q, k, v)`` on seeded random q/k/v of ``shape`` (B, H, T, D), ``mode`` forward or
+    forward+backward (gradients of q, k, v and ``parameters``, cleared before every call).
+
+    Returns ``measure``'s record (peak memory less ``baseline_mb``, by default what was allocated on entry), with
+    ``graph_timing``'s when ``cuda_graphs`` and on CUDA; the timed function; and (q, k, v).
+    """
+    baseline_mb = allocated_mb(device) if baseline_mb is None else baseline_mb
+    generator = torch.Generator(device=device).manual_seed(seed)
+    backward = mode == "forward+backward"
+    q, k, v = (torch.randn(*shape, device=device, dtype=dtype, generator=generator, requires_grad=backward)
+               for _ in range(3))
+    grad_out = torch.randn_like(q) if backward else None
+    leaves = [q, k, v, *parameters]
 
     def run(_: Any) -> None:
         if backward:
-            attend().backward(grad_out)
+            attend(q, k, v).backward(grad_out)
         else:
             with torch.no_grad():
-                attend()
+                attend(q, k, v)
 
     def clear_grads() -> None:
         for t in leaves:
             t.grad = None
 
-    result = measure(run, device, config.repeats, config.warmup, prepare=clear_grads, baseline_mb=baseline_mb)
-    if config.cuda_graphs and device.type == "cuda":
-        result.update(graph_timing(run, clear_grads, device, config.repeats, config.warmup))
-    flops, flops_source, density = case_flops(variant, q, k, ctx, state, config.block, backward, run)
-    return {**result, "flops": flops, "flops_source": flops_source, "mask_density": density,
-            "tflops_per_s": flops / result["median_s"] / 1e12 if flops else None}
+    result = measure(run, device, repeats, warmup, prepare=clear_grads, baseline_mb=baseline_mb)
+    if cuda_graphs and device.type == "cuda":
+        result.update(graph_timing(run, clear_grads, device, repeats, warmup))
+    return result, run, (q, k, v)
 
 
 def graph_timing(run: Callable[[Any], None], clear_grads: Callable[[], None], device: torch.device, repeats: int,

@@ -26,6 +26,7 @@ mode measures training as it runs today, not what a fused kernel could do.
 from __future__ import annotations
 
 import copy
+import functools
 import csv
 import json
 import logging
@@ -36,14 +37,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from attnswap.bench_kernel import (DENSE, MODES, allowed_fractions, dtype_name, environment, guarded, measure,
-                                   open_rows, scaling_figure, write_results)
+from attnswap.bench_kernel import (DENSE, MODES, allowed_fractions, dense_causal_attention, dtype_name, environment,
+                                   guarded, open_rows, scaling_figure, time_attention_case, write_results)
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, to_index_mask
@@ -252,36 +251,17 @@ def time_attention(variant: Mixture, before: dict[int, MixtureState], after: dic
 def _attention(variant: Mixture, state: MixtureState | None, scaling: float) -> Callable[..., torch.Tensor]:
     """attend(q, k, v) -> (B, H, T, D): dense causal SDPA (flash backend) for no state, else the mixture."""
     if state is None:
-        def dense(q, k, v):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
-
-        return dense
+        return functools.partial(dense_causal_attention, scaling=scaling)
     ctx = AttnContext(scaling=scaling)
     return lambda q, k, v: variant.attend(q, k, v, ctx, state)
 
 
 def _time_case(attend: Callable[..., torch.Tensor], state: MixtureState | None, mode: str, n: int, heads: int,
                head_dim: int, config: HardenConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    backward = mode == "forward+backward"
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    q, k, v = (torch.randn(1, heads, n, head_dim, device=device, dtype=dtype, generator=generator,
-                           requires_grad=backward) for _ in range(3))  # (B, H, T, D)
-    grad_out = torch.randn_like(q) if backward else None
-    leaves = [q, k, v, *(state.parameters() if state is not None else ())]
-
-    def run(_: Any) -> None:
-        if backward:
-            attend(q, k, v).backward(grad_out)
-        else:
-            with torch.no_grad():
-                attend(q, k, v)
-
-    def clear_grads() -> None:
-        for t in leaves:
-            t.grad = None
-
-    return measure(run, device, config.repeats, config.warmup, prepare=clear_grads)
+    result, _, _ = time_attention_case(attend, (1, heads, n, head_dim), mode, device, dtype, config.seed,
+                                       config.repeats, config.warmup,
+                                       parameters=state.parameters() if state is not None else ())
+    return result
 
 
 def _allowed_fractions(variant: Mixture, state: MixtureState | None, n: int, heads: int, block: int,

@@ -115,7 +115,7 @@ def select_blocks(importance: torch.Tensor, key_valid: torch.Tensor | None, firs
     batch, heads, _, n_kb = importance.shape
     device = importance.device
     q_block0 = q_offset // block
-    scores = importance.detach().clone()  # the ranking is discrete: no gradient flows through it
+    scores = importance.detach()  # the ranking is discrete: no gradient flows through it (masked_fill copies)
     kb = torch.arange(n_kb, device=device)  # (nKB,)
     qb = torch.arange(q_block0, n_kb, device=device)[:, None]  # (nQB, 1)
     if key_valid is None:

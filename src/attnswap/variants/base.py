@@ -45,11 +45,10 @@ class AttnContext:
         q_pos = self.q_positions if self.q_positions is not None else device_arange(kv_len - q_len, kv_len, device)
         return q_pos, kv_pos
 
-    def position_maps(self, q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+    def position_maps(self, q_len: int, kv_len: int) -> tuple[torch.Tensor | int, torch.Tensor | int]:
         """``positions``, except that slots in order are an int offset: what ``to_index_mask`` takes."""
-        q_pos, kv_pos = self.positions(q_len, kv_len, device)
-        return (kv_len - q_len if self.q_positions is None else q_pos,
-                0 if self.kv_positions is None else kv_pos)
+        return (kv_len - q_len if self.q_positions is None else self.q_positions,
+                0 if self.kv_positions is None else self.kv_positions)
 
     def first_real_token(self, batch: int, device: torch.device) -> torch.Tensor:
         """(B,) absolute position of each row's first non-padding token (0 without padding)."""

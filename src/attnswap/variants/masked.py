@@ -32,7 +32,7 @@ class MaskedVariant(Variant):
     def index_mask(self, q, k, ctx: AttnContext, state: nn.Module | None) -> tuple[MaskFn, torch.Tensor, torch.Tensor]:
         q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
         positional = self.positional_mask(ctx, q.shape[0], q.device, state)
-        q_map, kv_map = ctx.position_maps(q.shape[-2], k.shape[-2], q.device)
+        q_map, kv_map = ctx.position_maps(q.shape[-2], k.shape[-2])
         return to_index_mask(positional, q_map, kv_map, ctx.key_valid), q_pos, kv_pos
 
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
