@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
+from attnswap.kernels.masks import mask_bands
 from attnswap.models import git_commit, resolve_device, resolve_dtype
 from attnswap.plots import Panel, Series, line_plot
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
@@ -413,17 +414,12 @@ def allowed_fractions(index_mask, batch: int, heads: int, q_len: int, kv_len: in
 
     Evaluated ``block`` query rows at a time, so memory stays B·H·block·S at any length.
     """
-    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
-    kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
     kv_blocks = -(-kv_len // block)
     tiles = pairs = 0
-    for start in range(0, q_len, block):
-        rows = torch.arange(start, min(start + block, q_len), device=device).view(1, 1, -1, 1)
-        allowed = index_mask(b, h, rows, kv).expand(batch, heads, rows.shape[2], kv_len)  # (B, H, rows, S)
+    for allowed in mask_bands(index_mask, batch, heads, q_len, kv_len, device, block):  # (B, H, rows, S)
         pairs += int(allowed.sum())
         padded = F.pad(allowed, (0, kv_blocks * block - kv_len))
-        tiles += int(padded.view(batch, heads, rows.shape[2], kv_blocks, block).any(dim=4).any(dim=2).sum())
+        tiles += int(padded.view(batch, heads, allowed.shape[2], kv_blocks, block).any(dim=4).any(dim=2).sum())
     q_blocks = -(-q_len // block)
     return tiles / (batch * heads * q_blocks * kv_blocks), pairs / (batch * heads * q_len * kv_len)
 

@@ -24,7 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import sdpa_masked
-from attnswap.kernels.masks import MaskFn, materialize, materialize_bias
+from attnswap.kernels.masks import MaskFn, mask_bands, materialize, materialize_bias
 
 BLOCK_SIZE = 128  # flex_attention's default tile
 # Shorter query blocks (decode steps, T=1) materialise: T×S is small there, and as S grows by one token
@@ -193,16 +193,11 @@ def build_block_mask(
     """
     n_b, n_h = batch or 1, heads or 1
     n_kv = -(-kv_len // block_size)
-    b = torch.arange(n_b, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(n_h, device=device).view(1, -1, 1, 1)
-    kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
     band = max(1, MASK_EVAL_BUDGET // (n_b * n_h * block_size * kv_len)) * block_size
     counts = []
-    for start in range(0, q_len, band):
-        q = torch.arange(start, min(start + band, q_len), device=device).view(1, 1, -1, 1)
-        allowed = index_mask(b, h, q, kv).expand(n_b, n_h, q.shape[2], kv_len)
+    for allowed in mask_bands(index_mask, n_b, n_h, q_len, kv_len, device, band):
         # Positions past T or S pad with False, so edge blocks are never "full" and always run mask_mod.
-        allowed = F.pad(allowed, (0, n_kv * block_size - kv_len, 0, -q.shape[2] % block_size))
+        allowed = F.pad(allowed, (0, n_kv * block_size - kv_len, 0, -allowed.shape[2] % block_size))
         blocks = allowed.view(n_b, n_h, -1, block_size, n_kv, block_size)
         counts.append(blocks.sum(dim=(3, 5), dtype=torch.int32))  # (B, H, blocks in band, n_kv)
     count = torch.cat(counts, dim=2)  # (B, H, n_q, n_kv)

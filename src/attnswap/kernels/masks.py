@@ -9,7 +9,7 @@ by broadcasting, or per element inside a FlexAttention kernel.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -97,6 +97,16 @@ def index_grid(batch: int, heads: int, q_len: int, kv_len: int, device):
         torch.arange(q_len, device=device).view(1, 1, -1, 1),
         torch.arange(kv_len, device=device).view(1, 1, 1, -1),
     )
+
+
+def mask_bands(index_mask: MaskFn, batch: int, heads: int, q_len: int, kv_len: int, device,
+               rows: int) -> Iterator[torch.Tensor]:
+    """The index mask evaluated ``rows`` query rows at a time, bool (B, H, rows, S) per band (the last may be
+    shorter): a long sequence never holds its whole T×S mask."""
+    b, h, _, kv = index_grid(batch, heads, 0, kv_len, device)
+    for start in range(0, q_len, rows):
+        q = torch.arange(start, min(start + rows, q_len), device=device).view(1, 1, -1, 1)
+        yield index_mask(b, h, q, kv).expand(batch, heads, q.shape[2], kv_len)
 
 
 def materialize(index_mask: MaskFn, batch: int, heads: int, q_len: int, kv_len: int, device) -> torch.Tensor:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
-from attnswap.kernels.masks import MaskFn, and_masks, causal, draw, materialize, or_masks, to_index_mask
+from attnswap.kernels.masks import MaskFn, and_masks, causal, draw, mask_bands, materialize, or_masks, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
 from attnswap.variants.window import sliding_window_mask
@@ -160,13 +160,8 @@ def density(state: MixtureState, n: int) -> torch.Tensor:
     pos = torch.arange(n, device=device)
     mask = union_mask(state.candidates, state.kept, torch.zeros(1, dtype=torch.long, device=device))
     index_mask = to_index_mask(mask, pos, pos, None)
-    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
-    h, kv = torch.arange(heads, device=device).view(1, -1, 1, 1), pos.view(1, 1, 1, -1)
     band = max(1, DENSITY_BUDGET // (heads * n))
-    allowed = torch.zeros(heads, dtype=torch.long, device=device)
-    for start in range(0, n, band):
-        q = pos[start : start + band].view(1, 1, -1, 1)
-        allowed += index_mask(b, h, q, kv).expand(1, heads, q.shape[2], n).sum(dim=(0, 2, 3))
+    allowed = sum(rows.sum(dim=(0, 2, 3)) for rows in mask_bands(index_mask, 1, heads, n, n, device, band))
     return allowed.double() / (n * (n + 1) / 2)
 
 
