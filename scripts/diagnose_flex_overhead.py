@@ -47,7 +47,8 @@ def timeit(fn, reps=20, warm=3) -> dict:
     kernels = sorted(((e.key[:70], round(e.self_device_time_total / 5 / 1e3, 4), e.count // 5) for e in events
                       if e.self_device_time_total > 0), key=lambda x: -x[1])[:8]
     return {"wall_ms": statistics.median(walls) * 1e3, "cpu_issue_ms": statistics.median(issues) * 1e3,
-            "gpu_ms": sum(e.self_device_time_total for e in events) / 5 / 1e3, "kernels": kernels}
+            "gpu_ms": sum(e.self_device_time_total for e in events) / 5 / 1e3, "kernels": kernels,
+            "kernels_per_call": sum(e.count for e in events if e.self_device_time_total > 0) / 5}
 
 
 def main(out: str) -> None:
