@@ -18,17 +18,19 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def git_commit() -> str:
-    """HEAD of the checkout attnswap runs from, ``-dirty`` if tracked files changed; outside git (a copy of the
-    tree on a GPU machine), what ``ATTNSWAP_COMMIT`` says, else ``unknown``."""
+    """``ATTNSWAP_COMMIT`` when set (a copy of the tree on a GPU machine, whose own git metadata may be stale), else
+    HEAD of the checkout attnswap runs from, ``-dirty`` if tracked files changed, else ``unknown``."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
 
+    if given := os.environ.get("ATTNSWAP_COMMIT"):
+        return given
     try:
         commit = git("rev-parse", "HEAD")
         return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("ATTNSWAP_COMMIT", "unknown")
+        return "unknown"
 
 
 def resolve_dtype(dtype: "str | torch.dtype") -> torch.dtype:

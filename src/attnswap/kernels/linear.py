@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 
 # Floats of scan work space per (batch, head) and segment. Each chunk of a segment holds its own state
-# and its running sum (2·M·E, E = D+1) and its causal block (C·C); those dominate. 2**20 (4 MiB fp32)
-# is about one head's inputs at T=4096 (M=D=C=64) and a shrinking fraction beyond, while leaving few
-# segments (4 at T=16384), so kernel launches stop dominating the way they do with one step per chunk.
-_SEGMENT_FLOATS = 2**20
+# and its running sum (2·M·E, E = D+1) and its causal block (C·C); those dominate. Every segment is a few
+# dozen kernel launches, so fewer, larger segments trade a little memory for much less host work. 2**22
+# (16 MiB fp32) gives Performer m=256 segments of 7,168 positions (3 at T=16384); against 2**20 it made a
+# forward+backward call at 16k 2.4x faster (57.9 -> 23.7 ms) for 6-13 % more peak memory at 32k
+# (benchmarks/results/linear_scan_h100/segment_sizes.jsonl).
+_SEGMENT_FLOATS = 2**22
 
 
 def _segment_length(chunk: int, m: int, e: int) -> int:
