@@ -25,8 +25,8 @@ import torch.nn.functional as F
 # and its running sum (2·M·E, E = D+1) and its causal block (C·C); those dominate. Every segment is a few
 # dozen kernel launches, so fewer, larger segments trade a little memory for much less host work. 2**22
 # (16 MiB fp32) gives Performer m=256 segments of 7,168 positions (3 at T=16384); against 2**20 it made a
-# forward+backward call at 16k 2.4x faster (57.9 -> 23.7 ms) for 6-13 % more peak memory at 32k
-# (benchmarks/results/linear_scan_h100/segment_sizes.jsonl).
+# forward+backward call at 16k 3x faster on the H100 (58.9 -> 18.1 ms) for 6-15 % more peak memory at 32k
+# (benchmarks/results/linear_scan_h100/segment_sizes.json).
 _SEGMENT_FLOATS = 2**22
 
 
