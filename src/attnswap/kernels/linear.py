@@ -14,12 +14,18 @@ The backward pass is three more scans of the same kind (two of them reversed), s
 the inputs plus one segment's work space, not one state per chunk. Everything accumulates in fp32.
 Keys may come with a running log-scale (``key_log_scale``): states are then rescaled as they are carried,
 the way online softmax rescales its running sums.
+
+On CUDA, when the attention's inputs are bf16 or fp16, every scan runs instead as one fused Triton kernel
+(``kernels/linear_triton.py``) whose products use TF32 tensor cores: their 10-bit mantissa is finer than the
+inputs' own. fp32 inputs keep the PyTorch scan and its fp32 products.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from attnswap.kernels import linear_triton
 
 # Floats of scan work space per (batch, head) and segment. Each chunk of a segment holds its own state
 # and its running sum (2·M·E, E = D+1) and its causal block (C·C); those dominate. Every segment is a few
@@ -62,8 +68,9 @@ def causal_linear_attention(
     ones = v32.new_ones(*v32.shape[:-2], q_len, 1)
     v_ones = torch.cat([v32[..., prefix:, :], ones], dim=-1)  # (B, H, T, D+1)
     log_scale = None if key_log_scale is None else key_log_scale.detach().float()
+    fused = v.dtype in (torch.bfloat16, torch.float16)
     num_den = _CausalProduct.apply(phi_q, phi_k[..., prefix:, :], v_ones, chunk, segment,
-                                   None if log_scale is None else log_scale[..., prefix:])  # (B, H, T, D+1)
+                                   None if log_scale is None else log_scale[..., prefix:], fused)  # (B, H, T, D+1)
     num, den = num_den[..., :-1], num_den[..., -1:]
     if prefix:
         prefix_k, q_factor = phi_k[..., :prefix, :], 1.0
@@ -99,15 +106,17 @@ def _normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 
 
 def _causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int, segment: int,
-                 log_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 log_scale: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
     """out_i = sum_{j<=i} (a_i·b_j) exp(s_j - s_i) c_j for a, b (B, H, T, M), c (B, H, T, E) -> (B, H, T, E).
 
     ``log_scale`` s (B, H, T) must not decrease along T; None means s = 0 (a plain prefix sum). A segment is
     N = segment/chunk chunks done together: chunk n sees the state carried in from earlier segments plus the
     states b_c^T c_c of chunks before it in the segment, and its own chunk causally. With s, every state is kept
     at the scale of its last position and every factor applied is exp(earlier s - later s) <= 1, so nothing
-    overflows however far s climbs.
+    overflows however far s climbs. ``fused`` lets the fused TF32 kernel do it where it can (see the module's doc).
     """
+    if fused and linear_triton.serves(a, chunk):
+        return linear_triton.fused_causal_scan(a, b, c, chunk, log_scale, precision="tf32")
     q_len = a.shape[-2]
     out = c.new_empty(*a.shape[:-1], c.shape[-1])
     state = c.new_zeros(*a.shape[:-2], 1, a.shape[-1], c.shape[-1])  # (B, H, 1, M, E): sum of b_j c_j^T so far
@@ -165,19 +174,19 @@ class _CausalProduct(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a, b, c, chunk, segment, log_scale=None):
+    def forward(ctx, a, b, c, chunk, segment, log_scale=None, fused=False):
         ctx.save_for_backward(a, b, c, log_scale)
-        ctx.chunk, ctx.segment = chunk, segment
-        return _causal_scan(a, b, c, chunk, segment, log_scale)
+        ctx.chunk, ctx.segment, ctx.fused = chunk, segment, fused
+        return _causal_scan(a, b, c, chunk, segment, log_scale, fused)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         a, b, c, log_scale = ctx.saved_tensors
-        chunk, segment = ctx.chunk, ctx.segment
+        chunk, segment, fused = ctx.chunk, ctx.segment, ctx.fused
         a_r, b_r, c_r, grad_r = (x.flip(-2) for x in (a, b, c, grad))
         reversed_scale = None if log_scale is None else -log_scale.flip(-1)
-        grad_a = _causal_scan(grad, c, b, chunk, segment, log_scale)
-        grad_b = _causal_scan(c_r, grad_r, a_r, chunk, segment, reversed_scale).flip(-2)
-        grad_c = _causal_scan(b_r, a_r, grad_r, chunk, segment, reversed_scale).flip(-2)
-        return grad_a, grad_b, grad_c, None, None, None
+        grad_a = _causal_scan(grad, c, b, chunk, segment, log_scale, fused)
+        grad_b = _causal_scan(c_r, grad_r, a_r, chunk, segment, reversed_scale, fused).flip(-2)
+        grad_c = _causal_scan(b_r, a_r, grad_r, chunk, segment, reversed_scale, fused).flip(-2)
+        return grad_a, grad_b, grad_c, None, None, None, None
