@@ -7,6 +7,7 @@ with TRITON_INTERPRET=1.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -88,13 +89,12 @@ def test_attention_through_the_fused_scan_equals_the_pytorch_scan(scaled, monkey
                         lambda *args, **kwargs: calls.append(1) or fused_causal_scan(*args, **kwargs))
     results = []
     for fused in (True, False):
-        if not fused:
-            assert len(calls) == 4, "the forward scan and the backward's three must run fused"
-            monkeypatch.setattr(linear_triton, "serves", lambda *args: False)
         inputs = [x.to(DEVICE).requires_grad_(True) for x in (phi_q, phi_k, v)]
-        out = causal_linear_attention(*inputs, chunk=16, key_log_scale=None if log_scale is None
-                                      else log_scale.to(DEVICE))
-        results.append((out, *torch.autograd.grad(out, inputs, grad_out.to(DEVICE))))
+        with contextlib.nullcontext() if fused else linear_triton.unfused():
+            out = causal_linear_attention(*inputs, chunk=16, key_log_scale=None if log_scale is None
+                                          else log_scale.to(DEVICE))
+            results.append((out, *torch.autograd.grad(out, inputs, grad_out.to(DEVICE))))
+        assert len(calls) == 4, "the forward scan and the backward's three must run fused, and only those"
     for name, got, want in zip(("out", "dphi_q", "dphi_k", "dv"), *results):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=TOLERANCE[torch.bfloat16],
                                    msg=lambda m: f"{name}: {m}")
@@ -115,4 +115,30 @@ def test_fused_scan_under_triton_interpreter():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = run.stdout.strip().splitlines()[-1]
-    assert summary.startswith("13 passed, 1 skipped"), summary  # every kernel test ran; only this one skipped
+    assert summary.startswith("14 passed, 1 skipped"), summary  # every kernel test ran; only this one skipped
+
+
+@needs_kernel
+def test_linear_attention_flops_are_counted_through_the_pytorch_scan():
+    """FlopCounterMode cannot see inside the Triton kernel, so bench-kernel counts linear attention's FLOPs with the
+    PyTorch scan: more than the counter sees of a fused call, which still counts the feature maps."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from attnswap.bench_kernel import case_flops
+    from attnswap.variants import AttnContext, get_variant
+
+    variant = get_variant("hedgehog")
+    state = variant.make_state(2, 16).to(DEVICE)
+    ctx = AttnContext(scaling=16**-0.5)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g).bfloat16().to(DEVICE) for _ in range(3))
+
+    def run(_):
+        with torch.no_grad():
+            variant.attend(q, k, v, ctx, state)
+
+    flops, source, _ = case_flops(variant, q, k, ctx, state, 128, False, run)
+    with FlopCounterMode(display=False) as fused:
+        run(None)
+    assert source == "counted (FlopCounterMode)"
+    assert flops > fused.get_total_flops() > 0

@@ -39,6 +39,7 @@ from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import mask_bands
 from attnswap.models import git_commit, resolve_device, resolve_dtype
 from attnswap.plots import Panel, Series, line_plot
+from attnswap.kernels import linear_triton
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
 from attnswap.variants.masked import MaskedVariant
 
@@ -384,7 +385,9 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
 
     Dense causal: 2·2·B·H·T²/2·D forward. Mask variants: the full 2·2·B·H·T·S·D times the fraction of
     ``block``×``block`` tiles with any allowed pair (what a block-sparse kernel computes). Other variants:
-    counted by ``FlopCounterMode`` on one call. Backward adds ``BACKWARD_FLOP_FACTOR`` times the forward.
+    counted by ``FlopCounterMode`` on one call, linear attention through its PyTorch scan (the counter cannot see
+    inside the fused Triton one, which does the same products). Backward adds ``BACKWARD_FLOP_FACTOR`` times the
+    forward.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[-2]
@@ -399,7 +402,7 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, linear_triton.unfused():
             run(None)
     except RuntimeError as exc:  # a compiled kernel may refuse the dispatch mode; the timing stands without FLOPs
         log.info("no FLOP count for %s: %s", variant.label, str(exc).splitlines()[0] if str(exc) else exc)

@@ -15,6 +15,7 @@ On CUDA the kernel is compiled by Triton. On CPU it serves only in Triton's inte
 before triton is imported; slow, for the tests).
 """
 
+import contextlib
 import os
 
 import torch
@@ -28,14 +29,27 @@ except ImportError:  # triton ships with CUDA builds of torch; the CPU suite ins
 constexpr = tl.constexpr if tl is not None else None  # the kernel's compile-time parameters
 
 BLOCK = 64  # features of a, b and c per program
+_enabled = True
 
 
 def serves(x: torch.Tensor, chunk: int) -> bool:
     """Whether the fused scan runs for tensors like ``x``: Triton importable, x on CUDA (or on the CPU under Triton's
     interpreter), and a chunk that tl.dot accepts (a power of two >= 16)."""
-    if triton is None or chunk < 16 or chunk & (chunk - 1):
+    if not _enabled or triton is None or chunk < 16 or chunk & (chunk - 1):
         return False
     return x.is_cuda or (x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@contextlib.contextmanager
+def unfused():
+    """The PyTorch scan wherever the fused one would serve: to compare them, and to count FLOPs (FlopCounterMode
+    sees PyTorch operators, not the work inside a Triton kernel)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
 
 
 def fused_causal_scan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, chunk: int,
