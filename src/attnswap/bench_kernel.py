@@ -36,10 +36,10 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
+from attnswap.kernels import linear_triton
 from attnswap.kernels.masks import mask_bands
 from attnswap.models import git_commit, resolve_device, resolve_dtype
 from attnswap.plots import Panel, Series, line_plot
-from attnswap.kernels import linear_triton
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
 from attnswap.variants.masked import MaskedVariant
 
