@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from attnswap.errors import AttnswapError
 from attnswap.variants.base import AttnContext, Variant, parse_params
+from attnswap.variants.duo import Duo
 from attnswap.variants.full import Full
 from attnswap.variants.hedgehog import Hedgehog
 from attnswap.variants.longformer import Longformer
@@ -12,7 +13,7 @@ from attnswap.variants.nsa import NSA
 from attnswap.variants.performer import Performer
 from attnswap.variants.window import Window
 
-VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window, Longformer, Mixture, Performer, Hedgehog, NSA)}
+VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window, Longformer, Mixture, Performer, Hedgehog, NSA, Duo)}
 
 
 def register(cls: type[Variant]) -> type[Variant]:
