@@ -37,6 +37,7 @@ from attnswap.config import config_to_dict
 from attnswap.data import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, pack_blocks, refuse_test_source, split_blocks,
                            token_stream)
 from attnswap.errors import AttnswapError
+from attnswap.losses import DEFAULT_CHUNK, attention_cross_entropy, chunked_kl
 from attnswap.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, resolve_device
 from attnswap.surgery import (STATE_ATTR, attention_modules, l1_penalty, observe_attention, original_attention, save,
                               swap, variant_state_dict)
@@ -50,7 +51,7 @@ CKPT_JSON = "checkpoint.json"
 # A resumed run must agree with its checkpoint on these, or it would not continue the same run.
 RESUME_MUST_MATCH = ("model", "variant", "layers", "data", "val_data", "val_fraction", "batch_size", "seq_len",
                      "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_grad", "temperature",
-                     "l1", "transfer_steps", "trainable", "lora_r", "seed")
+                     "l1", "transfer_steps", "transfer_attn_ce", "transfer_lr", "trainable", "lora_r", "seed")
 
 
 @dataclass
@@ -75,7 +76,16 @@ class DistillConfig:
     clip_grad: float = 1.0  # 0 = no clipping
     temperature: float = 1.0  # the KL is taken at this softmax temperature and scaled by T²
     l1: float = 0.0  # λ of the variant's sparsity penalty (the mixture's weights)
-    transfer_steps: int = 0  # first steps that match each layer's attention output instead of the logits
+    # Stage 1 (attention transfer): the first transfer_steps steps train only the variant's own parameters to
+    # reproduce each layer's full-attention output (MSE) on the teacher's q, k, v; for variants with an attention
+    # matrix (feature maps), plus transfer_attn_ce × the cross-entropy of their attention weights to softmax's.
+    transfer_steps: int = 0
+    transfer_attn_ce: float = 0.0
+    transfer_lr: float = 0.0  # stage 1's peak lr; 0 = lr. Each stage has its own warm-up and cosine decay
+    # Stage 2 (end-to-end KL): stop once this many evaluations in a row did not lower the validation KL (0 = never);
+    # the trained tensors of the best evaluation are what the run keeps.
+    early_stop: int = 0
+    kl_chunk: int = DEFAULT_CHUNK  # positions whose logits exist at once in the KL (see attnswap.losses)
     # variant (its own parameters only) | variant+mlp or variant+attn (also the MLPs or the attention projections
     # of the swapped layers; the default, as a window has no parameters) | variant+lora (LoRA on those projections)
     trainable: str = "variant+mlp"
@@ -95,9 +105,13 @@ class DistillConfig:
     def __post_init__(self):
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lora_r", "log_every"):
             check(getattr(self, key) >= 1, f"{key} must be >= 1, got {key}={getattr(self, key)}")
-        for key in ("warmup_steps", "transfer_steps", "eval_every", "ckpt_every", "l1", "weight_decay", "clip_grad"):
+        for key in ("warmup_steps", "transfer_steps", "eval_every", "ckpt_every", "l1", "weight_decay", "clip_grad",
+                    "transfer_attn_ce", "transfer_lr", "early_stop"):
             check(getattr(self, key) >= 0, f"{key} must be >= 0, got {key}={getattr(self, key)}")
         check(self.lr > 0, f"lr must be > 0, got lr={self.lr}")
+        check(self.kl_chunk >= 1, f"kl_chunk must be >= 1, got kl_chunk={self.kl_chunk}")
+        check(self.transfer_steps < self.steps or self.steps == 0,
+              f"transfer_steps ({self.transfer_steps}) must be < steps ({self.steps}): stage 2 needs steps of its own")
         check(self.variant_lr_scale > 0, f"variant_lr_scale must be > 0, got variant_lr_scale={self.variant_lr_scale}")
         check(self.temperature > 0, f"temperature must be > 0, got temperature={self.temperature}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -167,52 +181,76 @@ class Pair:
     trainable: dict[str, nn.Parameter]
     autocast_dtype: torch.dtype | None
     lora: bool = False  # a peft model: the teacher runs with the adapters disabled
-    # Originals of the base weights that train (variant+mlp/attn): the teacher runs with these, not the trained ones.
-    teacher_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    attn_ce: float = 0.0  # weight of the attention-weight cross-entropy in the transfer stage
 
     def autocast(self):
         device_type = next(self.model.parameters()).device.type
         return torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32,
                               enabled=self.autocast_dtype is not None)
 
+    @property
+    def head(self) -> nn.Module:
+        return _unwrapped(self.model).get_output_embeddings()
+
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, D): the model without its LM head, so that no whole logits are made."""
+        with self.autocast():
+            return _unwrapped(self.model).base_model(input_ids=ids, use_cache=False).last_hidden_state
+
+    @torch.no_grad()
+    def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        with self.teacher():
+            return self.hidden_states(ids)
+
     def student_logits(self, ids: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            return self.model(input_ids=ids, use_cache=False).logits
+            return self.head(self.hidden_states(ids))
 
     @torch.no_grad()
     def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.teacher():
-            return self._teacher_forward(ids)
+        with self.autocast():
+            return self.head(self.teacher_hidden(ids))
+
+    def kl(self, ids: torch.Tensor, temperature: float = 1.0,
+           chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(teacher ‖ student) over the batch's positions (× T²) and the count of top-1 agreements, with no
+        whole logits tensor (``chunked_kl``)."""
+        teacher = self.teacher_hidden(ids)  # first: the teacher's weights are swapped in and out around it
+        with self.autocast():
+            return chunked_kl(self.hidden_states(ids), teacher, self.head, temperature, chunk)
 
     @contextlib.contextmanager
     def teacher(self):
+        """The original model for the duration: original attention, original base weights (``original_attention``
+        swaps back the tensors that ``attnswap_original_weights`` remembers), adapters off."""
         lora_off = self.model.disable_adapter() if self.lora else contextlib.nullcontext()
-        with original_attention(self.model), lora_off:
+        with original_attention(_unwrapped(self.model)), lora_off:
             yield
 
-    def _teacher_forward(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            if not self.teacher_weights:
-                return self.model(input_ids=ids, use_cache=False).logits
-            return torch.func.functional_call(self.model, self.teacher_weights, (),
-                                              {"input_ids": ids, "use_cache": False}, strict=False).logits
-
-    def transfer_loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Mean over swapped layers of MSE(full attention, variant attention) on the teacher's q, k, v."""
-        losses = []
+    def transfer_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1 of the recipe: every swapped layer learns, at once, to reproduce full attention on the *teacher's*
+        q, k, v (the teacher runs; no student hidden state is involved). Returns the mean over swapped layers of the
+        output MSE and of the attention-weight cross-entropy (zero unless ``attn_ce`` and the variant defines
+        ``probs``). No logits are computed. The variant runs in fp32 here: the loss compares small differences."""
+        mse, ce = [], []
 
         def observer(module, _running, q, k, v, ctx, state):
             variant = getattr(module, "attnswap_variant", None)
             if variant is None:
                 return
-            q, k, v = q.detach(), k.detach(), v.detach()
-            with torch.enable_grad():  # the teacher runs without a graph; only the variant's state learns here
+            q, k, v = q.detach().float(), k.detach().float(), v.detach().float()
+            device_type = q.device.type
+            # The teacher runs without a graph; only the variant's state learns here.
+            with torch.enable_grad(), torch.autocast(device_type, enabled=False):
                 target = _FULL.attend(q, k, v, ctx, None).float()
-                losses.append(F.mse_loss(variant.attend(q, k, v, ctx, state).float(), target))
+                mse.append(F.mse_loss(variant.attend(q, k, v, ctx, state).float(), target))
+                if self.attn_ce and has_attention_matrix(variant):
+                    ce.append(attention_cross_entropy(_FULL.probs(q, k, ctx, None), variant.probs(q, k, ctx, state)))
 
-        with observe_attention(self.model, observer), torch.no_grad(), self.teacher():
-            self._teacher_forward(ids)
-        return torch.stack(losses).mean()
+        with observe_attention(_unwrapped(self.model), observer), torch.no_grad(), self.teacher():
+            self.hidden_states(ids)
+        zero = torch.zeros((), device=ids.device)
+        return torch.stack(mse).mean(), torch.stack(ce).mean() if ce else zero
 
     def train_variant_state(self, training: bool) -> None:
         """Variant state in train mode while learning (Performer redraws count training calls); dropout stays off."""
@@ -220,6 +258,16 @@ class Pair:
             state = getattr(module, STATE_ATTR, None)
             if state is not None:
                 state.train(training)
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (whose LoRA layers sit in it), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def has_attention_matrix(variant: Variant) -> bool:
+    """Whether the variant defines ``probs``, its implied attention matrix (all but those without one)."""
+    return type(variant).probs is not Variant.probs
 
 
 _FULL = Full()
@@ -245,7 +293,8 @@ def build_pair(config: DistillConfig, device: torch.device) -> tuple[Pair, objec
                 teacher_weights[param_name] = param.detach().clone()
                 param.data = param.data.float()
                 param.requires_grad_(True)
-    elif config.trainable == "variant+lora":
+    model.attnswap_original_weights = teacher_weights  # what original_attention swaps in for the teacher
+    if config.trainable == "variant+lora":
         model = _add_lora(model, config.lora_r)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable:
@@ -254,7 +303,7 @@ def build_pair(config: DistillConfig, device: torch.device) -> tuple[Pair, objec
     if config.transfer_steps and not any(f".{STATE_ATTR}." in f".{n}" for n in trainable):
         raise AttnswapError(f"transfer_steps needs a variant with learnable parameters and {variant.spec} has none; "
                             "set --transfer_steps 0")
-    pair = Pair(model, variant, trainable, autocast, config.trainable == "variant+lora", teacher_weights)
+    pair = Pair(model, variant, trainable, autocast, config.trainable == "variant+lora", config.transfer_attn_ce)
     return pair, load_tokenizer(name)
 
 
@@ -288,19 +337,19 @@ def _add_lora(model: nn.Module, rank: int) -> nn.Module:
 
 
 # --- losses ------------------------------------------------------------------------------------
-def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(P_teacher ‖ P_student) per position, averaged over all positions, times T² (Hinton et al.); fp32."""
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, T, V)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean() * temperature**2
-
-
 def learning_rate(step: int, config: DistillConfig) -> float:
-    """Linear warm-up, then cosine from lr down to lr * min_lr_ratio at the last step."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    """Per stage (transfer, then KL): linear warm-up, then cosine from the stage's lr down to lr * min_lr_ratio."""
+    if step < config.transfer_steps:
+        return _warmup_cosine(step, config.transfer_steps, config.transfer_lr or config.lr, config)
+    return _warmup_cosine(step - config.transfer_steps, config.steps - config.transfer_steps, config.lr, config)
+
+
+def _warmup_cosine(step: int, steps: int, peak: float, config: DistillConfig) -> float:
+    warmup = min(config.warmup_steps, steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def make_optimizer(pair: Pair, config: DistillConfig) -> torch.optim.AdamW:
@@ -343,23 +392,28 @@ def evaluate_blocks(pair: Pair, blocks: torch.Tensor, config: DistillConfig, ran
     ones = torch.ones((), dtype=torch.float64, device=ranks.device)
     for chunk in mine.split(max(1, config.batch_size // ranks.world)):
         ids = blocks[chunk].to(ranks.device)
-        teacher, student = pair.teacher_logits(ids).float(), pair.student_logits(ids).float()
-        kl = kl_divergence(student, teacher) * ids.numel()
-        agree = (student.argmax(-1) == teacher.argmax(-1)).sum()
-        totals += torch.stack([kl.double(), agree.double(), ones * ids.numel()])
+        kl, agree = pair.kl(ids)
+        totals += torch.stack([kl.double() * ids.numel(), agree.double(), ones * ids.numel()])
     kl_sum, agree_sum, tokens = ranks.sum(totals).tolist()  # host sync
     return {"kl": kl_sum / tokens, "top1": agree_sum / tokens}
 
 
 # --- checkpoints -------------------------------------------------------------------------------
-def save_checkpoint(out: Path, step: int, pair: Pair, optimizer: torch.optim.Optimizer, record: dict) -> Path:
+def trained_tensors(pair: Pair) -> dict[str, torch.Tensor]:
+    """What a run changes: the variant's state and every trainable tensor, by state-dict name."""
+    return {**variant_state_dict(pair.model), **{k: p.detach() for k, p in pair.trainable.items()}}
+
+
+def save_checkpoint(out: Path, step: int, pair: Pair, optimizer: torch.optim.Optimizer, record: dict,
+                    best: "BestSoFar") -> Path:
     """Tensors to ``checkpoint-<step>.safetensors``, then ``checkpoint.json`` naming them: each written atomically,
     and the JSON last, so a crash at any moment leaves the previous checkpoint whole."""
     from safetensors.torch import save_file
 
     names = list(pair.trainable)
-    tensors = {f"model/{k}": v for k, v in variant_state_dict(pair.model).items()}
-    tensors.update({f"model/{k}": p.detach() for k, p in pair.trainable.items()})
+    tensors = {f"model/{k}": v for k, v in trained_tensors(pair).items()}
+    tensors.update({f"best/{k}": v for k, v in best.tensors.items()})
+    record = {**record, "best": best.record()}
     optim_state = optimizer.state_dict()
     for index, state in optim_state["state"].items():
         for key, value in state.items():
@@ -405,17 +459,7 @@ def read_checkpoint(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def restore_checkpoint(meta: dict, tensors: dict[str, torch.Tensor], pair: Pair, optimizer, path: Path) -> None:
     """Put the checkpoint's variant state, trained weights, optimizer state and RNG back."""
     model_state = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
-    expected = set(variant_state_dict(pair.model)) | set(pair.trainable)
-    missing, unexpected = sorted(expected - set(model_state)), sorted(set(model_state) - expected)
-    if missing or unexpected:
-        raise _corrupt(path, f"its tensors do not match this model (missing {missing[:2]}, "
-                             f"unexpected {unexpected[:2]})")
-    current = pair.model.state_dict()
-    with torch.no_grad():
-        for key, value in model_state.items():
-            if current[key].shape != value.shape:
-                raise _corrupt(path, f"{key} has shape {tuple(value.shape)}, the model {tuple(current[key].shape)}")
-            current[key].copy_(value)  # state_dict tensors share storage with the parameters
+    load_trained_tensors(pair, model_state, path)
     state = {}
     for index, name in enumerate(pair.trainable):
         prefix = f"optim/{name}/"
@@ -430,6 +474,41 @@ def restore_checkpoint(meta: dict, tensors: dict[str, torch.Tensor], pair: Pair,
     torch.set_rng_state(tensors["rng/torch"])
     if "rng/cuda" in tensors and pair_device(pair).type == "cuda":
         torch.cuda.set_rng_state(tensors["rng/cuda"], pair_device(pair))
+
+
+def load_trained_tensors(pair: Pair, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy ``state`` (what ``trained_tensors`` returned) into the model, refusing tensors that do not fit it."""
+    expected = set(trained_tensors(pair))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise _corrupt(path, f"its tensors do not match this model (missing {missing[:2]}, "
+                             f"unexpected {unexpected[:2]})")
+    current = pair.model.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            if current[key].shape != value.shape:
+                raise _corrupt(path, f"{key} has shape {tuple(value.shape)}, the model {tuple(current[key].shape)}")
+            current[key].copy_(value)  # state_dict tensors share storage with the parameters
+
+
+class BestSoFar:
+    """Stage 2's best evaluation (lowest validation KL): its step, figures and trained tensors (on the CPU), and
+    how many evaluations since have not improved on it. Carried through checkpoints under ``best/``."""
+
+    def __init__(self, record: dict, tensors: dict[str, torch.Tensor]):
+        saved = record.get("best") or {}
+        self.step, self.result, self.stale = saved.get("step"), saved.get("result"), saved.get("stale", 0)
+        self.tensors = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")}
+
+    def update(self, step: int, result: dict[str, float], pair: Pair) -> None:
+        if self.result is None or result["kl"] < self.result["kl"]:
+            self.step, self.result, self.stale = step, result, 0
+            self.tensors = {k: v.to("cpu", copy=True) for k, v in trained_tensors(pair).items()}
+        else:
+            self.stale += 1
+
+    def record(self) -> dict:
+        return {"step": self.step, "result": self.result, "stale": self.stale}
 
 
 def pair_device(pair: Pair) -> torch.device:
@@ -498,6 +577,7 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
     start_step = record.get("step", 0)
     metrics = Metrics(out / "metrics.jsonl", ranks.main, start_step if record else None)
     before = record.get("before") or evaluate_blocks(pair, val_blocks, config, ranks)
+    best = BestSoFar(record, tensors)
     if not record:
         metrics.write({"step": 0, "val_kl": before["kl"], "val_top1": before["top1"]})
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
@@ -521,8 +601,12 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
             if config.eval_every and step % config.eval_every == 0 and step < config.steps:
                 result = evaluate_blocks(pair, val_blocks, config, ranks)
                 metrics.write({"step": step, "val_kl": result["kl"], "val_top1": result["top1"]})
+                if step > config.transfer_steps:
+                    best.update(step, result, pair)
             timed_out = config.max_seconds is not None and elapsed >= config.max_seconds
             stopped_by = _agree_to_stop(requested["stop"], timed_out, ranks)
+            if stopped_by is None and config.early_stop and best.stale >= config.early_stop:
+                stopped_by = "early_stop"  # every rank evaluated the same all-reduced KL: no vote needed
             due = step == config.steps or (config.ckpt_every and step % config.ckpt_every == 0)
             if ranks.main and (stopped_by or due):
                 save_checkpoint(out, step, pair, optimizer, {
@@ -530,7 +614,7 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
                     "data": {"samples_seen": step * config.batch_size * config.grad_accum,
                              "train_blocks": train_blocks.shape[0]},
                     "scheduler": {"kind": "warmup+cosine", "next_lr": learning_rate(step, config)},
-                })
+                }, best)
     progress.close()
     if stopped_by == "SIGTERM":
         log.info("stopped by SIGTERM at step %d; checkpoint in %s; continue with --resume true", step, out)
@@ -539,7 +623,13 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
     # --- results
     after = evaluate_blocks(pair, val_blocks, config, ranks)
     metrics.write({"step": step, "val_kl": after["kl"], "val_top1": after["top1"]})
+    kept_step = step
+    if best.result is not None and best.result["kl"] < after["kl"]:  # keep the best evaluation's tensors
+        load_trained_tensors(pair, best.tensors, out / CKPT_JSON)
+        after, kept_step = best.result, best.step
+        log.info("keeping step %d, the lowest validation KL (%.4f)", kept_step, after["kl"])
     results = _results(config, pair, ranks, before, after, step, stopped_by, out)
+    results["kept_step"] = kept_step
     if ranks.main:
         save(pair.model.merge_and_unload() if pair.lora else pair.model, out / "model", tokenizer)
         _atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
@@ -586,30 +676,35 @@ def train_step(pair: Pair, optimizer, blocks: torch.Tensor, config: DistillConfi
         group["lr"] = learning_rate(step, config) * group["lr_scale"]
     transfer = step < config.transfer_steps
     pair.train_variant_state(True)
-    sums = torch.zeros(3, device=ranks.device)  # loss, KL or attention MSE, L1
+    sums = torch.zeros(4, device=ranks.device)  # loss, KL or attention MSE, attention CE, L1
+    zero = torch.zeros((), device=ranks.device)
     for micro in range(config.grad_accum):
         ids = batch_ids(blocks, config, ranks, step, micro)
         if transfer:
-            main_loss = pair.transfer_loss(ids)
+            main_loss, attn_ce = pair.transfer_loss(ids)
         else:
-            main_loss = kl_divergence(pair.student_logits(ids), pair.teacher_logits(ids), config.temperature)
+            main_loss, attn_ce = pair.kl(ids, config.temperature, config.kl_chunk)[0], zero
         penalty = l1_penalty(pair.model) if config.l1 else None
-        loss = main_loss + config.l1 * penalty if penalty is not None else main_loss
+        loss = main_loss + config.transfer_attn_ce * attn_ce
+        if penalty is not None:
+            loss = loss + config.l1 * penalty
         (loss / config.grad_accum).backward()
-        zero = torch.zeros((), device=ranks.device)
-        sums += torch.stack([loss.detach(), main_loss.detach(), zero if penalty is None else penalty.detach()]).float()
+        parts = [loss, main_loss, attn_ce, zero if penalty is None else penalty]
+        sums += torch.stack([part.detach().float() for part in parts])
     params = [p for p in pair.trainable.values() if p.grad is not None]
     average_gradients(params, ranks)
     sums = ranks.sum(sums) / (ranks.world * config.grad_accum)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_grad or float("inf"))
-    loss, main, penalty = sums.tolist()  # host sync, once per step
+    loss, main, attn_ce, penalty = sums.tolist()  # host sync, once per step
     grad_norm = grad_norm.item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise AttnswapError(f"training diverged at step {step + 1}: loss {loss}, gradient norm {grad_norm}; "
                             f"the last good checkpoint is in {config.out}; lower --lr or use --dtype float32")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss, {"attn_mse" if transfer else "kl": main, "l1": penalty, "grad_norm": grad_norm}
+    parts = {"attn_mse": main, "attn_ce": attn_ce} if transfer else {"kl": main}
+    return loss, {**parts, "l1": penalty, "grad_norm": grad_norm}
+
 
 
 def average_gradients(params: list[nn.Parameter], ranks: Ranks) -> None:
