@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -13,6 +16,9 @@ from attnswap.errors import AttnswapError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = str(REPO_ROOT / "models" / "teacher-gpt2-19m")  # bundled: runs with no network
+# The JSON files of a model folder that loading reads; a damaged one is named before transformers trips over it.
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.json")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -52,6 +58,7 @@ def resolve_device(device: str) -> torch.device:
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "str | torch.dtype" = "float32",
                attn_implementation: str = "sdpa") -> nn.Module:
     """A pretrained causal LM in eval mode: ``gpt2``, ``distilgpt2``, a Llama/Mistral/Qwen2 name, or a local dir."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -60,28 +67,97 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
     local = Path(name_or_path).expanduser()
     if _looks_like_path(name_or_path) and not (local / "config.json").is_file():
         raise AttnswapError(f"no model at {local} (expected {local / 'config.json'}); give a model directory or hub name")
+    if local.is_dir():
+        check_model_files(local)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.exists() else name_or_path, dtype=torch_dtype, attn_implementation=attn_implementation
-        )
+        with _load_report_held_back():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(local) if local.exists() else name_or_path, dtype=torch_dtype,
+                attn_implementation=attn_implementation
+            )
     except OSError as exc:
         raise AttnswapError(
             f"cannot load model {name_or_path!r} ({str(exc).splitlines()[0]}); offline, pass a local directory "
             f"such as {DEFAULT_MODEL}"
         ) from None
+    except (SafetensorError, ValueError) as exc:  # truncated weights; a config transformers cannot read
+        raise _cannot_load(name_or_path, local, exc) from None
+    except RuntimeError as exc:
+        if "mismatch" not in str(exc):
+            raise
+        raise _cannot_load(name_or_path, local, exc) from None
     return model.to(torch_device).eval()
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        check_model_files(local)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise AttnswapError(f"cannot load a tokenizer for {name_or_path!r}: {str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; a file that is empty, not JSON or not an object is refused in one line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        problem = "empty" if not path.read_bytes().strip() else f"not valid JSON ({str(exc).splitlines()[0]})"
+        raise AttnswapError(f"{path} is {problem}; restore it from the original model or save the model again") \
+            from None
+    if not isinstance(data, dict):
+        raise AttnswapError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from the original "
+                            "model or save the model again")
+    return data
+
+
+def check_model_files(directory: Path) -> None:
+    """Read every JSON file of a model folder that loading will read, so a damaged one is named."""
+    for name in MODEL_JSON_FILES:
+        if (directory / name).is_file():
+            read_json_object(directory / name)
+
+
+@contextlib.contextmanager
+def _load_report_held_back():
+    """Hold transformers' multi-line load report until the load succeeded: a failed load gets one line instead."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+    for record in held:  # reached only when the load succeeded
+        logger.handle(record)
+
+
+def _cannot_load(name: str, local: Path, exc: Exception) -> AttnswapError:
+    """One line for a model folder transformers could not load: the damaged weights file when it is one."""
+    from safetensors import SafetensorError
+
+    detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if not isinstance(exc, SafetensorError) and "mismatch" not in str(exc):
+        return AttnswapError(f"cannot load model {name!r}: {detail}")
+    weights = sorted(p.name for p in local.glob("*.safetensors") if p.name != "attnswap.safetensors") \
+        if local.is_dir() else []
+    where = local / weights[0] if len(weights) == 1 else local
+    if "mismatch" in str(exc):
+        detail = "its tensor shapes do not match config.json"
+    return AttnswapError(f"cannot load model {name!r}: {where} is damaged ({detail}); copy or save the model again")
 
 
 def max_positions(model: nn.Module) -> int | None:

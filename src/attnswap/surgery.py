@@ -15,7 +15,6 @@ causality is always applied by the variant itself.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -295,13 +294,13 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
 
 def load(directory: str | Path, device: str = "cpu", dtype: str = "float32") -> nn.Module:
     """Load what ``save`` wrote: the base model, then the same swap, then the variant's tensors."""
-    from attnswap.models import load_model
+    from attnswap.models import load_model, read_json_object
 
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
         raise AttnswapError(f"no saved model at {directory} (missing {config_file.name})")
-    swap_info = json.loads(config_file.read_text()).get("attnswap")
+    swap_info = read_json_object(config_file).get("attnswap")
     model = load_model(str(directory), device=device, dtype=dtype,
                        attn_implementation=(swap_info or {}).get("original_attn_implementation", "sdpa"))
     if swap_info is None:
