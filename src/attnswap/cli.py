@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
     "bench": ("attnswap.bench", "BenchConfig", "bench", None),
     "bench-kernel": ("attnswap.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
     "harden": ("attnswap.harden", "HardenConfig", "harden_model", None),
+    "plan": ("attnswap.plan", "PlanConfig", "plan", None),
     "report": ("attnswap.report", "ReportConfig", "report", "run_dirs"),
     "run": ("attnswap.pipeline", "RunConfig", "run", "config"),
 }
@@ -38,6 +39,7 @@ commands:
   bench          whole-model time and memory against sequence length
   bench-kernel   attention-kernel time and memory against sequence length
   harden         harden a distilled mixture: surviving candidates, density, the hardened model, its speed
+  plan           which layers (or a duo's heads) to make cheap within a cost budget
   report         an HTML + markdown report from run folders
   run            the whole pipeline from one YAML config
 

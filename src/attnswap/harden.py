@@ -96,8 +96,8 @@ def harden_model(config: HardenConfig) -> Path:
                "kept_per_layer": kept_per_layer(heads, variant.params.candidates),
                "mean_density": mean_density(heads, config.lengths), "heads": heads}
     out.mkdir(parents=True, exist_ok=True)
-    _write_csv(out / "survivors.csv", survivor_rows(heads, {**env, "model": str(swapped),
-                                                            "threshold": config.threshold}))
+    write_csv(out / "survivors.csv", survivor_rows(heads, {**env, "model": str(swapped),
+                                                           "threshold": config.threshold}))
     survivor_plot(heads, variant.params.candidates, out / "survivors.png", config.threshold)
     _write_json(out / "harden.json", summary)  # now, so an interrupted speed run still leaves the survivors
 
@@ -315,7 +315,8 @@ def _write_json(path: Path, data: dict) -> None:
     log.info("wrote %s", path)
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of dicts as a CSV file, with every key any row has as a column."""
     with path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()

@@ -1,0 +1,316 @@
+"""Which layers (or heads) to make cheap: layer sensitivity, an attention cost model, and a planner under a budget.
+
+    attnswap plan --variant window:w=256,sinks=4 --budget 0.5 --measure flops --context 1024 --out runs/plan
+    attnswap distill --variant window:w=256,sinks=4 --layers 1,2,5,6 ...      # the plan's `layers`
+    attnswap plan --swapped runs/duo/model --budget 0.5 --out runs/plan-heads  # a distilled duo: route its heads
+
+**Sensitivity** (``layer_sensitivity``): the variant, untrained, is swapped into ONE layer at a time, and that
+model is compared with the original on validation blocks (WikiText-2 valid by default): KL(P_original ‖ P_swapped)
+per token and top-1 agreement. A layer whose swap costs little KL untrained is the cheapest to give up.
+
+**Cost model** (``head_costs``): attention's cost at context n as a fraction of full causal attention's, per head.
+  measure=flops   exact counts of the (query, key) pairs a masked variant's mask allows at n, over the n(n+1)/2 of
+                  the causal triangle (softmax attention spends 4·D FLOPs per pair: q·k and p·v). A linear variant
+                  with m features spends 4·m·D per token (the state update and its read), so its fraction is
+                  2m / (n + 1); its feature maps are not counted. NSA: per query, its top_k·block selected keys,
+                  its window and one compressed summary per block, each capped by the causal prefix.
+  measure=kv      the memory a generation keeps after n tokens over a full KV cache's. A mask: the keys the last
+                  query can see, over n (window + sinks: (w + sinks) / n). Exact where a key out of sight stays
+                  out of sight (windows, sinks, strides, full); an undercount for dilations and Longformer, whose
+                  later queries see keys the last one does not. A linear variant: its state, m·(D + 1) floats,
+                  over the cache's 2·D·n. NSA keeps every key and its block summaries.
+A layer's cost is the mean over its heads; a model's the mean over its layers (every layer has the same shape).
+
+**Planner** (``choose_cheap_layers``): the set of cheap layers of least summed sensitivity whose cost is within
+the budget: exact search over all 2^L subsets when L ≤ EXACT_LIMIT, else greedy by sensitivity per unit of cost
+saved. Summing single-layer KLs is an estimate (their effects interact); the distillation then measures the real
+KL. **Heads** (``route_heads``): a distilled ``duo`` model keeps full attention in the heads whose gates are
+highest, as many as the budget allows over the whole model, and is hardened so (one block mask per layer).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from attnswap.config import config_to_dict
+from attnswap.data import WIKITEXT2_VALID, pack_blocks, token_stream
+from attnswap.errors import AttnswapError
+from attnswap.harden import write_csv
+from attnswap.kernels.masks import mask_bands, to_index_mask
+from attnswap.losses import kl_divergence
+from attnswap.models import DEFAULT_MODEL, git_commit, load_model, load_tokenizer, resolve_device
+from attnswap.plots import bar_plot
+from attnswap.surgery import STATE_ATTR, attention_modules, head_shape, load, save, swap, swapped_variant, unswap
+from attnswap.variants import AttnContext, Variant, get_variant
+from attnswap.variants.duo import Duo, DuoState
+from attnswap.variants.linear_base import LinearVariant
+from attnswap.variants.masked import MaskedVariant
+from attnswap.variants.nsa import NSA
+
+log = logging.getLogger(__name__)
+
+MEASURES = ("flops", "kv")
+EXACT_LIMIT = 12  # layers up to which every subset is tried (4096 subsets)
+MASK_BAND_ROWS = 256  # query rows of the mask evaluated at once when counting pairs
+
+
+@dataclass
+class PlanConfig:
+    model: str = ""  # hub name or local directory; empty = the bundled teacher
+    variant: str = "window:w=256,sinks=4"  # the cheap variant a layer may be swapped to
+    budget: float = 0.5  # largest cost allowed, as a fraction of full attention's (see measure)
+    measure: str = "flops"  # flops (attention FLOPs) or kv (memory kept for generation)
+    context: int = 1024  # n, the context length the cost is counted at and the validation blocks' length
+    data: str = WIKITEXT2_VALID  # validation text of the sensitivity sweep (never a test set)
+    blocks: int = 8  # validation blocks of `context` tokens
+    batch_size: int = 1
+    swapped: str = ""  # a distilled duo model (attnswap distill's OUT/model): plan its heads instead of layers
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0  # seeds each untrained swap's state (random features, feature maps)
+    out: str = "runs/plan"
+
+    def __post_init__(self):
+        if self.measure not in MEASURES:
+            raise AttnswapError(f"unknown measure {self.measure!r}; choose from: {', '.join(MEASURES)}")
+        if not 0 < self.budget <= 1:
+            raise AttnswapError(f"budget must be in (0, 1] (a fraction of full attention's cost), got {self.budget}")
+        for key in ("context", "blocks", "batch_size"):
+            if getattr(self, key) < 1:
+                raise AttnswapError(f"{key} must be >= 1, got {key}={getattr(self, key)}")
+
+
+# --- cost model ----------------------------------------------------------------------------------
+def head_costs(variant: "str | Variant", n: int, measure: str = "flops", state: nn.Module | None = None,
+               heads: int = 1, head_dim: int = 64) -> torch.Tensor:
+    """(H,) float64: each head's attention cost at context ``n`` as a fraction of full causal attention's.
+
+    ``state``: the variant's learned state (a mixture's kept candidates, a duo's routing); None = a fresh one.
+    """
+    variant = get_variant(variant)
+    if measure not in MEASURES:
+        raise AttnswapError(f"unknown measure {measure!r}; choose from: {', '.join(MEASURES)}")
+    if state is None:
+        state = variant.make_state(heads, head_dim)
+    if isinstance(variant, MaskedVariant):
+        return _mask_costs(variant, n, measure, state, heads)
+    if isinstance(variant, LinearVariant):
+        return torch.full((heads,), _linear_cost(variant, n, measure, state, heads, head_dim), dtype=torch.float64)
+    if isinstance(variant, NSA):
+        return torch.full((heads,), _nsa_cost(variant, n, measure), dtype=torch.float64)
+    raise AttnswapError(f"no cost model for variant '{variant.name}'; it covers masked variants, linear attention "
+                        "and nsa")
+
+
+def _mask_costs(variant: MaskedVariant, n: int, measure: str, state, heads: int) -> torch.Tensor:
+    """Pairs the mask allows over the causal triangle (flops), or keys the last query sees over n (kv)."""
+    positional = variant.positional_mask(AttnContext(scaling=1.0), 1, torch.device("cpu"), state)
+    index_mask = to_index_mask(positional, 0, 0, None)
+    pairs = torch.zeros(heads, dtype=torch.float64)
+    with torch.no_grad():
+        for rows in mask_bands(index_mask, 1, heads, n, n, "cpu", MASK_BAND_ROWS):  # (1, H, rows, n)
+            pairs += rows.sum(dim=(0, 2, 3)).double()
+    if measure == "flops":
+        return pairs / (n * (n + 1) / 2)
+    return rows[0, :, -1].sum(dim=-1).double() / n
+
+
+def _linear_cost(variant: LinearVariant, n: int, measure: str, state, heads: int, head_dim: int) -> float:
+    probe = torch.zeros(1, heads, 1, head_dim)
+    with torch.no_grad():
+        features = variant.feature_map(probe, probe, AttnContext(scaling=head_dim**-0.5), state).q.shape[-1]
+    if measure == "flops":
+        return 2 * features / (n + 1)
+    return features * (head_dim + 1) / (2 * head_dim * n)
+
+
+def _nsa_cost(variant: NSA, n: int, measure: str) -> float:
+    p = variant.params
+    if measure == "kv":
+        return (n + n // p.block) / n
+    seen = torch.arange(1, n + 1, dtype=torch.float64)  # keys in each query's causal prefix
+    pairs = seen.clamp(max=p.top_k * p.block) + seen.clamp(max=p.window) + seen // p.block
+    return float(pairs.clamp(max=seen).sum()) / (n * (n + 1) / 2)
+
+
+def assignment_cost(cheap_layers: Sequence[int], cheap_costs: Sequence[float]) -> float:
+    """The model's cost, as a fraction of full attention: full layers cost 1, a cheap layer its cheap cost."""
+    return sum(cheap_costs[i] if i in cheap_layers else 1.0 for i in range(len(cheap_costs))) / len(cheap_costs)
+
+
+# --- the planner ---------------------------------------------------------------------------------
+def choose_cheap_layers(sensitivity: Sequence[float], cheap_costs: Sequence[float], budget: float,
+                        exact_limit: int = EXACT_LIMIT) -> list[int]:
+    """The layers to make cheap: least summed sensitivity with ``assignment_cost`` ≤ ``budget``.
+
+    Exact over every subset when there are at most ``exact_limit`` layers (of equal sensitivity, the one that
+    changes fewer layers); otherwise greedy, taking layers in order of sensitivity per unit of cost saved until
+    the budget is met.
+    """
+    layers = range(len(sensitivity))
+    lowest = assignment_cost(layers, cheap_costs)
+    if lowest > budget + 1e-12:
+        raise AttnswapError(f"budget {budget} is below the cheapest assignment (every layer cheap costs "
+                            f"{lowest:.4f}); raise the budget or choose a cheaper variant")
+    if len(sensitivity) <= exact_limit:
+        feasible = (subset for size in range(len(sensitivity) + 1) for subset in itertools.combinations(layers, size)
+                    if assignment_cost(subset, cheap_costs) <= budget + 1e-12)
+        best = min(feasible, key=lambda s: (sum(sensitivity[i] for i in s), len(s)))  # ties: fewer changes
+        return sorted(best)
+    saved = [max(1.0 - c, 1e-12) for c in cheap_costs]
+    order = sorted(layers, key=lambda i: sensitivity[i] / saved[i])
+    chosen: list[int] = []
+    for i in order:
+        if assignment_cost(chosen, cheap_costs) <= budget + 1e-12:
+            break
+        chosen.append(i)
+    return sorted(chosen)
+
+
+@torch.no_grad()
+def layer_sensitivity(model: nn.Module, variant: "str | Variant", blocks: torch.Tensor, batch_size: int = 1,
+                      seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
+    """Per layer: KL(P_original ‖ P_swapped) per token and top-1 agreement with ONE layer swapped to ``variant``
+    (untrained), on ``blocks`` (N, T) of token ids. ``model`` must be unswapped; it is left unswapped."""
+    variant = get_variant(variant)
+    if getattr(model, "attnswap_record", None) is not None:
+        raise AttnswapError("layer_sensitivity needs the original model; unswap it first")
+    n_layers = len(attention_modules(model))
+    device = next(model.parameters()).device
+    totals = torch.zeros(n_layers, 2, dtype=torch.float64)  # KL sum, agreements
+    tokens = 0
+    batches = blocks.split(batch_size)
+    with tqdm(total=len(batches) * n_layers, desc="sensitivity", disable=not progress, dynamic_ncols=True) as bar:
+        for ids in batches:
+            ids = ids.to(device)
+            teacher = model(input_ids=ids).logits.float()
+            for layer in range(n_layers):
+                torch.manual_seed(seed)  # an untrained state is the same whichever batch it sees
+                swap(model, variant, layers=[layer])
+                student = model(input_ids=ids).logits.float()
+                unswap(model)
+                kl = kl_divergence(student, teacher) * ids.numel()
+                agree = (student.argmax(-1) == teacher.argmax(-1)).sum()
+                totals[layer] += torch.stack([kl.double().cpu(), agree.double().cpu()])
+                bar.update()
+            tokens += ids.numel()
+    return [{"layer": layer, "kl": float(kl) / tokens, "top1": float(agree) / tokens}
+            for layer, (kl, agree) in enumerate(totals.tolist())]
+
+
+# --- heads of a distilled duo --------------------------------------------------------------------
+def duo_states(model: nn.Module) -> list[DuoState]:
+    """The duo states of a swapped model, in layer order."""
+    states = [getattr(m, STATE_ATTR) for m in attention_modules(model) if isinstance(getattr(m, STATE_ATTR, None),
+                                                                                      DuoState)]
+    if not states:
+        raise AttnswapError("no duo state found; plan heads on a model distilled with --variant duo")
+    return states
+
+
+def route_heads(model: nn.Module, budget: float, cheap_cost: float) -> list[list[bool]]:
+    """Harden every duo layer of ``model`` in place: over the whole model, the heads with the highest gates keep
+    full attention, as many as keep the cost (full head 1, cheap head ``cheap_cost``) within ``budget``.
+    Returns the routing, per layer and head (True = full)."""
+    states = duo_states(model)
+    shares = torch.cat([s.share().detach().cpu() for s in states])  # (L·H,)
+    total = shares.numel()
+    if cheap_cost > budget + 1e-12:
+        raise AttnswapError(f"budget {budget} is below the cheapest routing (every head cheap costs "
+                            f"{cheap_cost:.4f}); raise the budget")
+    full_count = min(total, math.floor((budget - cheap_cost) / max(1.0 - cheap_cost, 1e-12) * total + 1e-9))
+    full = torch.zeros(total, dtype=torch.bool)
+    full[torch.argsort(shares, descending=True, stable=True)[:full_count]] = True
+    routing = []
+    for state, flags in zip(states, full.split([s.gate.numel() for s in states])):
+        state.harden(flags.to(state.full_heads.device))
+        routing.append(flags.tolist())
+    return routing
+
+
+# --- the `attnswap plan` command -----------------------------------------------------------------
+def plan(config: PlanConfig) -> dict[str, Any]:
+    """Write ``plan.json`` (+ CSV and a bar plot) for ``config``: a layer plan, or a head plan of a duo model."""
+    device = resolve_device(config.device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = _plan_heads(config, device, out) if config.swapped else _plan_layers(config, device, out)
+    result = {"kind": "plan", "config": config_to_dict(config), "git_commit": git_commit(),
+              "command": command_line(config), **result}
+    (out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
+    log.info("wrote %s", out / "plan.json")
+    return result
+
+
+def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[str, Any]:
+    variant = get_variant(config.variant)  # a bad spec fails before any loading
+    name = config.model or DEFAULT_MODEL
+    model = load_model(name, device=str(device), dtype=config.dtype)
+    head_dim, heads = head_shape(model)
+    n_layers = len(attention_modules(model))
+    cheap = float(head_costs(variant, config.context, config.measure, heads=heads, head_dim=head_dim).mean())
+    blocks = pack_blocks(token_stream(config.data, load_tokenizer(name), split="validation"), config.context)
+    sensitivity = layer_sensitivity(model, variant, blocks[: config.blocks], config.batch_size, config.seed)
+    cheap_costs = [cheap] * n_layers
+    chosen = choose_cheap_layers([s["kl"] for s in sensitivity], cheap_costs, config.budget)
+    rows = [{**s, "cheap_cost": cheap, "cheap": s["layer"] in chosen} for s in sensitivity]
+    write_csv(out / "sensitivity.csv", rows)
+    bar_plot([f"L{s['layer']}" + (" ·cheap" if s["layer"] in chosen else "") for s in sensitivity],
+             [s["kl"] for s in sensitivity], out / "sensitivity.png", "KL(original ‖ one layer swapped)",
+             f"{variant.label}, untrained, one layer at a time ({len(blocks[: config.blocks])} blocks of "
+             f"{config.context})")
+    predicted = assignment_cost(chosen, cheap_costs)
+    print(f"cheap layers {chosen} (full: {[i for i in range(n_layers) if i not in chosen]}), cost "
+          f"{predicted:.4f} of full attention ({config.measure}, n={config.context}); distil them with:\n"
+          f"  attnswap distill --variant '{variant.spec}' --layers {','.join(map(str, chosen)) or '(none)'}")
+    return {"model": name, "variant": variant.spec, "search": "exact" if n_layers <= EXACT_LIMIT else "greedy",
+            "layers": chosen, "full_layers": [i for i in range(n_layers) if i not in chosen],
+            "cheap_cost": cheap, "predicted_cost": predicted,
+            "predicted_kl": sum(sensitivity[i]["kl"] for i in chosen), "sensitivity": rows,
+            "tokens": int(blocks[: config.blocks].numel()), "files": ["sensitivity.csv", "sensitivity.png"]}
+
+
+def _plan_heads(config: PlanConfig, device: torch.device, out: Path) -> dict[str, Any]:
+    model = load(config.swapped, device=str(device), dtype=config.dtype)
+    variant = swapped_variant(model)
+    if not isinstance(variant, Duo):
+        raise AttnswapError(f"{config.swapped} holds {variant.spec if variant else 'no swapped attention'}, not a "
+                            "duo; plan heads on a model distilled with --variant duo")
+    head_dim, heads = head_shape(model)
+    cheap = float(head_costs(variant.cheap, config.context, config.measure, heads=1, head_dim=head_dim)[0])
+    shares = [s.share().detach().cpu().tolist() for s in duo_states(model)]
+    routing = route_heads(model, config.budget, cheap)
+    layers = [m.layer_idx for m in attention_modules(model) if isinstance(getattr(m, STATE_ATTR, None), DuoState)]
+    rows = [{"layer": layer, "head": h, "gate": share, "full": full}
+            for layer, layer_shares, layer_routes in zip(layers, shares, routing)
+            for h, (share, full) in enumerate(zip(layer_shares, layer_routes))]
+    write_csv(out / "heads.csv", rows)
+    bar_plot([f"L{r['layer']}·h{r['head']}" + ("*" if r["full"] else "") for r in rows], [r["gate"] for r in rows],
+             out / "gates.png", "gate (share of full attention)", "duo gates; * = kept full")
+    full_heads = sum(r["full"] for r in rows)
+    predicted = (full_heads + (len(rows) - full_heads) * cheap) / len(rows)
+    save(model, out / "model")
+    print(f"{full_heads} of {len(rows)} heads keep full attention, cost {predicted:.4f} of full attention "
+          f"({config.measure}, n={config.context}); hardened model: {out / 'model'}")
+    return {"model": config.swapped, "variant": variant.spec, "heads": rows, "full_heads": routing,
+            "cheap_cost": cheap, "predicted_cost": predicted, "hardened_model": str(out / "model"),
+            "files": ["heads.csv", "gates.png", "model"]}
+
+
+def command_line(config: PlanConfig) -> str:
+    """The ``attnswap plan`` command that makes ``config``: its fields that differ from the defaults."""
+    default = config_to_dict(PlanConfig())
+    changed = [f"--{key} {json.dumps(value) if not isinstance(value, str) else repr(value)}"
+               for key, value in config_to_dict(config).items() if value != default[key]]
+    return " ".join(["attnswap plan", *changed])
+
