@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -11,10 +12,11 @@ import torch
 
 import attnswap
 from attnswap.cli import main
+from attnswap.harden import candidate_mass, kept_by_mass
 from attnswap.surgery import STATE_ATTR, attention_modules
-from attnswap.variants import mixture
+from attnswap.variants import AttnContext, mixture
 from attnswap.variants.mixture import Mixture, MixtureParams, density
-from tests.conftest import random_batch, tiny_gpt2
+from tests.conftest import random_batch, tiny_gpt2, tiny_tokenizer
 
 CANDIDATES = ("win4", "win16", "sink2", "stride8")
 NEVER = -math.inf  # sigmoid(-inf) = 0: a weight of exactly zero
@@ -48,7 +50,7 @@ def mixture_dir(tmp_path_factory):
 def study(mixture_dir, tmp_path_factory):
     """The output folder of one `attnswap harden` run over ``mixture_dir`` at short lengths."""
     out = tmp_path_factory.mktemp("harden")
-    code = main(["harden", "--swapped", str(mixture_dir), "--lengths", ",".join(map(str, LENGTHS)),
+    code = main(["harden", "--swapped", str(mixture_dir), "--rule", "weight", "--lengths", ",".join(map(str, LENGTHS)),
                  "--repeats", "1", "--warmup", "0", "--block", "16", "--device", "cpu", "--out", str(out)])
     assert code == 0
     return out
@@ -126,6 +128,65 @@ def test_harden_writes_tables_plots_and_speed_with_the_environment(study):
     assert forward[64]["hardened_over_unhardened"] == pytest.approx(layer_sum / forward[64]["unhardened_s"])
     for name in ("survivors.png", "speed.png"):
         assert (study / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+# --- hardening by attention mass ----------------------------------------------------------------
+def test_kept_by_mass_keeps_the_heaviest_candidates_until_the_coverage():
+    mass = torch.tensor([[0.2, 0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    assert kept_by_mass(mass, 0.75).tolist() == [[False, True, True, False], [False, False, False, True],
+                                                 [True, True, True, False]]
+    assert kept_by_mass(mass, 0.5).tolist()[0] == [False, True, False, False]
+    assert kept_by_mass(mass, 1.0).tolist()[0] == [True, True, True, False], "a candidate of no mass never stays"
+
+
+def test_mass_keeps_the_long_range_candidate_that_weight_drops():
+    """Nested candidates: the window weighs 20x more, but every query attends almost only to the first token,
+    which only ``full`` covers. The weight rule drops ``full`` and changes the output; the mass rule keeps it."""
+    variant = Mixture(MixtureParams(candidates=("win2", "full")))
+    state = variant.make_state(1, 8)
+    with torch.no_grad():
+        state.logits.copy_(torch.tensor([[3.0, -3.0]]))  # weights 0.95 and 0.047: normalised 1 and 0.05
+    n = 12
+    q = torch.zeros(1, 1, n, 8)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, n, 8)
+    k[0, 0, 0, 0] = 12.0  # token 0's score exceeds every other by 12: exp(12)·0.047 outweighs 0.95 + 0.047
+    v = torch.randn(1, 1, n, 8, generator=torch.Generator().manual_seed(0))
+    ctx = AttnContext(scaling=1.0)
+    mass = candidate_mass(variant, state, q, k, ctx)
+    assert mass.shape == (1, 2) and mass.sum().item() == pytest.approx(1.0)
+    assert mass[0, 1] > 0.8, "the far token holds the attention, and only `full` covers it"
+    unhardened = variant.attend(q, k, v, ctx, state)
+    by_weight, by_mass = (copy.deepcopy(state) for _ in range(2))
+    by_weight.harden(0.1)
+    by_mass.kept &= kept_by_mass(mass, 0.9)
+    assert by_weight.kept.tolist() == [[True, False]] and by_mass.kept.tolist()[0][1]
+    assert (variant.attend(q, k, v, ctx, by_weight) - unhardened).abs().max() > 0.5
+    torch.testing.assert_close(variant.attend(q, k, v, ctx, by_mass), unhardened, rtol=0, atol=0.05)
+
+
+def test_harden_by_mass_measures_validation_text_and_reports_masses_and_density(mixture_dir, tmp_path):
+    model = attnswap.load(mixture_dir)
+    attnswap.save(model, tmp_path / "model", tokenizer=tiny_tokenizer())
+    text = tmp_path / "valid.txt"
+    text.write_text(" ".join(f"w{i % 90 + 4}" for i in range(300)) + "\n")
+    out = tmp_path / "out"
+    assert main(["harden", "--swapped", str(tmp_path / "model"), "--coverage", "0.9", "--data", str(text),
+                 "--context", "48", "--blocks", "2", "--lengths", "64", "--modes", "forward", "--repeats", "1",
+                 "--warmup", "0", "--block", "16", "--device", "cpu", "--out", str(out)]) == 0
+    summary = json.loads((out / "harden.json").read_text())
+    assert summary["rule"] == "mass" and summary["coverage"] == 0.9 and "threshold" not in summary
+    for record in summary["heads"]:
+        mass = record["mass"]
+        assert sum(mass.values()) == pytest.approx(1.0, abs=1e-6)
+        kept_mass = sum(mass[c] for c in record["kept"])
+        assert kept_mass >= 0.9 - 1e-9, record
+        # the fewest: without its lightest kept candidate the rest would fall short
+        assert kept_mass - min(mass[c] for c in record["kept"]) < 0.9 or len(record["kept"]) == 1
+        assert record["density_after"]["64"] <= record["density_before"]["64"]
+    only_win4 = next(r for r in summary["heads"] if (r["layer"], r["head"]) == (0, 0))  # the others weigh 0
+    assert only_win4["kept"] == ["win4"] and only_win4["mass"]["win4"] == pytest.approx(1.0)
+    assert summary["mean_density"]["64"]["after"] <= summary["mean_density"]["64"]["before"]
 
 
 def test_density_in_bands_equals_the_whole_mask_counted_at_once(monkeypatch):
