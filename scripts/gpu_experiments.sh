@@ -41,7 +41,7 @@ case "${1:-1}" in
     ;;
   8)
     step 200 python3 -m attnswap.cli run configs/experiments/distill_mixture.yaml --device cuda
-    step 150 python3 -m attnswap.cli harden --swapped runs/distill_mixture/mixture_k10_head/distill/model --threshold 0.1 --lengths 1024,8192 --device cuda --out runs/mixture_hardened
+    step 150 python3 -m attnswap.cli harden --swapped runs/distill_mixture/mixture_k10_head/distill/model --rule weight --threshold 0.1 --lengths 1024,8192 --device cuda --out runs/mixture_hardened
     step 90 python3 -m attnswap.cli eval --swapped runs/mixture_hardened/model --device cuda --dtype bfloat16 --batch_size 8 --context 1024 --stride 512 --gen_tokens 0 --edge_cases false --out runs/mixture_hardened/eval
     step 120 python3 -m attnswap.cli run configs/experiments/distill_hedgehog.yaml --device cuda
     ;;
