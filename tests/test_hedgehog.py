@@ -25,13 +25,13 @@ def _perturbed_state(variant, heads, head_dim, seed=0):
 
 def test_hedgehog_features_start_from_identity_and_are_positive():
     state = Hedgehog().make_state(3, 8)
-    assert torch.equal(state.weight, torch.eye(8).expand(3, 8, 8)) and state.bias.abs().max() == 0
+    assert torch.equal(state.weight, torch.eye(8).expand(2, 3, 8, 8)) and state.bias.abs().max() == 0
     assert all(p.dtype == torch.float32 and p.requires_grad for p in state.parameters())
     q, _, _ = random_qkv(q_len=5, dim=8)
     phi = state(q)
     assert phi.shape == (2, 3, 5, 16) and (phi > 0).all()
     torch.testing.assert_close(phi.sum(-1), torch.full((2, 3, 5), 2.0))  # two softmaxes, each summing to 1
-    assert Hedgehog(HedgehogParams(feature_dim=5)).make_state(3, 8).weight.shape == (3, 8, 5)
+    assert Hedgehog(HedgehogParams(feature_dim=5)).make_state(3, 8).weight.shape == (2, 3, 8, 5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnswap.config import config_to_dict
-from attnswap.data import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, pack_blocks, refuse_test_source, split_blocks,
-                           token_stream)
+from attnswap.data import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, check_readable, pack_blocks, refuse_test_source,
+                           split_blocks, token_stream)
 from attnswap.errors import AttnswapError
 from attnswap.losses import DEFAULT_CHUNK, attention_cross_entropy, chunked_kl
 from attnswap.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, resolve_device
+from attnswap.runs import atomic_directory, remove_stale_temps, run_lock
 from attnswap.surgery import (STATE_ATTR, attention_modules, l1_penalty, observe_attention, original_attention, save,
                               swap, variant_state_dict)
 from attnswap.variants import Variant, get_variant
@@ -119,6 +120,8 @@ class DistillConfig:
         check(self.dtype in ("auto", "float32", "bfloat16"),
               f"dtype must be auto, float32 or bfloat16; got {self.dtype!r}")
         check(self.parallel == "ddp", f"parallel={self.parallel!r} is not implemented yet; use ddp")
+        check(self.max_seconds is None or self.max_seconds >= 0,
+              f"max_seconds must be >= 0 (or left out for no limit), got max_seconds={self.max_seconds}")
 
 
 # --- ranks ---------------------------------------------------------------------------------------
@@ -159,16 +162,25 @@ def start_ranks(device: str) -> Ranks:
 
 @contextlib.contextmanager
 def stop_requests():
-    """A flag that SIGTERM sets (torchrun forwards it to every rank), so the loop can checkpoint and stop."""
-    flag = {"stop": False}
+    """A flag that SIGTERM (which torchrun forwards to every rank) or Ctrl-C (SIGINT) sets, so the loop can
+    checkpoint and stop after the step it is in; a second Ctrl-C stops at once, as usual."""
+    flag = {"stop": False, "signal": None}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: flag.update(stop=True))
+
+    def request(number, _frame):
+        if flag["stop"] and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.update(stop=True, signal=signal.Signals(number).name)
+        log.info("%s: stopping after this step with a checkpoint (Ctrl-C again to quit now)", flag["signal"])
+
+    previous = {number: signal.signal(number, request) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 # --- teacher and student in one model ------------------------------------------------------------
@@ -558,7 +570,8 @@ def distill(config: DistillConfig) -> dict:
     """Train ``config.variant`` inside ``config.model`` to match the original; returns (and writes) results.json."""
     ranks = start_ranks(config.device)
     try:
-        return _distill(config, ranks)
+        with run_lock(config.out) if ranks.main else contextlib.nullcontext():  # rank 0 speaks for the job
+            return _distill(config, ranks)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -571,6 +584,7 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
     # --- teacher, student, data, optimizer
     pair, tokenizer = build_pair(config, ranks.device)
     train_blocks, val_blocks = load_blocks(config, tokenizer)
+    _announce_run(config, ranks, out, record)
     optimizer = make_optimizer(pair, config)
     if record:
         restore_checkpoint(record, tensors, pair, optimizer, out / CKPT_JSON)
@@ -616,8 +630,9 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
                     "scheduler": {"kind": "warmup+cosine", "next_lr": learning_rate(step, config)},
                 }, best)
     progress.close()
-    if stopped_by == "SIGTERM":
-        log.info("stopped by SIGTERM at step %d; checkpoint in %s; continue with --resume true", step, out)
+    if stopped_by == "signal":
+        log.info("stopped by %s at step %d; checkpoint in %s; continue with --resume true",
+                 requested["signal"] or "a signal to another rank", step, out)
         raise KeyboardInterrupt
 
     # --- results
@@ -630,8 +645,13 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
         log.info("keeping step %d, the lowest validation KL (%.4f)", kept_step, after["kl"])
     results = _results(config, pair, ranks, before, after, step, stopped_by, out)
     results["kept_step"] = kept_step
+    results["train_seconds"] = time.time() - started
+    results["tokens_per_s"] = (step - start_step) * tokens_per_step / max(results["train_seconds"], 1e-9)
+    if ranks.device.type == "cuda":
+        results["peak_memory_mib"] = torch.cuda.max_memory_allocated(ranks.device) / 2**20
     if ranks.main:
-        save(pair.model.merge_and_unload() if pair.lora else pair.model, out / "model", tokenizer)
+        with atomic_directory(out / "model") as building:  # a kill mid-save leaves no half-written model/
+            save(pair.model.merge_and_unload() if pair.lora else pair.model, building, tokenizer)
         _atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
         log.info("KL %.4f -> %.4f, top-1 agreement %.3f -> %.3f; model in %s",
                  before["kl"], after["kl"], before["top1"], after["top1"], out / "model")
@@ -643,30 +663,40 @@ def _open_run(config: DistillConfig, ranks: Ranks, out: Path) -> tuple[dict, dic
     if config.batch_size % ranks.world:
         raise AttnswapError(f"batch_size {config.batch_size} does not split over {ranks.world} ranks; "
                             f"use a multiple of {ranks.world}")
-    refuse_test_source(config.data)  # also: a missing data path fails here, before any weights load
+    get_variant(config.variant)  # a bad spec, a missing or unreadable text: refused before any weights load
+    refuse_test_source(config.data)
+    for source in (config.data, config.val_data):
+        check_readable(source)
     has_checkpoint = (out / CKPT_JSON).exists()
     if has_checkpoint and not config.resume:
         raise AttnswapError(f"{out} already holds a run ({CKPT_JSON}); pass --resume true or choose another --out")
+    if config.resume and not has_checkpoint:
+        raise AttnswapError(f"--resume true, but {out} holds no run (no {CKPT_JSON}); check --out, or drop --resume "
+                            "to start a new run there")
     record, tensors = read_checkpoint(out) if has_checkpoint else ({}, {})
     if record:
         _check_resumable(record["config"], config, out / CKPT_JSON)
     if ranks.main:
-        import yaml
-
-        out.mkdir(parents=True, exist_ok=True)
-        log.info("distill config:\n%s", "\n".join(f"  {k}: {v}" for k, v in config_to_dict(config).items()))
-        (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        if record:
-            log.info("resuming from %s at step %d", out / CKPT_JSON, record["step"])
-        elif config.resume:
-            log.info("no checkpoint in %s; starting at step 0", out)
+        remove_stale_temps(out)  # what a killed save left; under the run lock, so no live writer's
     return record, tensors
 
 
+def _announce_run(config: DistillConfig, ranks: Ranks, out: Path, record: dict) -> None:
+    """The resolved config, printed and written to ``config.yaml`` once every input has loaded."""
+    if not ranks.main:
+        return
+    import yaml
+
+    log.info("distill config:\n%s", "\n".join(f"  {k}: {v}" for k, v in config_to_dict(config).items()))
+    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    if record:
+        log.info("resuming from %s at step %d", out / CKPT_JSON, record["step"])
+
+
 def _agree_to_stop(sigterm: bool, timed_out: bool, ranks: Ranks) -> str | None:
-    """Why to stop now (SIGTERM on any rank, or rank 0's clock), the same answer on every rank: one collective."""
+    """Why to stop now (SIGTERM or SIGINT on any rank, or rank 0's clock), the same answer on every rank: one collective."""
     votes = ranks.sum(torch.tensor([float(sigterm), float(timed_out and ranks.main)], device=ranks.device)).tolist()
-    return "SIGTERM" if votes[0] else "max_seconds" if votes[1] else None
+    return "signal" if votes[0] else "max_seconds" if votes[1] else None
 
 
 def train_step(pair: Pair, optimizer, blocks: torch.Tensor, config: DistillConfig, ranks: Ranks,
