@@ -17,7 +17,7 @@ from attnswap.errors import AttnswapError
 from attnswap.report import ReportConfig, report
 
 SECTIONS = [
-    "Quality criteria", "Perplexity, KL and agreement", "Per-layer attention fidelity", "Attention maps",
+    "Quality criteria", "Perplexity, KL and agreement", "Quality against cost", "Per-layer attention fidelity", "Attention maps",
     "Distillation curves", "Mixture weights during training", "Window sweep", "Generations",
     "Attention kernels: time and memory", "Whole model: time and memory", "Where the time goes: attention share",
 ]
@@ -45,6 +45,10 @@ def make_run(root: Path) -> Path:
     """A run folder with every input the report reads, in the formats the commands write."""
     run = root / "run"
     (run / "eval").mkdir(parents=True)
+    (run / "eval" / "frontier.json").write_text(json.dumps({
+        "label": "window64_sinks4", "teacher": "models/teacher-gpt2-19m", "ppl": 86.3, "teacher_ppl": 84.1,
+        "kl": 0.05, "top1": 0.9, "attn_cost": 0.12, "tokens": 819200, "gpu_seconds": 60.0,
+        "command": "attnswap eval --swapped runs/w64/model"}))
     (run / "eval" / "eval.json").write_text(json.dumps({
         "info": {"model": "models/teacher-gpt2-19m"}, "variant": "window:w=64,sinks=4", "label": "window64_sinks4",
         "stream": {"perplexity": {"original": 84.1, "swapped": 86.3}, "accuracy": {"original": 0.31, "swapped": 0.30,

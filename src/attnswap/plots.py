@@ -80,6 +80,22 @@ def line_plot(panels: "Panel | list[Panel]", path: str | Path, title: str = "", 
     return _save(fig, path)
 
 
+def frontier_plot(points: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Perplexity ratio (swapped / teacher) against attention cost, one line per ``group`` (a variant's routing
+    budgets, a window sweep) or a lone marker per label; dotted at 1, the teacher. ``points`` are frontier
+    records (``attn_cost``, ``ppl``, ``teacher_ppl``, ``label``, optional ``group``)."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for p in points:
+        groups.setdefault(p.get("group") or p["label"], []).append((p["attn_cost"], p["ppl"] / p["teacher_ppl"]))
+    series = [Series(name, [x for x, _ in sorted(xy)], [y for _, y in sorted(xy)]) for name, xy in groups.items()]
+    costs = [x for xy in groups.values() for x, _ in xy]
+    ratios = [y for xy in groups.values() for _, y in xy]
+    series.append(Series("teacher", [min(costs + [0.0]), max(costs + [1.0])], [1.0, 1.0], dashed=True))
+    panel = Panel("quality against cost", series, xlabel="attention cost (fraction of full attention)",
+                  ylabel="perplexity / teacher's", logy=max(ratios) / min(ratios + [1.0]) > 5)
+    return line_plot(panel, path, title)
+
+
 def bar_plot(labels: Sequence[str], values: Sequence[float], path: str | Path, ylabel: str, title: str) -> Path:
     """Vertical bars with their values written on top."""
     fig = Figure(figsize=(max(5.0, 0.9 * len(labels) + 2), 4.2), layout="constrained")

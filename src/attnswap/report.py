@@ -14,6 +14,8 @@ Files are looked for anywhere under each run folder:
     attention_maps.npz     (or .safetensors) arrays "original" and "variant" of attention probabilities, shaped
                            (layers, heads, T, S), (heads, T, S) or (T, S); optionally "tokens" (T,)
     kernel_summary.json    attnswap bench-kernel (beside kernel_results.jsonl)
+    frontier.json          one point of the quality-versus-cost frontier, or {"points": [...]}: a swapped model's
+                           perplexity against its attention cost (FRONTIER_KEYS; see read_frontier)
     bench_summary.json     attnswap bench (beside bench_results.jsonl), with its profile
 
 When no run folder has attention maps and ``variant`` or ``swapped`` is given, the maps are computed from
@@ -39,12 +41,19 @@ import numpy as np
 from attnswap.bench import bench_plots
 from attnswap.bench_kernel import DENSE, kernel_plots
 from attnswap.errors import AttnswapError
-from attnswap.plots import Panel, Series, heatmaps, line_plot
+from attnswap.plots import Panel, Series, frontier_plot, heatmaps, line_plot
+from attnswap.runs import check_output_dir
 
 log = logging.getLogger(__name__)
 
 MAP_TEXT = "The quick brown fox jumps over the lazy dog because it wanted to see what lay beyond the old stone wall."
 MAPS_FILES = ("attention_maps.npz", "attention_maps.safetensors")
+# What a frontier point must hold: the swapped model (label) and its original (teacher), both perplexities on the
+# same text, KL(original ‖ swapped) per token, top-1 agreement, attention cost as a fraction of full attention's
+# (attnswap.plan.head_costs), the distillation tokens and GPU seconds it took, and the command that made it.
+# Optional: "group" (points of one group are joined by a line: a variant's routing budgets), "measure" (flops|kv).
+FRONTIER_KEYS = ("label", "teacher", "ppl", "teacher_ppl", "kl", "top1", "attn_cost", "tokens", "gpu_seconds",
+                 "command")
 
 
 @dataclass
@@ -140,13 +149,14 @@ def report(config: ReportConfig) -> Path:
     missing = [d for d in config.run_dirs if not Path(d).exists()]
     if missing:
         raise AttnswapError(f"run folder {missing[0]} does not exist; give folders written by attnswap commands")
-    out = Path(config.out) if config.out else Path(config.run_dirs[0]) / "report"
+    out = check_output_dir(config.out if config.out else Path(config.run_dirs[0]) / "report")
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     runs = Runs(config.run_dirs, exclude=out)
     builders: list[tuple[str, Callable[[Runs, Path, ReportConfig], list]]] = [
         ("Quality criteria", criteria_blocks),
         ("Perplexity, KL and agreement", quality_blocks),
+        ("Quality against cost", frontier_blocks),
         ("Per-layer attention fidelity", per_layer_blocks),
         ("Attention maps", attention_map_blocks),
         ("Distillation curves", distill_blocks),
@@ -218,6 +228,41 @@ def quality_blocks(runs: Runs, figures: Path, config: ReportConfig) -> list:
             blocks.append(Table(["edge case", "shape", "logits finite"],
                                 [[e.get("check"), e.get("shape"), Mark(e.get("finite"))] for e in edges]))
     return blocks
+
+
+def read_frontier(paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """The frontier points of ``paths`` (each one point, or {"points": [...]}), each with ``ratio`` (ppl over the
+    teacher's) and ``source`` (its file) added. A point without every FRONTIER_KEYS key is a user error."""
+    points = []
+    for path in paths:
+        data = _read_json(path)
+        for point in (data.get("points", [data]) if isinstance(data, dict) else data or []):
+            missing = [k for k in FRONTIER_KEYS if not isinstance(point, dict) or k not in point]
+            if missing:
+                raise AttnswapError(f"frontier point in {path} lacks {', '.join(missing)}; each point needs: "
+                                    f"{', '.join(FRONTIER_KEYS)}")
+            points.append({**point, "ratio": point["ppl"] / point["teacher_ppl"], "source": str(path)})
+    return sorted(points, key=lambda p: (p["attn_cost"], p["ratio"]))
+
+
+def frontier_table(points: list[dict[str, Any]]) -> Table:
+    """One row per point, cheapest first."""
+    return Table(["label", "group", "attention cost", "perplexity", "teacher's", "ratio", "KL", "top-1", "tokens",
+                  "GPU s", "command"],
+                 [[p["label"], p.get("group"), p["attn_cost"], p["ppl"], p["teacher_ppl"], p["ratio"], p["kl"],
+                   p["top1"], p["tokens"], p["gpu_seconds"], p["command"]] for p in points],
+                 "perplexity ratio = swapped / teacher on the same text; attention cost as a fraction of full "
+                 "attention's (attnswap plan's cost model)")
+
+
+def frontier_blocks(runs: Runs, figures: Path, config: ReportConfig) -> list:
+    points = read_frontier(runs.files("frontier.json"))
+    if not points:
+        return []
+    teachers = ", ".join(sorted({str(p["teacher"]) for p in points}))
+    return [Plot(frontier_plot(points, figures / "frontier.png"), f"perplexity ratio against attention cost "
+                                                                   f"(teacher: {teachers})"),
+            frontier_table(points)]
 
 
 def per_layer_blocks(runs: Runs, figures: Path, config: ReportConfig) -> list:
@@ -462,12 +507,20 @@ def _texts(rows: list[dict]) -> set[str]:
 
 
 # --- benchmarks ---------------------------------------------------------------------------------
+def _json_line(path: Path, number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise AttnswapError(f"corrupt result file {path}, line {number} ({exc}); re-run the benchmark that wrote "
+                            "it") from None
+
+
 def _bench_runs(runs: Runs, prefix: str) -> list[tuple[Path, dict, list[dict]]]:
     found = []
     for path in runs.files(f"{prefix}_summary.json"):
         results = path.parent / f"{prefix}_results.jsonl"
         lines = results.read_text().splitlines() if results.is_file() else []
-        rows = [json.loads(line) for line in lines if line.strip()]
+        rows = [_json_line(results, number, line) for number, line in enumerate(lines, 1) if line.strip()]
         found.append((path, _read_json(path) or {}, rows))
     return found
 
@@ -722,9 +775,10 @@ def _fmt(value: Any) -> str:
 
 
 def _read_json(path: Path) -> Any:
+    """A result file's JSON; a damaged one is named rather than plotted as garbage or skipped unnoticed."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        log.warning("skipping %s: not valid JSON (%s)", path, exc)
-        return None
+        raise AttnswapError(f"corrupt result file {path} ({exc}); re-run the command that wrote it, or move it out "
+                            "of the run folder") from None
 
