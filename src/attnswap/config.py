@@ -26,7 +26,9 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         if not path.is_file():
             raise AttnswapError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise AttnswapError(f"config file {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
         except yaml.YAMLError as exc:
             raise AttnswapError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
@@ -52,7 +54,10 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def _typed(key: str, value: Any, kind: Any) -> Any:
     if isinstance(value, str) and kind is not str and not _allows_str(kind):
-        value = yaml.safe_load(value) if value.strip() else None
+        try:
+            value = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            raise AttnswapError(f"config key '{key}' = {value!r} cannot be read; give a plain value") from None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:

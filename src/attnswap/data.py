@@ -14,6 +14,7 @@ Documents are joined into one token stream with EOS between them (``token_stream
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -92,6 +93,22 @@ def refuse_test_source(source: str, split: str | None = None) -> None:
         raise AttnswapError(f"refusing to train on test data {source!r}; use {DISTILL_TEXT} or a train split")
 
 
+def check_readable(source: str, split: str | None = None) -> None:
+    """Every local file ``source`` stands for opens and decodes as UTF-8 (checked in 1 MiB pieces, nothing kept),
+    so that a damaged text is refused before any weights load. Hub names and an empty source pass."""
+    if not source or parse_hub(source, split) is not None:
+        return
+    for file in data_files(resolve_path(source)):
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as handle:
+                for piece in iter(lambda: handle.read(1 << 20), b""):
+                    decoder.decode(piece)
+            decoder.decode(b"", final=True)
+        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            raise AttnswapError(f"cannot read data file {file}: {exc}; give a UTF-8 text file") from None
+
+
 # --- reading documents --------------------------------------------------------------------------
 def load_texts(source: str | Path, split: str | None = None) -> list[str]:
     """The documents of ``source``: a hub name (``split`` defaults to train) or a local file or directory."""
@@ -119,7 +136,7 @@ def _read_documents(file: Path) -> list[str]:
         with opener(file, "rt", encoding="utf-8") as handle:
             text = handle.read()
     except (OSError, EOFError, UnicodeDecodeError) as exc:
-        raise AttnswapError(f"cannot read data file {file}: {exc}") from None
+        raise AttnswapError(f"cannot read data file {file}: {exc}; give a UTF-8 text file") from None
     kind = _format(file)
     if kind == ".jsonl":
         return _jsonl_documents(file, text)

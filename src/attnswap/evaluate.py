@@ -32,7 +32,9 @@ from attnswap.errors import AttnswapError
 from attnswap.generate import (generate_all, generation_cases, load_swapped, markdown_table, read_prompts, run_info,
                                side_by_side_rows)
 from attnswap.models import REPO_ROOT, check_length, max_positions
+from attnswap.runs import check_output_dir
 from attnswap.surgery import attention_modules, observe_attention, original_attention, swapped_variant
+from attnswap.variants.base import check
 from attnswap.variants.full import Full
 
 DEFAULT_DATA = REPO_ROOT / "data" / "wikitext-2" / "wiki.test.tokens"
@@ -61,6 +63,14 @@ class EvalConfig:
     gen_tokens: int = 30  # new tokens per generation; 0 = no generations
     seed: int = 0  # seeds random variant state (e.g. random features) before the swap
     memory_saving: float | None = None  # peak-memory saving from `attnswap bench` (0.3 = 30 %); None = "see bench"
+
+    def __post_init__(self):
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got batch_size={self.batch_size}")
+        check(self.stride >= 1, f"stride must be >= 1, got stride={self.stride}")
+        for key in ("context", "max_tokens", "attn_sample_len", "grad_len", "gen_tokens"):
+            check(getattr(self, key) >= 0, f"{key} must be >= 0, got {key}={getattr(self, key)}")
+        check(self.memory_saving is None or 0 <= self.memory_saving <= 1,
+              f"memory_saving must be in [0, 1] (0.3 = 30 %), got memory_saving={self.memory_saving}")
 
 
 # --- eval text ---------------------------------------------------------------------------------
@@ -320,10 +330,11 @@ def criteria(stream: dict[str, Any], mse: list[float | None] | None, cosine: lis
 # --- the `attnswap eval` command ---------------------------------------------------------------
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Every measurement of the swapped model against its original; writes eval.json, eval.md, eval_layers.csv."""
-    print("eval config: " + json.dumps(config_to_dict(config)))
     started = time.perf_counter()
-    text = _read_text(config.data)  # inputs first: a typo fails before the weights load
+    out = check_output_dir(config.out)  # inputs and output first: a typo fails before any work
+    text = _read_text(config.data)
     prompts = read_prompts(config.prompts) if config.gen_tokens > 0 else []
+    print("eval config: " + json.dumps(config_to_dict(config)))
     torch.manual_seed(config.seed)  # before the swap: random variant state (random features) is drawn there
     model, tokenizer, name = load_swapped(config.model, config.variant, config.swapped, config.device, config.dtype)
     variant = swapped_variant(model)
@@ -370,7 +381,6 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "generations": generations,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     (out / "eval.md").write_text(markdown_summary(result))

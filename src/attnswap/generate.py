@@ -24,7 +24,9 @@ from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.models import DEFAULT_MODEL, REPO_ROOT, check_length, git_commit, load_model, load_tokenizer
 from attnswap.surgery import keep_original_weights, load, original_attention, swap, swapped_variant
+from attnswap.runs import check_output_dir
 from attnswap.variants import get_variant
+from attnswap.variants.base import check
 
 DEFAULT_PROMPTS = REPO_ROOT / "data" / "prompts.txt"
 MODES = ("greedy", "sampled")
@@ -44,6 +46,13 @@ class GenerateConfig:
     device: str = "auto"
     dtype: str = "float32"
     out: str = "runs/generate"
+
+    def __post_init__(self):
+        check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got max_new_tokens={self.max_new_tokens}")
+        check(self.top_k >= 0, f"top_k must be >= 0 (0 = no top-k cut), got top_k={self.top_k}")
+        check(self.temperature > 0 or "sampled" not in self.modes,
+              f"temperature must be > 0 for sampled generation, got temperature={self.temperature}; "
+              "use --modes greedy for deterministic text")
 
 
 # --- what a result file says about its run -----------------------------------------------------
@@ -98,7 +107,11 @@ def read_prompts(path: str | Path = "") -> list[str]:
     path = Path(path or DEFAULT_PROMPTS).expanduser()
     if not path.is_file():
         raise AttnswapError(f"no prompts file at {path}; give a text file with one prompt per line")
-    prompts = [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise AttnswapError(f"prompts file {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+    prompts = [line.rstrip("\r\n") for line in text.splitlines() if line.strip()]
     if not prompts:
         raise AttnswapError(f"prompts file {path} has no prompts; write one prompt per line")
     return prompts
@@ -162,7 +175,7 @@ def side_by_side_rows(cases, original: list[str], variants: dict[str, list[str]]
 # --- the `attnswap generate` command -----------------------------------------------------------
 def generate_side_by_side(config: GenerateConfig) -> list[dict[str, Any]]:
     """Generate with the original and each variant; write generations.{json,md,html} to ``config.out``."""
-    print("generate config: " + json.dumps(config_to_dict(config)))
+    out = check_output_dir(config.out)
     specs = [s.strip() for s in config.variant.split(";") if s.strip()]
     dirs = [d.strip() for d in config.swapped.split(";") if d.strip()]
     if dirs and specs not in ([], ["full"]):
@@ -170,6 +183,7 @@ def generate_side_by_side(config: GenerateConfig) -> list[dict[str, Any]]:
     for spec in specs:
         get_variant(spec)  # every spec is checked before any weights load
     cases = generation_cases(read_prompts(config.prompts), config.modes, config.seeds)
+    print("generate config: " + json.dumps(config_to_dict(config)))
     gen = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k)
 
     sources = [("", d) for d in dirs] or [(s, "") for s in specs or ["full"]]
@@ -191,7 +205,6 @@ def generate_side_by_side(config: GenerateConfig) -> list[dict[str, Any]]:
 
     dtype = next(model.parameters()).dtype
     info = run_info(config, name, next(model.parameters()).device, dtype)
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "generations.json").write_text(json.dumps({"info": info, "variants": list(variants), "rows": rows}, indent=1))
     title = f"# Generations: original vs {', '.join(variants)}\n\nmodel `{name}`\n\n"

@@ -62,6 +62,7 @@ from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
 from attnswap.plots import marked_grid
+from attnswap.runs import check_output_dir
 from attnswap.surgery import STATE_ATTR, head_shape, attention_modules, load, observe_attention, save, swapped_variant
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.mixture import Mixture, MixtureState, candidate_mask, density, harden
@@ -96,6 +97,7 @@ class HardenConfig:
 def harden_model(config: HardenConfig) -> Path:
     """Harden ``config.swapped``; write survivors, densities, the hardened model and its speed to ``config.out``."""
     _check(config)
+    check_output_dir(config.out)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype if config.dtype != "auto" else
                           "bfloat16" if device.type == "cuda" else "float32")

@@ -31,9 +31,11 @@ TEMP_SUFFIX = ".tmp"
 # --- the run lock -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def run_lock(folder: str | Path) -> Iterator[Path]:
-    """Hold ``folder``'s lock for the duration (creating the folder); another live holder is refused by pid."""
+    """Hold ``folder``'s lock for the duration (creating the folder, and removing it again if the run left it
+    empty); another live holder is refused by pid."""
     folder = Path(folder)
     check_output_dir(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     handle = _acquire(lock)
@@ -42,6 +44,8 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
     finally:
         lock.unlink(missing_ok=True)  # before the flock goes: a waiter then finds the path gone and starts afresh
         handle.close()
+        if created and not any(folder.iterdir()):  # a run refused before it wrote anything leaves no trace
+            folder.rmdir()
 
 
 def _acquire(lock: Path):
