@@ -154,3 +154,5 @@ def check(condition: bool, message: str) -> None:
     """Parameter validation for ``__post_init__``: raise the one-line user error."""
     if not condition:
         raise AttnswapError(message)
+        if key in values:
+            raise AttnswapError(f"variant '{variant}': parameter '{key}' is given twice; give it once")
