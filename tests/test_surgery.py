@@ -173,7 +173,7 @@ def test_original_attention_restores_distilled_base_weights(tiny_model):
 
 # Every registered variant with parameters small enough for the tiny models (n_embd 32, 4 heads of 8).
 CAUSAL_SPECS = ["full", "window:w=5,sinks=2", "longformer:w=5,global_tokens=2,global_stride=16", "mixture",
-                "performer:m=16,chunk=8", "hedgehog:chunk=8", "duo:w=5,sinks=2"]
+                "performer:m=16,chunk=8", "hedgehog:chunk=8", "duo:w=5,sinks=2", "hybrid:w=5,sinks=2,chunk=8"]
 
 
 def test_every_variant_registered_is_covered_by_the_causality_test():

@@ -2,7 +2,8 @@
 
 ``bounded_cache(model)`` builds a ``transformers`` Cache for a swapped model, to pass as
 ``model.generate(..., past_key_values=bounded_cache(model))``. A window layer keeps ``w + sinks`` key/value
-slots (``RollingLayer``), a Hedgehog or Performer layer its running linear-attention sums (``RecurrentLayer``);
+slots (``RollingLayer``), a Hedgehog or Performer layer its running linear-attention sums (``RecurrentLayer``),
+a hybrid layer both: the slots of its window and the sums of the keys that left it (``HybridLayer``);
 layers left unswapped keep HF's growing ``DynamicLayer``.
 
 How an attention call learns what the cache holds: the keys a bounded layer returns carry an
@@ -28,6 +29,7 @@ from attnswap.errors import AttnswapError
 from attnswap.kernels.kv_cache import CacheView, RollingKV, linear_attention_extend
 from attnswap.surgery import attention_modules, swapped_variant
 from attnswap.variants.base import AttnContext, Variant
+from attnswap.variants.hybrid import Hybrid
 from attnswap.variants.linear_base import LinearVariant
 from attnswap.variants.window import Window
 
@@ -93,8 +95,12 @@ class RollingLayer(_BoundedLayer):
             self.lazy_initialization(key_states, value_states)
         view = self.rolling.append(key_states, value_states)
         self.keys, self.values = self.rolling.keys, self.rolling.values
-        setattr(view.keys, SLOTS_ATTR, RollingSlots(self.rolling, view))
+        setattr(view.keys, SLOTS_ATTR, self.slots(view))
         return view.keys, view.values
+
+    def slots(self, view: CacheView) -> RollingSlots:
+        """What the attention call over ``view`` learns from the cache (see ``SLOTS_ATTR``)."""
+        return RollingSlots(self.rolling, view)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.rolling.seen + query_length, 0  # all positions so far, as for a growing cache
@@ -173,6 +179,68 @@ class RecurrentLayer(_BoundedLayer):
         raise AttnswapError("the bounded cache does not support beam search; generate with num_beams=1")
 
 
+# --- hybrid variants: rolling slots for the window, a running state for what left it -------------------
+@dataclasses.dataclass
+class HybridSlots(RollingSlots):
+    """A ``RollingSlots`` call that also carries the keys/values (B, Hkv, T, D) the T new tokens push out of the
+    window (``RollingKV.departing``); the far part folds them into the layer's linear state."""
+
+    layer: HybridLayer
+    departing_keys: torch.Tensor
+    departing_values: torch.Tensor
+    far_keep: torch.Tensor | None = None  # (B, T): which departing keys enter the far part; set by ``context``
+
+    def context(self, ctx: AttnContext) -> AttnContext:
+        """The window's context over the slots; the departing keys' own validity from the (B, seen) mask."""
+        positions = self.view.q_positions - self.rolling.window  # (T,) each departing key's position
+        slots_ctx = super().context(ctx)
+        keep = (positions >= 0) & (positions - self.rolling.first_real[:, None] >= self.rolling.sinks)  # (B, T)
+        if ctx.key_valid is not None:
+            keep = keep & ctx.key_valid.gather(1, positions.clamp(min=0).expand_as(keep))
+        self.far_keep = keep
+        return slots_ctx
+
+    def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        window, sinks = self.rolling.window, self.rolling.sinks
+        if not (isinstance(variant, Hybrid) and (variant.params.w, variant.params.sinks) == (window, sinks)):
+            raise AttnswapError(f"a hybrid cache of window {window} with {sinks} sinks cannot run variant "
+                                f"{variant.spec!r} (original_attention?); generate with the default cache instead")
+        out_window, lse_window = variant.window.attend(q, k, v, ctx, None, return_lse=True)
+        groups = q.shape[1] // self.departing_keys.shape[1]  # grouped-query attention: as surgery expands k, v
+        far_k, far_v = (x.repeat_interleave(groups, dim=1) for x in (self.departing_keys, self.departing_values))
+        phi_q, phi_k = variant.far_features(q, far_k, ctx, state, self.far_keep)
+        (out_far, normaliser), self.layer.far_state = linear_attention_extend(
+            phi_q, phi_k, far_v, self.layer.far_state, variant.params.chunk, return_normaliser=True)
+        return variant.merge(out_window, lse_window, out_far, normaliser, state)
+
+
+class HybridLayer(RollingLayer):
+    """A hybrid layer's cache: ``window + sinks`` key/value slots, and the running linear-attention sums
+    (kv (B, H, M, D), z (B, H, M)) of every non-sink key that has left the window."""
+
+    def __init__(self, window: int, sinks: int = 0):
+        super().__init__(window, sinks)
+        self.far_state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._departing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"HybridLayer(window={self.window}, sinks={self.sinks})"
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        # Before the append: it overwrites the ring slots the departing keys are read from.
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._departing = self.rolling.departing(key_states, value_states)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def slots(self, view: CacheView) -> HybridSlots:
+        return HybridSlots(self.rolling, view, self, *self._departing)
+
+    def reset(self) -> None:
+        super().reset()
+        self.far_state = self._departing = None
+
+
 # --- building one ---------------------------------------------------------------------------------
 class BoundedCache(Cache):
     """One cache layer per decoder layer: bounded where the variant allows it, growing elsewhere."""
@@ -182,17 +250,20 @@ def bounded_cache(model: nn.Module) -> BoundedCache:
     """A fresh cache for ``model.generate(..., past_key_values=bounded_cache(model))`` on a swapped model.
 
     Window layers keep ``w + sinks`` slots, linear-attention layers (Hedgehog, Performer) a running state, with
-    Performer's key scale in it; unswapped layers keep every token.
+    Performer's key scale in it, hybrid layers both; unswapped layers keep every token.
     """
     variant = swapped_variant(model)
     if variant is None:
         raise AttnswapError("bounded_cache needs a swapped model; call swap(model, 'window:w=64,sinks=4') first")
     if isinstance(variant, Window):
         make_layer = lambda: RollingLayer(variant.params.w, variant.params.sinks)  # noqa: E731
+    elif isinstance(variant, Hybrid):
+        make_layer = lambda: HybridLayer(variant.params.w, variant.params.sinks)  # noqa: E731
     elif isinstance(variant, LinearVariant):
         make_layer = RecurrentLayer
     else:
         raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots), hedgehog and "
-                            "performer (a running state) have one; generate with the default cache instead")
+                            "performer (a running state) and hybrid (both) have one; generate with the default cache "
+                            "instead")
     swapped = [getattr(module, "attnswap_variant", None) is variant for module in attention_modules(model)]
     return BoundedCache(layers=[make_layer() if bounded else DynamicLayer() for bounded in swapped])

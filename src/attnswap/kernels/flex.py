@@ -20,7 +20,7 @@ from typing import Hashable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import sdpa_masked
@@ -49,7 +49,8 @@ def masked_attention(
     cache_key: Hashable = None,
     per_batch: bool = True,
     per_head: bool = True,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention restricted to ``index_mask``: (B, H, T, D) from q (B, H, T, D), k/v (B, H, S, D).
 
     ``score_bias(b, h, q_idx, kv_idx)`` is an optional float added to the scaled scores; gradients reach
@@ -57,6 +58,8 @@ def masked_attention(
     ``block_mask_for``); None rebuilds the block mask every call. ``per_batch``/``per_head`` False say the
     mask is the same for every row/head, so its block mask is built once and broadcast.
     A query row with no allowed key outputs zeros.
+    ``return_lse`` also returns each row's log-sum-exp of its allowed (biased) scaled scores, (B, H, T) fp32,
+    -inf for a row with no allowed key: what merges this attention with one over other keys (kernels/merge.py).
     """
     batch, heads, q_len, head_dim = q.shape
     # Inductor (torch 2.11, H100) fails to lower the backward of the mixture's score_mod ("Buffers cannot be
@@ -66,21 +69,36 @@ def masked_attention(
     if q.is_cuda and q_len >= FLEX_MIN_QUERIES and head_dim >= FLEX_MIN_HEAD_DIM and not trains_bias:
         block_mask = block_mask_for(index_mask, batch, heads, q_len, k.shape[-2], q.device,
                                     cache_key=cache_key, per_batch=per_batch, per_head=per_head)
-        return flex_masked_attention(q, k, v, block_mask, scaling, score_bias)
-    return materialised_attention(q, k, v, index_mask, scaling, score_bias)
+        return flex_masked_attention(q, k, v, block_mask, scaling, score_bias, return_lse=return_lse)
+    return materialised_attention(q, k, v, index_mask, scaling, score_bias, return_lse=return_lse)
 
 
-def materialised_attention(q, k, v, index_mask: MaskFn, scaling: float, score_bias: MaskFn | None = None) -> torch.Tensor:
+def materialised_attention(q, k, v, index_mask: MaskFn, scaling: float, score_bias: MaskFn | None = None,
+                           return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The same function through SDPA with a materialised (B, H, T, S) mask: any device, memory O(T×S)."""
     batch, heads, q_len, _ = q.shape
     kv_len = k.shape[-2]
     allowed = materialize(index_mask, batch, heads, q_len, kv_len, q.device)
-    if score_bias is None:
-        return sdpa_masked(q, k, v, allowed, scaling)
-    bias = materialize_bias(score_bias, batch, heads, q_len, kv_len, q.device).to(q.dtype)
-    bias = bias.masked_fill(~allowed, float("-inf"))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
-    return out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    bias = None if score_bias is None else materialize_bias(score_bias, batch, heads, q_len, kv_len, q.device)
+    if bias is None:
+        out = sdpa_masked(q, k, v, allowed, scaling)
+    else:
+        attn_bias = bias.to(q.dtype).masked_fill(~allowed, float("-inf"))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, scale=scaling)
+        out = out.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    if not return_lse:
+        return out
+    # SDPA does not hand out its log-sum-exp; at the sizes this path serves, recomputing the scores is cheap.
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (B, H, T, S)
+    return out, _allowed_logsumexp(scores if bias is None else scores + bias, allowed)
+
+
+def _allowed_logsumexp(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """logsumexp over each row's allowed scores, (B, H, T): -inf for a row with none, and no NaN in its gradient
+    (logsumexp of an all -inf row back-propagates exp(-inf - -inf))."""
+    empty = ~allowed.any(dim=-1)
+    scores = scores.masked_fill(~allowed, float("-inf")).masked_fill(empty[..., None], 0.0)
+    return torch.logsumexp(scores, dim=-1).masked_fill(empty, float("-inf"))
 
 
 # --- FlexAttention ------------------------------------------------------------------------------
@@ -102,18 +120,24 @@ def flex_masked_attention(
     score_bias: MaskFn | None = None,
     *,
     backend: str | None = "inductor",
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FlexAttention over ``block_mask`` (its mask_mod is the index mask): (B, H, T, D).
 
     ``backend`` is the torch.compile backend; None runs flex uncompiled, which is unfused and, on CPU,
-    forward-only: for tests.
+    forward-only: for tests. ``return_lse``: also each row's log-sum-exp (B, H, T) fp32, natural log, -inf for
+    an empty row; gradients flow through it.
     """
     from torch._dynamo.exc import FailOnRecompileLimitHit  # here: importing dynamo costs seconds
 
     score_mod = None if score_bias is None else _bias_score_mod(score_bias)
     flex = flex_attention if backend is None else compiled_flex_attention(backend)
     try:
-        return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling)
+        if not return_lse:
+            return flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling)
+        out, aux = flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scaling,
+                        return_aux=AuxRequest(lse=True))
+        return out, aux.lse.float()
     except FailOnRecompileLimitHit:
         limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
         raise AttnswapError(

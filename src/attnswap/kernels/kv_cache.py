@@ -65,13 +65,24 @@ class RollingKV:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> CacheView:
         """Add T new tokens, k/v (B, H, T, D); return what their queries attend over."""
-        if self.keys is None:
-            self._allocate(k, v)
-        if self._block is not None:
-            self._fold(*self._block)
+        self._settle(k, v)
         if k.shape[-2] == 1:
             return self._step(k, v)
         return self._extend(k, v)
+
+    def departing(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values (B, H, T, D) that T new tokens k/v (B, H, T, D) push out of the window, in order:
+        new token t (position seen + t) no longer sees position seen + t - window. Zeros where that position is
+        negative. Call before ``append``, which overwrites the ring slots they come from. A hybrid folds them
+        into its linear state (sinks among them included: excluding those is the caller's job)."""
+        self._settle(k, v)
+        n, t = self.seen, k.shape[-2]
+        leaving = self._arange(n - self.window, min(n, n - self.window + t))  # still in the ring
+        slots = self.sinks + leaving % self.window
+        in_ring = (leaving >= 0)[:, None]  # (L, 1): a negative position holds no token yet
+        from_block = max(0, t - self.window)  # the rest left within the block itself
+        return tuple(torch.cat([torch.where(in_ring, buf[:, :, slots], 0.0), new[:, :, :from_block]], dim=-2)
+                     for buf, new in ((self.keys, k), (self.values, v)))
 
     # --- the two ways in ------------------------------------------------------------------------
     def _step(self, k: torch.Tensor, v: torch.Tensor) -> CacheView:
@@ -134,6 +145,13 @@ class RollingKV:
             setattr(self, name, torch.where(from_block[:, None, :, None], taken_new, taken_old))
 
     # --- bookkeeping ----------------------------------------------------------------------------
+    def _settle(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Bring the slots up to date before new tokens arrive: allocate them at the first call, fold in a block."""
+        if self.keys is None:
+            self._allocate(k, v)
+        if self._block is not None:
+            self._fold(*self._block)
+
     def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
         batch, heads, _, dim = k.shape
         self.keys = k.new_zeros(batch, heads, self.capacity, dim)
@@ -172,29 +190,35 @@ def linear_attention_extend(
     state: tuple[torch.Tensor, ...] | None,
     chunk: int = 64,
     key_log_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    return_normaliser: bool = False,
+) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
     """T new tokens of causal linear attention after a running state, and the state after them.
 
     phi_q/phi_k (B, H, T, M) non-negative, v (B, H, T, D); state (kv (B, H, M, D), z (B, H, M)) fp32, or None
     before the first token. With ``key_log_scale`` (B, H, T), the running scale of the new keys continuing the
     state's (see ``causal_linear_attention``), the state also holds its scale (B, H) and is rescaled as it goes.
     Returns the output (B, H, T, D) in v's dtype and the new state, whose size does not depend on how many tokens
-    it has summed.
+    it has summed. ``return_normaliser``: the output is (output, normaliser (B, H, T) fp32), see
+    ``causal_linear_attention``.
     """
     if state is None:
-        out = causal_linear_attention(phi_q, phi_k, v, chunk, key_log_scale=key_log_scale)
+        out = causal_linear_attention(phi_q, phi_k, v, chunk, key_log_scale=key_log_scale,
+                                      return_normaliser=return_normaliser)
         if key_log_scale is None:
             return out, linear_attention_state(phi_k, v)
         last = key_log_scale[..., -1:].float()
         kv, z = linear_attention_state(phi_k * torch.exp(key_log_scale - last).unsqueeze(-1), v)
         return out, (kv, z, last[..., 0])
     kv, z, *scale = state
-    out = []
+    out, normaliser = [], []
     for t in range(phi_q.shape[-2]):  # a decode step, or (rarely) a block that continues a sequence
         if key_log_scale is not None:  # the scale only grows: bring the sums to this key's scale
             decay = torch.exp(scale[0] - key_log_scale[..., t])  # (B, H)
             kv, z, scale = kv * decay[..., None, None], z * decay[..., None], [key_log_scale[..., t].float()]
         kv_t, z_t = linear_attention_state(phi_k[..., t : t + 1, :], v[..., t : t + 1, :])
         kv, z = kv + kv_t, z + z_t
-        out.append(linear_attention_step(phi_q[..., t : t + 1, :], kv, z))
-    return torch.cat(out, dim=-2).to(v.dtype), (kv, z, *scale)
+        out_t, normaliser_t = linear_attention_step(phi_q[..., t : t + 1, :], kv, z, return_normaliser=True)
+        out.append(out_t)
+        normaliser.append(normaliser_t)
+    out = torch.cat(out, dim=-2).to(v.dtype)
+    return ((out, torch.cat(normaliser, dim=-1)) if return_normaliser else out), (kv, z, *scale)

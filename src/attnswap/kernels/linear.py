@@ -43,8 +43,8 @@ def _segment_length(chunk: int, m: int, e: int) -> int:
 
 def causal_linear_attention(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk: int = 64, segment: int | None = None,
-    key_log_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
+    key_log_scale: torch.Tensor | None = None, return_normaliser: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal linear attention: phi_q (B, H, T, M), phi_k (B, H, S, M), v (B, H, S, D) -> (B, H, T, D) in v's dtype.
 
     Queries are the last T of the S key positions (T <= S; T = 1 is a decode step against S keys).
@@ -56,6 +56,9 @@ def causal_linear_attention(
     as phi_k_j·exp(s_j). A feature map whose values span too wide a range for fp32 stabilises each key by the
     running maximum of what came before it this way, which keeps the attention causal (a maximum over all keys
     would let later keys change earlier outputs).
+    ``return_normaliser`` also returns each query's normaliser sum_{j<=i} phi_q_i·phi_k_j, (B, H, T) fp32 (with
+    ``key_log_scale``, divided by exp of the query's own slot's scale): the total weight the output averages over,
+    which a hybrid needs to weigh this attention against another (kernels/merge.py). Gradients flow through it.
     """
     q_len, kv_len = phi_q.shape[-2], phi_k.shape[-2]
     assert q_len <= kv_len, f"queries are the last T of S keys, got T={q_len} > S={kv_len}"
@@ -81,7 +84,8 @@ def causal_linear_attention(
         kv, z = linear_attention_state(prefix_k, v32[..., :prefix, :])
         num = num + torch.matmul(phi_q, kv) * q_factor
         den = den + torch.matmul(phi_q, z.unsqueeze(-1)) * q_factor
-    return _normalise(num, den).to(v.dtype)
+    out = _normalise(num, den).to(v.dtype)
+    return (out, den[..., 0]) if return_normaliser else out
 
 
 def linear_attention_state(phi_k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,13 +94,17 @@ def linear_attention_state(phi_k: torch.Tensor, v: torch.Tensor) -> tuple[torch.
     return torch.matmul(phi_k.transpose(-1, -2), v.float()), phi_k.sum(dim=-2)
 
 
-def linear_attention_step(phi_q: torch.Tensor, kv: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+def linear_attention_step(phi_q: torch.Tensor, kv: torch.Tensor, z: torch.Tensor,
+                          return_normaliser: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Queries that see every key in a state: phi_q (B, H, 1, M), kv (B, H, M, D), z (B, H, M) -> (B, H, 1, D) fp32.
 
     Decoding keeps (kv, z) and adds phi_k v^T and phi_k of each new token before its step.
+    ``return_normaliser`` also returns phi_q·z, (B, H, 1) fp32, as ``causal_linear_attention`` does.
     """
     phi_q = phi_q.float()
-    return _normalise(torch.matmul(phi_q, kv), torch.matmul(phi_q, z.unsqueeze(-1)))
+    den = torch.matmul(phi_q, z.unsqueeze(-1))
+    out = _normalise(torch.matmul(phi_q, kv), den)
+    return (out, den[..., 0]) if return_normaliser else out
 
 
 def _normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,15 @@ from attnswap.variants.base import AttnContext, Variant, parse_params
 from attnswap.variants.duo import Duo
 from attnswap.variants.full import Full
 from attnswap.variants.hedgehog import Hedgehog
+from attnswap.variants.hybrid import Hybrid
 from attnswap.variants.longformer import Longformer
 from attnswap.variants.mixture import Mixture
 from attnswap.variants.nsa import NSA
 from attnswap.variants.performer import Performer
 from attnswap.variants.window import Window
 
-VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window, Longformer, Mixture, Performer, Hedgehog, NSA, Duo)}
+VARIANTS: dict[str, type[Variant]] = {cls.name: cls for cls in (Full, Window, Longformer, Mixture, Performer, Hedgehog, NSA,
+                                                                  Duo, Hybrid)}
 
 
 def register(cls: type[Variant]) -> type[Variant]:

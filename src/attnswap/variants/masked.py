@@ -54,12 +54,14 @@ class MaskedVariant(Variant):
         learnable = () if state is None else (*state.parameters(), *state.buffers())
         return (self.spec, ctx.key_valid, ctx.first_real, ctx.q_positions, ctx.kv_positions, learnable)
 
-    def attend(self, q, k, v, ctx, state):
+    def attend(self, q, k, v, ctx, state, return_lse: bool = False):
+        """``return_lse``: also each query's log-sum-exp (B, H, T) fp32, to merge with attention over other keys."""
         index_mask, q_pos, kv_pos = self.index_mask(q, k, ctx, state)
         return masked_attention(
             q, k, v, index_mask, ctx.scaling, self.score_bias(state, ctx, q_pos, kv_pos),
             cache_key=self.mask_key(ctx, state),
             per_batch=ctx.key_valid is not None or ctx.first_real is not None,
             per_head=self.mask_varies_by_head,
+            return_lse=return_lse,
         )
 

@@ -1,0 +1,145 @@
+"""Hybrid attention: exact softmax over a sliding window (+ sinks), Hedgehog linear attention over every earlier
+token, one shared normaliser (LoLCATs, https://arxiv.org/abs/2410.10254; Hedgehog, https://arxiv.org/abs/2402.04347).
+
+For query i, the window part W_i is the keys a ``window:w,sinks`` query sees (i - w < j <= i, and the first
+``sinks`` real tokens of the row); the far part F_i is every other visible key (j <= i - w, not a sink).
+With s_ij = q_i·k_j · scaling, phi Hedgehog's learned feature map and beta_h a learned per-head balance::
+
+    a_ij = exp(s_ij - lse_i)               for j in W_i,  lse_i = log sum_{j in W_i} exp(s_ij)
+    a_ij = exp(beta_h) phi(q_i)·phi(k_j)   for j in F_i
+    out_i = sum_j a_ij v_j / sum_j a_ij = (out_window_i + exp(beta_h) F_i out_far_i) / (1 + exp(beta_h) F_i)
+
+with F_i = sum_{j in F_i} phi(q_i)·phi(k_j). The window keeps its softmax distribution and total weight 1; the far
+part weighs exp(beta_h) F_i against it, so its share grows with the number of far tokens, as softmax's would. This
+is the merge of (out_window, lse) with (out_far, lse + beta_h + log F) by log-sum-exp (kernels/merge.py).
+A row whose window holds no real key outputs 0 (only a padded query has such a window).
+
+Initial balance: beta = BALANCE_INIT (see its comment for the measurement that chose it).
+
+Efficient path: the window part through FlexAttention with its log-sum-exp, the far part through the chunked
+linear scan on key features delayed by w (shifted right by w with zeros, so query i sees keys <= i - w; sinks and
+padding zeroed), merged by their log-normalisers: no T×S tensor. Generation keeps w + sinks key/value slots and a
+running linear state of the keys that left the window (``cache.HybridLayer``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnswap.kernels.linear import causal_linear_attention
+from attnswap.kernels.masks import causal, draw, materialize, to_index_mask
+from attnswap.kernels.merge import merge_attention, safe_log
+from attnswap.variants.base import AttnContext, Variant, check
+from attnswap.variants.hedgehog import Hedgehog, HedgehogMap, HedgehogParams
+from attnswap.variants.linear_base import show_pattern
+from attnswap.variants.window import Window, WindowParams
+
+# exp(beta) scales the far part's weight F_i (a sum of phi(q)·phi(k) over far keys) against the window's 1.
+BALANCE_INIT = -4.0
+
+
+@dataclass(frozen=True)
+class HybridParams:
+    w: int = 64  # exact softmax over the query and the w-1 tokens before it
+    sinks: int = 4  # ... and the first `sinks` real tokens of the row; everything else is linear attention
+    feature_dim: int = 0  # f, the width of each softmax half of the Hedgehog map; 0 = the head dimension
+    chunk: int = 64  # chunk length of the linear-attention kernel
+
+    def __post_init__(self):
+        check(self.w >= 1, f"hybrid window w must be >= 1, got w={self.w}")
+        check(self.sinks >= 0, f"sinks must be >= 0, got sinks={self.sinks}")
+        check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")
+        check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
+
+
+class HybridState(nn.Module):
+    """One layer's learnable state, fp32: Hedgehog's feature maps and a per-head balance beta (H,)."""
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
+        super().__init__()
+        self.feature_map = HedgehogMap(num_heads, head_dim, feature_dim)
+        self.balance = nn.Parameter(torch.full((num_heads,), BALANCE_INIT))
+
+
+class Hybrid(Variant):
+    name = "hybrid"
+    Params = HybridParams
+    summary = ("exact softmax over the last w tokens (+ sinks), learned-feature-map linear attention over every "
+               "earlier token, one shared normaliser, a learned per-head balance")
+
+    def __init__(self, params: HybridParams | None = None):
+        super().__init__(params)
+        # The two parts are the existing variants: the window's mask and kernel, Hedgehog's feature map.
+        self.window = Window(WindowParams(w=self.params.w, sinks=self.params.sinks))
+        self.hedgehog = Hedgehog(HedgehogParams(feature_dim=self.params.feature_dim, chunk=self.params.chunk))
+
+    @property
+    def label(self) -> str:
+        p = self.params
+        return (f"hybrid{p.w}" + (f"_sinks{p.sinks}" if p.sinks else "")
+                + (f"_f{p.feature_dim}" if p.feature_dim else ""))
+
+    def make_state(self, num_heads: int, head_dim: int) -> HybridState:
+        return HybridState(num_heads, head_dim, self.params.feature_dim or head_dim)
+
+    # --- the dense reference ----------------------------------------------------------------------
+    def probs(self, q, k, ctx: AttnContext, state: HybridState) -> torch.Tensor:
+        """The implied attention matrix (B, H, T, S) fp32: causal, padding excluded, rows summing to 1 (0 for a
+        row whose window holds no real key)."""
+        batch, _, q_len, _ = q.shape
+        kv_len = k.shape[-2]
+        window_probs = self.window.probs(q, k, ctx, None)  # (B, H, T, S): softmax over W_i
+        window_mask, q_pos, kv_pos = self.window.index_mask(q, k, ctx, None)
+        in_window = materialize(window_mask, batch, 1, q_len, kv_len, q.device)
+        visible = materialize(to_index_mask(causal, q_pos, kv_pos, ctx.key_valid), batch, 1, q_len, kv_len, q.device)
+        features = self.hedgehog.feature_map(q, k, ctx, state.feature_map)
+        far = torch.matmul(features.q, features.k.transpose(-1, -2)) * (visible & ~in_window)  # (B, H, T, S)
+        far = far * torch.exp(state.balance)[:, None, None] * in_window.any(dim=-1, keepdim=True)
+        return (window_probs + far) / (1 + far.sum(dim=-1, keepdim=True))
+
+    # --- the efficient path -----------------------------------------------------------------------
+    def attend(self, q, k, v, ctx: AttnContext, state: HybridState) -> torch.Tensor:
+        if ctx.q_positions is not None or ctx.kv_positions is not None:
+            # Key slots out of position order cannot be delayed by a shift; only the reference reads positions.
+            return super().attend(q, k, v, ctx, state)
+        out_window, lse_window = self.window.attend(q, k, v, ctx, None, return_lse=True)
+        phi_q, phi_k = self.far_features(q, k, ctx, state, self.far_keys(ctx, k.shape[0], k.shape[-2], k.device))
+        delayed_k, delayed_v = (F.pad(x, (0, 0, self.params.w, 0))[..., : k.shape[-2], :] for x in (phi_k, v))
+        out_far, normaliser = causal_linear_attention(phi_q, delayed_k, delayed_v, chunk=self.params.chunk,
+                                                      return_normaliser=True)
+        return self.merge(out_window, lse_window, out_far, normaliser, state).to(q.dtype)
+
+    def far_keys(self, ctx: AttnContext, batch: int, kv_len: int, device) -> torch.Tensor:
+        """(B, S) bool: which keys in position order 0..S-1 may enter a far part: real, and not a sink."""
+        positions = torch.arange(kv_len, device=device)
+        offset = positions - ctx.first_real_token(batch, device)[:, None]  # (B, S)
+        keep = offset >= self.params.sinks
+        return keep if ctx.key_valid is None else keep & ctx.key_valid
+
+    def far_features(self, q, k, ctx: AttnContext, state: HybridState, keep: torch.Tensor):
+        """phi(q) (B, H, T, M), phi(k) (B, H, S, M) fp32, the rows of keys outside ``keep`` (B, S) zeroed."""
+        features = self.hedgehog.feature_map(q, k, ctx, state.feature_map)
+        return features.q, features.k * keep[:, None, :, None]
+
+    def merge(self, out_window, lse_window, out_far, normaliser, state: HybridState) -> torch.Tensor:
+        """The window part (B, H, T, D) with its log-sum-exp (B, H, T) and the far part with its linear-attention
+        normaliser F (B, H, T), under one normaliser: (B, H, T, D) fp32 (see the module docstring)."""
+        lse_far = lse_window + state.balance[:, None] + safe_log(normaliser)
+        return merge_attention([out_window, out_far], [lse_window, lse_far])[0]
+
+
+def main() -> None:
+    variant = Hybrid(HybridParams(w=3, sinks=2))
+    pos = torch.arange(12)
+    window_mask = to_index_mask(variant.window.positional_mask(AttnContext(scaling=1.0), 1, "cpu", None), pos, pos,
+                                None)
+    print(f"exact softmax (■), the rest of the causal triangle linear:\n{draw(materialize(window_mask, 1, 1, 12, 12, 'cpu')[0, 0])}\n")
+    show_pattern(variant)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""variants/hybrid.py, kernels/merge.py: window softmax + delayed linear attention under one normaliser, against its
+dense reference; bounded-state generation (cache.HybridLayer) against generation without a cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnswap
+from attnswap.errors import AttnswapError
+from attnswap.kernels.dense import dense_attention
+from attnswap.kernels.flex import masked_attention
+from attnswap.kernels.kv_cache import RollingKV
+from attnswap.kernels.masks import causal, to_index_mask
+from attnswap.kernels.merge import merge_attention
+from attnswap.surgery import attention_modules, observe_attention, swap
+from attnswap.variants import AttnContext, get_variant
+from attnswap.variants.hybrid import Hybrid, HybridParams, HybridState
+from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2, tiny_llama
+
+
+def _trained_state(variant: Hybrid, heads: int, head_dim: int, seed: int = 0) -> HybridState:
+    """A state moved off its start, with a balance that gives the far part real weight."""
+    state = variant.make_state(heads, head_dim)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in state.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        state.balance.add_(3.0)
+    return state
+
+
+def _padded_context(batch: int, kv_len: int, left_pad: int) -> AttnContext:
+    key_valid = torch.ones(batch, kv_len, dtype=torch.bool)
+    key_valid[0, :left_pad] = False
+    return AttnContext(scaling=0.3, key_valid=key_valid)
+
+
+# --- kernels/merge.py --------------------------------------------------------------------------
+def test_merging_two_key_sets_equals_softmax_over_their_union():
+    q, k, v = random_qkv(q_len=9, kv_len=9)
+    ctx = AttnContext(scaling=0.3)
+    even = lambda b, h, qp, kp: kp % 2 == 0  # noqa: E731
+    odd = lambda b, h, qp, kp: kp % 2 == 1  # noqa: E731
+    parts = [masked_attention(q, k, v, to_index_mask(m, 0, 0, None), ctx.scaling, return_lse=True) for m in (even, odd)]
+    merged, lse = merge_attention(*zip(*parts))
+    whole, whole_lse = masked_attention(q, k, v, to_index_mask(causal, 0, 0, None), ctx.scaling, return_lse=True)
+    torch.testing.assert_close(merged, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(lse, whole_lse, rtol=0, atol=1e-5)
+    # Query 0 sees no odd key: that part's lse is -inf, and it changes nothing.
+    assert parts[1][1][:, :, 0].eq(float("-inf")).all()
+
+
+def test_materialised_lse_is_the_log_normaliser_with_clean_gradients():
+    q, k, v = random_qkv(q_len=6, requires_grad=True)
+    ctx = _padded_context(2, 6, left_pad=3)
+    index_mask = to_index_mask(causal, 0, 0, ctx.key_valid)
+    out, lse = masked_attention(q, k, v, index_mask, ctx.scaling, return_lse=True)
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril() & ctx.key_valid[:, None, None, :]
+    scores = (q @ k.transpose(-1, -2) * ctx.scaling).masked_fill(~allowed, float("-inf"))
+    real_rows = allowed.any(-1).expand_as(lse)
+    torch.testing.assert_close(lse[real_rows], torch.logsumexp(scores, -1)[real_rows])
+    assert lse[~real_rows].eq(float("-inf")).all()
+    torch.testing.assert_close(out, dense_attention(q, k, v, allowed, ctx.scaling), rtol=0, atol=1e-5)
+    grads = torch.autograd.grad(out.sum() + lse[real_rows].sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+# --- the variant against its reference ------------------------------------------------------
+CASES = {  # (T, S, w, sinks, chunk): odd lengths, not multiples of the chunk; T < w and T > w; chunked prefill
+    "prefill-T>w": (23, 23, 5, 2, 4),
+    "prefill-T<w": (7, 7, 9, 2, 4),
+    "no-sinks": (19, 19, 4, 0, 8),
+    "decode": (1, 23, 5, 2, 4),
+    "chunked-prefill": (6, 23, 5, 3, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("q_len,kv_len,w,sinks,chunk", CASES.values(), ids=CASES.keys())
+def test_hybrid_matches_reference_with_padding(q_len, kv_len, w, sinks, chunk, dtype):
+    variant = Hybrid(HybridParams(w=w, sinks=sinks, feature_dim=12, chunk=chunk))
+    state = _trained_state(variant, 3, 16)
+    q, k, v = random_qkv(batch=3, q_len=q_len, kv_len=kv_len, dtype=dtype, requires_grad=True)
+    ctx = _padded_context(3, kv_len, left_pad=4)
+    fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)
+    assert fast.dtype == dtype
+    torch.testing.assert_close(fast.float(), ref, rtol=0, atol=TOLERANCE[dtype])
+    grad_out = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1))
+    inputs = (q, k, v, state.feature_map.weight, state.feature_map.bias, state.balance)
+    grads_fast = torch.autograd.grad(fast, inputs, grad_out.to(dtype))
+    grads_ref = torch.autograd.grad(ref, inputs, grad_out)
+    for name, g_fast, g_ref in zip(("q", "k", "v", "W", "b", "balance"), grads_fast, grads_ref):
+        if q_len == kv_len and kv_len > w or name in "qkv":  # the far part exists: every tensor is reached
+            assert g_fast.abs().sum() > 0, f"no gradient reaches {name}"
+        torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 5, msg=f"d{name}")
+
+
+def test_hybrid_rows_sum_to_one_and_split_at_the_window():
+    variant = Hybrid(HybridParams(w=3, sinks=1, chunk=4))
+    state = _trained_state(variant, 3, 16)
+    q, k, _ = random_qkv(q_len=11)
+    ctx = _padded_context(2, 11, left_pad=2)
+    probs = variant.probs(q, k, ctx, state)
+    real = ctx.key_valid
+    torch.testing.assert_close(probs.sum(-1)[real[:, None].expand(-1, 3, -1)], torch.ones(3 * (9 + 11)))
+    assert probs[~real[:, None, :, None].expand_as(probs)].abs().max() == 0, "a padded query or key got weight"
+    assert probs.triu(1).abs().max() == 0, "a query saw the future"
+    assert (probs[0, :, 10, 3:8] > 0).all(), "far, non-sink keys of row 0 get linear-attention weight"
+    # Lower the balance: the far part's weight vanishes and the hybrid becomes its window.
+    with torch.no_grad():
+        state.balance.fill_(-60.0)
+    window = get_variant("window:w=3,sinks=1").probs(q, k, ctx, None)
+    torch.testing.assert_close(variant.probs(q, k, ctx, state), window, rtol=0, atol=1e-6)
+
+
+def test_hybrid_state_starts_from_hedgehog_and_the_balance_init():
+    state = Hybrid().make_state(4, 8)
+    assert sorted(name for name, _ in state.named_parameters()) == ["balance", "feature_map.bias", "feature_map.weight"]
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in state.parameters())
+    assert torch.equal(state.feature_map.weight, torch.eye(8).expand(4, 8, 8))
+
+
+def test_hybrid_params_are_validated_and_named():
+    for bad in ("w=0", "sinks=-1", "feature_dim=-2", "chunk=0"):
+        with pytest.raises(AttnswapError, match=bad.split("=")[0]):
+            get_variant(f"hybrid:{bad}")
+    assert get_variant("hybrid:w=64,sinks=4,feature_dim=0,chunk=64").label == "hybrid64_sinks4"
+    assert get_variant("hybrid:w=32,sinks=0,feature_dim=16").label == "hybrid32_f16"
+
+
+def test_hybrid_in_tiny_gpt2_trains_only_its_state_and_round_trips(tmp_path):
+    model = tiny_gpt2()
+    ids, mask = random_batch(length=19, left_pad=6)
+    swap(model, "hybrid:w=4,sinks=1,chunk=8")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"transformer.h.{i}.attn.attnswap.{p}" for i in range(2)
+                         for p in ("balance", "feature_map.weight", "feature_map.bias")}
+    logits = model(ids, attention_mask=mask).logits
+    real = mask[:, 1:].bool()
+    torch.nn.functional.cross_entropy(logits[:, :-1][real], ids[:, 1:][real]).backward()
+    for module in attention_modules(model):
+        assert all(p.grad.abs().sum() > 0 for p in module.attnswap.parameters())
+    loaded = attnswap.load(attnswap.save(model, tmp_path / "hybrid"))
+    with torch.no_grad():
+        again = loaded(ids, attention_mask=mask).logits
+    assert (logits - again)[mask.bool()].abs().max() <= 1e-5
+
+
+# --- bounded-state generation ------------------------------------------------------------------
+def test_departing_keys_are_the_ones_each_new_token_pushes_out():
+    window = 4
+    cache, seen = RollingKV(window, sinks=1), 0
+    for block in (6, 1, 1, 3, 1, 9):
+        positions = torch.arange(seen, seen + block, dtype=torch.float32)
+        k = positions.view(1, 1, -1, 1).expand(2, 1, block, 1)  # a key's value is its position
+        departing, _ = cache.departing(k, -k)
+        cache.append(k, -k)
+        cache.first_real = torch.tensor([2, 0])
+        expected = (positions - window).clamp(min=0)  # a negative position: zeros
+        assert torch.equal(departing[:, 0, :, 0], expected.expand(2, block)), f"block {block} after {seen}"
+        seen += block
+
+
+W = 5
+GENERATION = {  # model, prompt length: > w + sinks (far state from the prompt) and < w (decoding fills it)
+    "gpt2-long-prompt": (tiny_gpt2, 13),
+    "llama-gqa-short-prompt": (tiny_llama, 3),
+}
+
+
+def _generate(model, ids, mask, **kwargs):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3 * W, min_new_tokens=3 * W, do_sample=False,
+                         pad_token_id=0, return_dict_in_generate=True, output_scores=True, **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("factory,length", GENERATION.values(), ids=GENERATION.keys())
+def test_bounded_cache_generates_like_no_cache(factory, length):
+    """Left-padded batch: the same tokens and scores as without a cache; decode steps attend over w + sinks slots
+    and the cache holds those slots plus one linear state per layer, however long the text; each row as alone."""
+    from attnswap.cache import HybridLayer, bounded_cache
+
+    model = swap(factory(), Hybrid(HybridParams(w=W, sinks=2, chunk=4)))
+    for module in attention_modules(model):  # a trained state, so the far part matters
+        module.attnswap.load_state_dict(_trained_state(model.attnswap_record.variant, module.attnswap.balance.shape[0],
+                                                       module.attnswap.feature_map.weight.shape[1]).state_dict())
+    ids, mask = random_batch(batch=2, length=length, left_pad=2)
+    keys_seen, cache = [], bounded_cache(model)
+    with observe_attention(model, lambda module, variant, q, k, *rest: keys_seen.append((q.shape[-2], k.shape[-2]))):
+        tokens, scores = _generate(model, ids, mask, past_key_values=cache)
+    ref_tokens, ref_scores = _generate(model, ids, mask, use_cache=False)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, atol=TOLERANCE[torch.float32], rtol=0)
+    assert {s for t, s in keys_seen if t == 1} == {W + 2}, f"decode steps attended over {keys_seen} keys"
+    heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    for layer in cache.layers:
+        assert isinstance(layer, HybridLayer) and layer.keys.shape[-2] == W + 2
+        assert [tuple(t.shape) for t in layer.far_state] == [(2, heads, 2 * head_dim, head_dim), (2, heads, 2 * head_dim)]
+    for row in range(2):
+        real = mask[row].bool()
+        alone, _ = _generate(model, ids[row : row + 1, real], None, past_key_values=bounded_cache(model))
+        assert torch.equal(tokens[row, -3 * W :], alone[0, -3 * W :]), f"row {row} differs from its unpadded self"
+
+
+def test_bounded_cache_prefill_in_chunks_matches_one_forward():
+    from attnswap.cache import bounded_cache
+
+    model = swap(tiny_llama(), Hybrid(HybridParams(w=4, sinks=1, chunk=4)))
+    with torch.no_grad():
+        for module in attention_modules(model):
+            module.attnswap.balance.fill_(1.0)
+    ids, mask = random_batch(batch=2, length=19, left_pad=4)
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        cache, parts = bounded_cache(model), []
+        for start, end in [(0, 9), (9, 10), (10, 16), (16, 19)]:
+            parts.append(model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits)
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(parts, dim=1)[real], whole[real], atol=TOLERANCE[torch.float32], rtol=0)
+
+
+def test_a_hybrid_cache_refuses_another_variant():
+    from attnswap.cache import bounded_cache
+
+    model = swap(tiny_gpt2(), "hybrid:w=4,sinks=1")
+    ids, mask = random_batch(batch=2, length=5)
+    with attnswap.original_attention(model), pytest.raises(AttnswapError, match="cannot run variant 'full'"):
+        model(ids, attention_mask=mask, past_key_values=bounded_cache(model))
