@@ -162,6 +162,7 @@ def test_plan_command_routes_a_duo_models_heads_and_saves_it_hardened(tmp_path):
     (["--measure", "time"], "unknown measure 'time'"),
     (["--budget", "0"], "budget must be in (0, 1]"),
     (["--variant", "slidng"], "unknown variant 'slidng'"),
+    (["--variant", "duo"], "duo routes heads, not layers"),
 ])
 def test_bad_plan_options_are_one_line_errors(args, message, tmp_path, capsys):
     assert main(["plan", *args, "--out", str(tmp_path / "plan")]) == 2

@@ -254,6 +254,9 @@ def plan(config: PlanConfig) -> dict[str, Any]:
 
 def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[str, Any]:
     variant = get_variant(config.variant)  # a bad spec fails before any loading
+    if isinstance(variant, Duo):
+        raise AttnswapError("duo routes heads, not layers: distil it (attnswap distill --variant duo --l1 ...), then "
+                            "plan its heads with attnswap plan --swapped OUT/model")
     name = config.model or DEFAULT_MODEL
     model = load_model(name, device=str(device), dtype=config.dtype)
     head_dim, heads = head_shape(model)
