@@ -694,7 +694,7 @@ def _announce_run(config: DistillConfig, ranks: Ranks, out: Path, record: dict) 
 
 
 def _agree_to_stop(sigterm: bool, timed_out: bool, ranks: Ranks) -> str | None:
-    """Why to stop now (SIGTERM or SIGINT on any rank, or rank 0's clock), the same answer on every rank: one collective."""
+    """Why to stop now (a signal on any rank, or rank 0's clock), the same answer on every rank: one collective."""
     votes = ranks.sum(torch.tensor([float(sigterm), float(timed_out and ranks.main)], device=ranks.device)).tolist()
     return "signal" if votes[0] else "max_seconds" if votes[1] else None
 

@@ -345,9 +345,11 @@ class SwapConfig:
 def swap_to_disk(config: SwapConfig) -> Path:
     """Load ``config.model``, swap in ``config.variant``, save model + tokenizer to ``config.out``."""
     from attnswap.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from attnswap.runs import check_output_dir
 
     name = config.model or DEFAULT_MODEL
-    variant = get_variant(config.variant)  # fail on a bad spec before loading weights
+    check_output_dir(config.out)  # a bad output path or spec fails before the weights load
+    variant = get_variant(config.variant)
     model = load_model(name, device=config.device, dtype=config.dtype)
     swap(model, variant, layers=config.layers)
     out = save(model, config.out, tokenizer=load_tokenizer(name))

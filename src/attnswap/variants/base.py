@@ -146,6 +146,8 @@ def parse_params(variant: str, params_cls: type, text: str) -> Any:
             raise AttnswapError(f"variant '{variant}': expected key=value, got {item!r}")
         if key not in known:
             raise AttnswapError(f"variant '{variant}' has no parameter '{key}'; it takes: {', '.join(known) or 'none'}")
+        if key in values:
+            raise AttnswapError(f"variant '{variant}': parameter '{key}' is given twice; give it once")
         values[key] = _coerce(variant, key, raw.strip(), hints[key])
     return params_cls(**values)
 
@@ -154,5 +156,3 @@ def check(condition: bool, message: str) -> None:
     """Parameter validation for ``__post_init__``: raise the one-line user error."""
     if not condition:
         raise AttnswapError(message)
-        if key in values:
-            raise AttnswapError(f"variant '{variant}': parameter '{key}' is given twice; give it once")
