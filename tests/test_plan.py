@@ -12,7 +12,7 @@ import attnswap
 from attnswap.cli import main
 from attnswap.errors import AttnswapError
 from attnswap.plan import (PlanConfig, assignment_cost, choose_cheap_layers, head_costs, layer_sensitivity,
-                           route_heads)
+                           model_cost, route_heads)
 from attnswap.surgery import STATE_ATTR, attention_modules, is_swapped
 from attnswap.variants.mixture import Mixture, MixtureParams
 from tests.conftest import tiny_gpt2, tiny_tokenizer
@@ -114,6 +114,26 @@ def test_route_heads_keeps_the_highest_gates_full_within_budget():
     routing = route_heads(model, budget=0.5, cheap_cost=0.2)  # (k + 0.2·(8 - k)) / 8 ≤ 0.5: k = 3
     assert routing == [[True, False, False, False], [False, True, False, True]]
     assert all(bool(getattr(m, STATE_ATTR).hardened) for m in attention_modules(model))
+    three_layers = tiny_gpt2(n_layer=3)
+    attnswap.swap(three_layers, "duo:w=4,sinks=0", layers=[0, 2])
+    for module, values in zip(attention_modules(three_layers)[::2], gates):
+        getattr(module, STATE_ATTR).gate.data.copy_(torch.tensor(values))
+    # layer 1's 4 heads stay full: (4 + k + 0.2·(8 - k)) / 12 ≤ 0.6 allows k = 2
+    assert route_heads(three_layers, budget=0.6, cheap_cost=0.2) == [[True, False, False, False],
+                                                                       [False, True, False, False]]
+    with pytest.raises(AttnswapError, match="below the cheapest routing"):
+        route_heads(three_layers, budget=0.4, cheap_cost=0.2)
+
+
+def test_model_cost_counts_unswapped_layers_as_full_and_reads_learned_routing():
+    model = tiny_gpt2()
+    attnswap.swap(model, "window:w=4", layers=[1])
+    window = float(head_costs("window:w=4", 64)[0])
+    assert model_cost(model, 64) == pytest.approx((1 + window) / 2)
+    attnswap.swap(model, "duo:w=4,sinks=0")
+    getattr(attention_modules(model)[0], STATE_ATTR).harden(torch.tensor([True, False, False, False]))
+    getattr(attention_modules(model)[1], STATE_ATTR).harden(torch.zeros(4, dtype=torch.bool))
+    assert model_cost(model, 64) == pytest.approx((1 + 7 * window) / 8)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -151,6 +171,7 @@ def test_plan_command_routes_a_duo_models_heads_and_saves_it_hardened(tmp_path):
     assert main(["plan", "--swapped", str(tmp_path / "duo"), "--budget", "0.6", "--context", "64",
                  "--device", "cpu", "--out", str(out)]) == 0
     plan = json.loads((out / "plan.json").read_text())
+    assert plan["predicted_cost"] == pytest.approx((4 + 4 * plan["cheap_cost"]) / 8)
     assert plan["predicted_cost"] <= 0.6 and plan["cheap_cost"] == pytest.approx(head_costs("window:w=4", 64)[0])
     hardened = attnswap.load(out / "model")
     flags = [getattr(m, STATE_ATTR).full_heads.tolist() for m in attention_modules(hardened)]

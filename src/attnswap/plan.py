@@ -30,6 +30,7 @@ highest, as many as the budget allows over the whole model, and is hardened so (
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import logging
@@ -96,12 +97,12 @@ def head_costs(variant: "str | Variant", n: int, measure: str = "flops", state: 
     """(H,) float64: each head's attention cost at context ``n`` as a fraction of full causal attention's.
 
     ``state``: the variant's learned state (a mixture's kept candidates, a duo's routing); None = a fresh one.
+    Counted on the CPU, with a copy of the state.
     """
     variant = get_variant(variant)
     if measure not in MEASURES:
         raise AttnswapError(f"unknown measure {measure!r}; choose from: {', '.join(MEASURES)}")
-    if state is None:
-        state = variant.make_state(heads, head_dim)
+    state = variant.make_state(heads, head_dim) if state is None else copy.deepcopy(state).cpu()
     if isinstance(variant, MaskedVariant):
         return _mask_costs(variant, n, measure, state, heads)
     if isinstance(variant, LinearVariant):
@@ -141,6 +142,16 @@ def _nsa_cost(variant: NSA, n: int, measure: str) -> float:
     seen = torch.arange(1, n + 1, dtype=torch.float64)  # keys in each query's causal prefix
     pairs = seen.clamp(max=p.top_k * p.block) + seen.clamp(max=p.window) + seen // p.block
     return float(pairs.clamp(max=seen).sum()) / (n * (n + 1) / 2)
+
+
+def model_cost(model: nn.Module, n: int, measure: str = "flops") -> float:
+    """A (swapped) model's attention cost at context ``n`` as a fraction of full attention's: the mean over its
+    layers of each layer's mean head cost, with its learned state; a layer left unswapped costs 1."""
+    head_dim, heads = head_shape(model)
+    costs = [1.0 if getattr(m, "attnswap_variant", None) is None else
+             float(head_costs(m.attnswap_variant, n, measure, getattr(m, STATE_ATTR, None), heads, head_dim).mean())
+             for m in attention_modules(model)]
+    return sum(costs) / len(costs)
 
 
 def assignment_cost(cheap_layers: Sequence[int], cheap_costs: Sequence[float]) -> float:
@@ -220,16 +231,20 @@ def duo_states(model: nn.Module) -> list[DuoState]:
 
 def route_heads(model: nn.Module, budget: float, cheap_cost: float) -> list[list[bool]]:
     """Harden every duo layer of ``model`` in place: over the whole model, the heads with the highest gates keep
-    full attention, as many as keep the cost (full head 1, cheap head ``cheap_cost``) within ``budget``.
-    Returns the routing, per layer and head (True = full)."""
+    full attention, as many as keep the cost within ``budget`` (a full head costs 1, a cheap head ``cheap_cost``,
+    and the heads of layers without duo count as full). Returns the routing, per layer and head (True = full)."""
     states = duo_states(model)
-    shares = torch.cat([s.share().detach().cpu() for s in states])  # (L·H,)
-    total = shares.numel()
-    if cheap_cost > budget + 1e-12:
-        raise AttnswapError(f"budget {budget} is below the cheapest routing (every head cheap costs "
-                            f"{cheap_cost:.4f}); raise the budget")
-    full_count = min(total, math.floor((budget - cheap_cost) / max(1.0 - cheap_cost, 1e-12) * total + 1e-9))
-    full = torch.zeros(total, dtype=torch.bool)
+    shares = torch.cat([s.share().detach().cpu() for s in states])  # (duo heads,)
+    routed = shares.numel()
+    fixed = (len(attention_modules(model)) - len(states)) * states[0].gate.numel()  # heads that stay full anyway
+    lowest = (fixed + routed * cheap_cost) / (fixed + routed)
+    if lowest > budget + 1e-12:
+        raise AttnswapError(f"budget {budget} is below the cheapest routing (every duo head cheap costs "
+                            f"{lowest:.4f}); raise the budget")
+    # (fixed + k + (routed - k)·cheap) / (fixed + routed) <= budget, for the largest k
+    spare = budget * (fixed + routed) - fixed - routed * cheap_cost
+    full_count = min(routed, math.floor(spare / max(1.0 - cheap_cost, 1e-12) + 1e-9))
+    full = torch.zeros(routed, dtype=torch.bool)
     full[torch.argsort(shares, descending=True, stable=True)[:full_count]] = True
     routing = []
     for state, flags in zip(states, full.split([s.gate.numel() for s in states])):
@@ -301,7 +316,7 @@ def _plan_heads(config: PlanConfig, device: torch.device, out: Path) -> dict[str
     bar_plot([f"L{r['layer']}·h{r['head']}" + ("*" if r["full"] else "") for r in rows], [r["gate"] for r in rows],
              out / "gates.png", "gate (share of full attention)", "duo gates; * = kept full")
     full_heads = sum(r["full"] for r in rows)
-    predicted = (full_heads + (len(rows) - full_heads) * cheap) / len(rows)
+    predicted = model_cost(model, config.context, config.measure)
     save(model, out / "model")
     print(f"{full_heads} of {len(rows)} heads keep full attention, cost {predicted:.4f} of full attention "
           f"({config.measure}, n={config.context}); hardened model: {out / 'model'}")
