@@ -45,6 +45,9 @@ def test_linear_cost_is_its_scan_flops_and_state_over_softmax_attention():
     assert head_costs("performer:m=16", 1023, "flops", head_dim=8)[0] == pytest.approx(2 * 16 / 1024)
     assert head_costs("performer:m=16", 1024, "kv", head_dim=8)[0] == pytest.approx(16 * 9 / (2 * 8 * 1024))
     assert head_costs("hedgehog", 1023, "flops", head_dim=8)[0] == pytest.approx(2 * 16 / 1024)  # 2 halves of D
+    for measure in ("flops", "kv"):  # hybrid: its window, plus Hedgehog's scan over every token
+        parts = head_costs("window:w=6,sinks=2", 40, measure) + head_costs("hedgehog", 40, measure, head_dim=8)
+        assert head_costs("hybrid:w=6,sinks=2", 40, measure, head_dim=8) == pytest.approx(parts)
 
 
 def test_learned_state_sets_each_heads_cost():

@@ -13,12 +13,14 @@ per token and top-1 agreement. A layer whose swap costs little KL untrained is t
                   the causal triangle (softmax attention spends 4·D FLOPs per pair: q·k and p·v). A linear variant
                   with m features spends 4·m·D per token (the state update and its read), so its fraction is
                   2m / (n + 1); its feature maps are not counted. NSA: per query, its top_k·block selected keys,
-                  its window and one compressed summary per block, each capped by the causal prefix.
+                  its window and one compressed summary per block, each capped by the causal prefix. Hybrid:
+                  its window's pairs plus its linear scan over every token.
   measure=kv      the memory a generation keeps after n tokens over a full KV cache's. A mask: the keys the last
                   query can see, over n (window + sinks: (w + sinks) / n). Exact where a key out of sight stays
                   out of sight (windows, sinks, strides, full); an undercount for dilations and Longformer, whose
                   later queries see keys the last one does not. A linear variant: its state, m·(D + 1) floats,
-                  over the cache's 2·D·n. NSA keeps every key and its block summaries.
+                  over the cache's 2·D·n. Hybrid: its window's slots plus its linear state. NSA keeps every
+                  key and its block summaries.
 A layer's cost is the mean over its heads; a model's the mean over its layers (every layer has the same shape).
 
 **Planner** (``choose_cheap_layers``): the set of cheap layers of least summed sensitivity whose cost is within
@@ -54,6 +56,7 @@ from attnswap.plots import bar_plot
 from attnswap.surgery import STATE_ATTR, attention_modules, head_shape, load, save, swap, swapped_variant, unswap
 from attnswap.variants import AttnContext, Variant, get_variant
 from attnswap.variants.duo import Duo, DuoState
+from attnswap.variants.hybrid import Hybrid
 from attnswap.variants.linear_base import LinearVariant
 from attnswap.variants.masked import MaskedVariant
 from attnswap.variants.nsa import NSA
@@ -107,10 +110,13 @@ def head_costs(variant: "str | Variant", n: int, measure: str = "flops", state: 
         return _mask_costs(variant, n, measure, state, heads)
     if isinstance(variant, LinearVariant):
         return torch.full((heads,), _linear_cost(variant, n, measure, state, heads, head_dim), dtype=torch.float64)
+    if isinstance(variant, Hybrid):  # its window exactly, plus a linear scan over every token
+        linear = _linear_cost(variant.hedgehog, n, measure, state.feature_map, heads, head_dim)
+        return _mask_costs(variant.window, n, measure, None, heads) + linear
     if isinstance(variant, NSA):
         return torch.full((heads,), _nsa_cost(variant, n, measure), dtype=torch.float64)
-    raise AttnswapError(f"no cost model for variant '{variant.name}'; it covers masked variants, linear attention "
-                        "and nsa")
+    raise AttnswapError(f"no cost model for variant '{variant.name}'; it covers masked variants, linear attention, "
+                        "hybrid and nsa")
 
 
 def _mask_costs(variant: MaskedVariant, n: int, measure: str, state, heads: int) -> torch.Tensor:
