@@ -265,8 +265,9 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     device = resolve_device(config.device)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()  # now: the code that runs, even if the tree changes during a long sweep
     result = _plan_heads(config, device, out) if config.swapped else _plan_layers(config, device, out)
-    result = {"kind": "plan", "config": config_to_dict(config), "git_commit": git_commit(),
+    result = {"kind": "plan", "config": config_to_dict(config), "git_commit": commit,
               "command": command_line(config), **result}
     (out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
     log.info("wrote %s", out / "plan.json")
