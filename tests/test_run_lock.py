@@ -129,3 +129,13 @@ def test_check_output_dir_refuses_a_read_only_folder(tmp_path):
     (tmp_path / "ro").mkdir(mode=0o555)
     with pytest.raises(AttnswapError, match="permission denied"):
         check_output_dir(tmp_path / "ro" / "run")
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "bench", "bench-kernel", "harden", "run"])
+def test_every_command_that_writes_a_folder_holds_its_lock(tmp_path, command):
+    """Two evaluations (or benchmarks, ...) into one folder would interleave their files as two distills did."""
+    args = {"harden": ["--swapped", str(tmp_path / "nope")], "run": [str(tmp_path / "run.yaml")]}.get(command, [])
+    (tmp_path / "run.yaml").write_text(f"out: {tmp_path / 'busy'}\n")
+    with run_lock(tmp_path / "busy"):
+        code, _, stderr = run_cli([command, *args] + ([] if command == "run" else ["--out", str(tmp_path / "busy")]))
+    assert_refused(code, stderr, f"in use by another run (pid {os.getpid()}")

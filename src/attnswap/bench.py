@@ -55,7 +55,7 @@ from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.models import DEFAULT_MODEL, load_model, max_positions, resolve_device, resolve_dtype
 from attnswap.plots import bar_plot
-from attnswap.runs import check_output_dir
+from attnswap.runs import holding_out_folder
 from attnswap.surgery import attention_modules, swap, swapped_variant, unswap
 from attnswap.variants import Variant
 
@@ -115,10 +115,10 @@ class BenchModel:
     limit: int | None
 
 
+@holding_out_folder
 def bench(config: BenchConfig) -> Path:
     """Measure every (model, attention, mode, length) case; write results, plots and profiles to ``config.out``."""
     _check(config)
-    check_output_dir(config.out)
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     log.info("bench config: %s", json.dumps(config_to_dict(config)))
     variants, skipped = available_variants(config.variants)

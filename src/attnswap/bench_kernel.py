@@ -40,7 +40,7 @@ from attnswap.kernels import linear_triton
 from attnswap.kernels.masks import mask_bands
 from attnswap.models import git_commit, resolve_device, resolve_dtype
 from attnswap.plots import Panel, Series, line_plot
-from attnswap.runs import check_output_dir
+from attnswap.runs import holding_out_folder
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
 from attnswap.variants.masked import MaskedVariant
 
@@ -225,10 +225,10 @@ def scaling_figure(rows: list[dict], path: Path, title: str, metrics: Sequence[t
 
 
 # --- the kernel benchmark ---------------------------------------------------------------------
+@holding_out_folder
 def bench_kernel(config: KernelBenchConfig) -> Path:
     """Run every (mode, length, variant) case; write results, summary and plots to ``config.out``."""
     _check(config)
-    check_output_dir(config.out)
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
     log.info("bench-kernel config: %s", json.dumps(config_to_dict(config)))
     variants, skipped = available_variants(config.variants)

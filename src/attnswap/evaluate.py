@@ -32,7 +32,7 @@ from attnswap.errors import AttnswapError
 from attnswap.generate import (generate_all, generation_cases, load_swapped, markdown_table, read_prompts, run_info,
                                side_by_side_rows)
 from attnswap.models import REPO_ROOT, check_length, max_positions
-from attnswap.runs import check_output_dir
+from attnswap.runs import holding_out_folder
 from attnswap.surgery import attention_modules, observe_attention, original_attention, swapped_variant
 from attnswap.variants.base import check
 from attnswap.variants.full import Full
@@ -328,10 +328,11 @@ def criteria(stream: dict[str, Any], mse: list[float | None] | None, cosine: lis
 
 
 # --- the `attnswap eval` command ---------------------------------------------------------------
+@holding_out_folder
 def evaluate(config: EvalConfig) -> dict[str, Any]:
     """Every measurement of the swapped model against its original; writes eval.json, eval.md, eval_layers.csv."""
     started = time.perf_counter()
-    out = check_output_dir(config.out)  # inputs and output first: a typo fails before any work
+    out = Path(config.out)  # checked and locked by holding_out_folder; inputs next: a typo fails before any work
     text = _read_text(config.data)
     prompts = read_prompts(config.prompts) if config.gen_tokens > 0 else []
     print("eval config: " + json.dumps(config_to_dict(config)))

@@ -24,7 +24,7 @@ from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.models import DEFAULT_MODEL, REPO_ROOT, check_length, git_commit, load_model, load_tokenizer
 from attnswap.surgery import keep_original_weights, load, original_attention, swap, swapped_variant
-from attnswap.runs import check_output_dir
+from attnswap.runs import holding_out_folder
 from attnswap.variants import get_variant
 from attnswap.variants.base import check
 
@@ -173,9 +173,10 @@ def side_by_side_rows(cases, original: list[str], variants: dict[str, list[str]]
 
 
 # --- the `attnswap generate` command -----------------------------------------------------------
+@holding_out_folder
 def generate_side_by_side(config: GenerateConfig) -> list[dict[str, Any]]:
     """Generate with the original and each variant; write generations.{json,md,html} to ``config.out``."""
-    out = check_output_dir(config.out)
+    out = Path(config.out)
     specs = [s.strip() for s in config.variant.split(";") if s.strip()]
     dirs = [d.strip() for d in config.swapped.split(";") if d.strip()]
     if dirs and specs not in ([], ["full"]):

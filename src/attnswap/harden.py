@@ -62,7 +62,7 @@ from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
 from attnswap.plots import marked_grid
-from attnswap.runs import check_output_dir
+from attnswap.runs import atomic_directory, holding_out_folder
 from attnswap.surgery import STATE_ATTR, head_shape, attention_modules, load, observe_attention, save, swapped_variant
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.mixture import Mixture, MixtureState, candidate_mask, density, harden
@@ -94,10 +94,10 @@ class HardenConfig:
     out: str = "runs/harden"
 
 
+@holding_out_folder
 def harden_model(config: HardenConfig) -> Path:
     """Harden ``config.swapped``; write survivors, densities, the hardened model and its speed to ``config.out``."""
     _check(config)
-    check_output_dir(config.out)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype if config.dtype != "auto" else
                           "bfloat16" if device.type == "cuda" else "float32")
@@ -134,7 +134,8 @@ def harden_model(config: HardenConfig) -> Path:
     _write_json(out / "harden.json", summary)  # now, so an interrupted speed run still leaves the survivors
 
     # --- the hardened model, for `attnswap eval`
-    save(model, out / "model", tokenizer=_saved_tokenizer(swapped))
+    with atomic_directory(out / "model") as building:  # a kill mid-save leaves no half-written model/
+        save(model, building, tokenizer=_saved_tokenizer(swapped))
     log.info("saved the hardened model to %s", out / "model")
 
     # --- speed of the attention, layer by layer

@@ -20,7 +20,7 @@ from typing import Any
 from attnswap.config import build_config, config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.models import DEFAULT_MODEL
-from attnswap.runs import check_output_dir
+from attnswap.runs import holding_out_folder
 from attnswap.variants import get_variant
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class RunConfig:
     out: str = "runs/run"
 
 
+@holding_out_folder
 def run(config: RunConfig) -> dict[str, Any]:
     from attnswap.distill import DistillConfig, distill
     from attnswap.evaluate import EvalConfig, evaluate
@@ -49,7 +50,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     specs = [get_variant(s).spec for s in config.variants]  # a bad spec fails before any work
     if not specs:
         raise AttnswapError("variants is empty; list at least one variant spec")
-    out = check_output_dir(config.out)
+    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     common = {"model": config.model, "device": config.device, "seed": config.seed}

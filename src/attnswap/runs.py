@@ -1,7 +1,7 @@
 """Run folders that two processes cannot share, output paths checked before any work, folders a kill cannot leave
 half written.
 
-- ``run_lock(folder)``: the folder's ``.attnswap.lock`` holds the pid of the run using it, under an exclusive
+- ``run_lock(folder)`` (``holding_out_folder`` for a command): the folder's ``.attnswap.lock`` holds the pid of the run using it, under an exclusive
   ``flock``. The kernel drops a flock when its process dies, ``kill -9`` included, so a lock whose flock is free is
   stale whatever pid it names (and a reused pid cannot keep it alive): the next run takes it over.
 - ``atomic_directory(final)``: build a folder under a temporary name beside ``final``, then rename it into place.
@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from attnswap.errors import AttnswapError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".attnswap.lock"
 TEMP_SUFFIX = ".tmp"
+R = TypeVar("R")
 
 
 # --- the run lock -------------------------------------------------------------------------------
@@ -46,6 +48,16 @@ def run_lock(folder: str | Path) -> Iterator[Path]:
         handle.close()
         if created and not any(folder.iterdir()):  # a run refused before it wrote anything leaves no trace
             folder.rmdir()
+
+
+def holding_out_folder(command: Callable[[Any], R]) -> Callable[[Any], R]:
+    """Decorate a command ``command(config)`` so that it runs holding the lock of ``config.out``."""
+    @functools.wraps(command)
+    def locked(config: Any) -> R:
+        with run_lock(config.out):
+            return command(config)
+
+    return locked
 
 
 def _acquire(lock: Path):
