@@ -162,3 +162,20 @@ def test_spec_round_trips_and_bad_parameters_are_refused():
         get_variant("duo:w=0")
     with pytest.raises(AttnswapError, match="one flag per head"):
         _state().harden(torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("hardened", [False, True], ids=["gated", "hardened"])
+def test_generation_with_the_kv_cache_equals_generation_without(hardened):
+    """Decode steps (T = 1 against the cache) and prefill take the same per-head routes, padding included."""
+    model = tiny_gpt2()
+    attnswap.swap(model, "duo:w=4,sinks=1")
+    for module, gates in zip(attention_modules(model), ([1.0, 0.2, 0.0, 0.6], [0.0, 0.9, 0.4, 1.0])):
+        state = getattr(module, STATE_ATTR)
+        state.gate.data.copy_(torch.tensor(gates))
+        if hardened:
+            state.harden(state.gate > 0.5)
+    ids, mask = random_batch(length=9, left_pad=3)
+    generated = {use_cache: model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                           use_cache=use_cache, pad_token_id=0)
+                 for use_cache in (True, False)}
+    assert torch.equal(generated[True], generated[False])
