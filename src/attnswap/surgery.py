@@ -7,14 +7,17 @@ model's ``attn_implementation`` is switched to it. Each swapped attention module
 attribute ``module.attnswap`` -- so the trainable set is exactly the ``*.attnswap.*`` parameters.
 
 A mask function is registered under the same name in ``AttentionMaskInterface``; without it transformers
-hands custom attention functions ``attention_mask=None`` and padded batches are silently wrong. Ours
-turns the 2-D padding mask into a (B, S) "key is a real token" tensor, or None when there is no padding;
-causality is always applied by the variant itself.
+hands custom attention functions ``attention_mask=None``. Ours (``model_mask``) keeps what transformers'
+mask machinery composed -- its causal mask function with the config's sliding window, packed documents and
+padding, and the queries' offset into the cache -- as a ``ModelMask``; each variant ANDs that with its own
+pattern, as transformers' flex backend does. A caller's 4-D mask arrives as given and is composed the same way.
+A variant that cannot honour some mask is refused with an AttnswapError, never run as if it were not there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.kernels.masks import device_arange
 from attnswap.variants import AttnContext, Variant, get_variant
 from attnswap.variants.full import Full
 
@@ -43,17 +47,115 @@ class SwapRecord:
 
 
 # --- the registered attention function ---------------------------------------------------------
-def key_padding_mask(batch_size: int, q_length: int = 0, kv_length: int = 0, kv_offset: int = 0,
-                     attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """AttentionMaskInterface entry: (B, kv_length) bool of real keys, or None when nothing is padding."""
-    if attention_mask is None:
-        return None
-    valid = attention_mask[:, kv_offset : kv_offset + kv_length].bool()
-    if valid.shape[-1] < kv_length:  # slots a preallocated cache has not filled yet; causality hides them
-        fill = valid.new_ones(valid.shape[0], kv_length - valid.shape[-1])
-        valid = torch.cat([valid, fill], dim=-1)
-    # Host sync, once per forward: an all-real batch takes the unpadded fast paths.
-    return None if bool(valid.all()) else valid
+@dataclass
+class ModelMask:
+    """What transformers' mask machinery decided for one forward, kept as a predicate instead of a T×S tensor.
+
+    ``padding`` (B, S) marks real keys (None: no padding). ``function(b, h, q_idx, kv_idx)`` is transformers' own
+    composed mask over this call's indices (its causality, the config's sliding window, packed documents,
+    padding), None where it says no more than causality and padding: then the variants' unmasked fast paths apply.
+    Query i sits at position ``q_offset + i`` and key slot j at ``kv_offset + j``; under a StaticCache
+    ``q_offset`` is a 0-d tensor, so one compiled graph serves every step.
+    """
+
+    padding: torch.Tensor | None
+    function: Callable | None
+    q_offset: "int | torch.Tensor"
+    kv_offset: int
+    shape: tuple[int, int, int, int]  # (B, 1, T, S), read by model code that checks a prepared mask's rank
+
+    # generate() prepares the mask of a StaticCache step before the forward; model code passes a 4-D mask through.
+    ndim = 4
+
+
+def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: "int | torch.Tensor" = 0, kv_offset: int = 0,
+               mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
+               local_size: int | None = None, **kwargs) -> ModelMask:
+    """AttentionMaskInterface entry: transformers' mask for this forward, composed the way its flex backend does."""
+    if isinstance(attention_mask, ModelMask):  # prepared by generate() for this step already
+        return attention_mask
+    from transformers.masking_utils import (add_offsets_to_mask_function, and_masks, causal_mask_function,
+                                            padding_mask_function, prepare_padding_mask)
+
+    if isinstance(q_offset, torch.Tensor):  # a StaticCache's own counter, which its update advances in place
+        q_offset = q_offset.clone()
+    padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, kv_offset + kv_length); unfilled: False
+    function = mask_function or causal_mask_function
+    # The config's sliding window binds only once queries reach that far past the first key.
+    window_unused = (local_size is not None and isinstance(q_offset, int)
+                     and q_offset + q_length - kv_offset <= local_size)
+    plain = function is causal_mask_function or window_unused
+    if padding is not None and not plain:
+        function = and_masks(function, padding_mask_function(padding))
+    if padding is not None:
+        padding = padding[:, kv_offset : kv_offset + kv_length]
+        # Eager only: an all-real batch takes the unpadded fast paths. Traced, the test would be a graph break.
+        if not torch.compiler.is_compiling() and bool(padding.all()):
+            padding = None
+    function = None if plain else add_offsets_to_mask_function(function, q_offset, kv_offset)
+    return ModelMask(padding=padding, function=function, q_offset=q_offset, kv_offset=kv_offset,
+                     shape=(batch_size, 1, q_length, kv_length))
+
+
+def attention_context(module: nn.Module, variant: Variant, attention_mask, scaling: float, query: torch.Tensor,
+                      key: torch.Tensor, position_ids: torch.Tensor | None = None, cache_slots=None) -> AttnContext:
+    """The AttnContext of one attention call: transformers' mask (a ``ModelMask``, a caller's 4-D mask, a 2-D
+    padding mask or None) in the form variants read, refusing what ``variant`` cannot honour. ``cache_slots``: what
+    a bounded cache (attnswap.cache) says its keys hold; it places the queries itself."""
+    batch, q_len, kv_len, device = query.shape[0], query.shape[-2], key.shape[-2], query.device
+    ctx = AttnContext(scaling=scaling, layer_idx=getattr(module, "layer_idx", 0) or 0)
+    if attention_mask is None:  # transformers made no mask (e.g. a paged cache): plain causal attention
+        return ctx
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        return dataclasses.replace(ctx, key_valid=attention_mask.bool())
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        ctx = dataclasses.replace(ctx, dense_mask=attention_mask, model_mask=dense_mask_function(attention_mask))
+    elif isinstance(attention_mask, ModelMask):
+        ctx = dataclasses.replace(ctx, key_valid=attention_mask.padding, model_mask=attention_mask.function)
+        q_start = attention_mask.q_offset - attention_mask.kv_offset  # query 0's key slot
+        packed = (ctx.model_mask is not None and position_ids is not None and ctx.key_valid is None
+                  and isinstance(q_start, int) and q_start == 0 and q_len == kv_len)
+        if packed:
+            # Sequences packed into one row (or any call without a cache): each token's position is its position
+            # in its own document, so windows, sinks and global tokens start afresh there, as for it alone.
+            positions = position_ids.expand(batch, -1)
+            first = torch.zeros(batch, dtype=torch.long, device=device)
+            ctx = dataclasses.replace(ctx, q_positions=positions, kv_positions=positions, first_real=first)
+        elif cache_slots is None and not (isinstance(q_start, int) and q_start == kv_len - q_len):
+            # Not the last T slots: a StaticCache, whose slots are preallocated.
+            ctx = dataclasses.replace(ctx, q_positions=device_arange(0, q_len, device) + q_start)
+    else:
+        raise AttnswapError(f"attnswap got an attention mask of type {type(attention_mask).__name__} "
+                            f"{tuple(getattr(attention_mask, 'shape', ()))}; pass a 2-D attention_mask or a 4-D mask")
+    if cache_slots is not None:
+        if ctx.model_mask is not None:
+            raise AttnswapError("the bounded cache serves causal attention with padding only, not this model's own "
+                                "mask (sliding window, 4-D mask); generate with the default cache instead")
+        return cache_slots.context(ctx)
+    if ctx.model_mask is not None and not variant.honours_model_mask:
+        raise AttnswapError(f"variant {variant.spec!r} cannot apply this model's own mask (the config's sliding window, "
+                            "packed sequences or a 4-D attention mask); run it on unpacked, padded batches with a "
+                            "2-D attention_mask")
+    if ctx.q_positions is not None and not variant.honours_query_positions:
+        raise AttnswapError(f"variant {variant.spec!r} needs the queries to be the last keys of the cache; generate "
+                            "with the default DynamicCache (or attnswap.cache.bounded_cache), not a StaticCache")
+    return ctx
+
+
+def dense_mask_function(mask: torch.Tensor) -> Callable:
+    """A caller's 4-D mask (B|1, H|1, T, S) as an index predicate: bool as given; an additive one allows its zeros and
+    is refused if it holds any other finite bias, which a mask cannot express."""
+    if mask.dtype != torch.bool:
+        blocked = mask <= torch.finfo(mask.dtype).min / 2
+        if torch.compiler.is_compiling() or not bool(((mask == 0) | blocked).all()):
+            raise AttnswapError("a float 4-D attention mask with values other than 0 and -inf is a score bias, which "
+                                "only the full variant applies; pass a boolean 4-D mask")
+        mask = ~blocked
+
+    def given(b, h, q_idx, kv_idx):
+        return mask[b % mask.shape[0], h % mask.shape[1], q_idx, kv_idx]
+
+    return given
 
 
 def attnswap_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -62,13 +164,16 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
     ``dropout`` is not applied: distillation keeps the model in eval mode so teacher and student are deterministic.
     """
     variant = getattr(module, "attnswap_variant", None)
-    if variant is None or getattr(module, "attnswap_bypass", False):
+    if variant is None:
+        # A layer a saved swap never reached (the folder was loaded without attnswap.load): refuse, never full.
+        saved = getattr(getattr(module, "config", None), "attnswap", None)
+        if saved and module.layer_idx in saved["layers"]:
+            raise AttnswapError(f"layer {module.layer_idx} was saved with variant {saved['variant']!r} but carries "
+                                "none; load the folder with attnswap.load, or with AutoModelForCausalLM.from_pretrained "
+                                "after `import attnswap`")
         variant = _FULL
-    if attention_mask is not None and attention_mask.dim() != 2:
-        raise AttnswapError(
-            f"attnswap expects a (batch, keys) padding mask, got shape {tuple(attention_mask.shape)}; "
-            "pass a 2-D attention_mask to the model"
-        )
+    if getattr(module, "attnswap_bypass", False):
+        variant = _FULL
     # A bounded cache (attnswap.cache) tags the keys it returns with what it holds; read it before GQA copies them.
     cache_slots = getattr(key, "attnswap_slots", None)
     groups = query.shape[1] // key.shape[1]
@@ -76,9 +181,8 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
         key = key.repeat_interleave(groups, dim=1)
         value = value.repeat_interleave(groups, dim=1)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    ctx = AttnContext(scaling=scaling, key_valid=attention_mask, layer_idx=getattr(module, "layer_idx", 0) or 0)
-    if cache_slots is not None:
-        ctx = cache_slots.context(ctx)
+    ctx = attention_context(module, variant, attention_mask, scaling, query, key, kwargs.get("position_ids"),
+                            cache_slots)
     state = getattr(module, STATE_ATTR, None)
     for observer in getattr(module, "attnswap_observers", ()):
         observer(module, variant, query, key, value, ctx, state)
@@ -96,7 +200,7 @@ def _register() -> None:
 
     # The classmethods write the class-wide mapping, which is what mask creation checks.
     AttentionInterface.register(IMPL_NAME, attnswap_attention)
-    AttentionMaskInterface.register(IMPL_NAME, key_padding_mask)
+    AttentionMaskInterface.register(IMPL_NAME, model_mask)
 
 
 _register()

@@ -66,27 +66,33 @@ def to_index_mask(
     q_pos: torch.Tensor | int,
     kv_pos: torch.Tensor | int,
     key_valid: torch.Tensor | None,
+    model_mask: MaskFn | None = None,
 ) -> MaskFn:
-    """Turn a positional mask into one over tensor indices, adding causality and key padding.
+    """Turn a positional mask into one over tensor indices, adding causality, key padding and the model's own mask.
 
-    q_pos (T,) and kv_pos (S,) map query/key indices to absolute positions, or are an int added to the
-    index (slots in order: no lookup inside the kernel); key_valid (B, S) marks real keys. The result is
-    what ``flex_attention``'s ``create_block_mask`` expects.
+    q_pos (T,) or (B, T) and kv_pos (S,) or (B, S) map query/key indices to positions, or are an int (or 0-d
+    tensor) added to the index (slots in order: no lookup inside the kernel); key_valid (B, S) marks real keys;
+    ``model_mask(b, h, q_idx, kv_idx)`` is what the model itself allows (transformers' mask: its sliding window,
+    packed documents, a 4-D mask), ANDed in. The result is what ``flex_attention``'s ``create_block_mask`` expects.
     """
 
     def index_mask(b, h, q_idx, kv_idx):
-        qp, kp = _position(q_idx, q_pos), _position(kv_idx, kv_pos)
+        qp, kp = _position(b, q_idx, q_pos), _position(b, kv_idx, kv_pos)
         allowed = (kp <= qp) & positional(b, h, qp, kp)
         if key_valid is not None:
             allowed = allowed & key_valid[b, kv_idx]
+        if model_mask is not None:
+            allowed = allowed & model_mask(b, h, q_idx, kv_idx)
         return allowed
 
     index_mask.__name__ = positional.__name__
     return index_mask
 
 
-def _position(index: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-    return index + positions if isinstance(positions, int) else positions[index]
+def _position(b: torch.Tensor, index: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
+    if isinstance(positions, int) or positions.dim() == 0:
+        return index + positions
+    return positions[index] if positions.dim() == 1 else positions[b, index]  # (B, N): per-row positions (packed)
 
 
 def index_grid(batch: int, heads: int, q_len: int, kv_len: int, device):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
-from attnswap.kernels.masks import device_arange, device_constant
+from attnswap.kernels.masks import MaskFn, device_arange, device_constant
 
 
 @dataclass
@@ -26,9 +26,15 @@ class AttnContext:
     """Everything about one attention call that is not q, k or v.
 
     ``key_valid`` (B, S) is True for real tokens and False for padding; None means no padding.
-    Queries are the last T of the S key slots (HF's dynamic cache), unless ``kv_positions`` (S,)
-    gives each key slot's absolute position (a rolling cache), in which case ``q_positions`` (T,)
-    gives the queries'.
+    Queries are the last T of the S key slots (HF's dynamic cache), unless ``q_positions`` (T,) gives the
+    queries' positions (a StaticCache, whose S slots are preallocated; or a rolling cache, where ``kv_positions``
+    (S,) also gives each key slot's). Packed sequences give both per row, (B, T) and (B, S): each token's position
+    in its own document.
+
+    ``model_mask(b, h, q_idx, kv_idx)`` is what the model itself allows beyond causality and padding (transformers'
+    mask: the config's sliding window, packed documents, a 4-D mask), None when it adds nothing; a variant ANDs
+    it with its own pattern. ``dense_mask`` is a caller's 4-D mask as given (bool, or float added to the scores),
+    which ``full`` hands to SDPA unchanged.
     """
 
     scaling: float
@@ -38,6 +44,8 @@ class AttnContext:
     kv_positions: torch.Tensor | None = None
     # A rolling cache may hold fewer slots than there were tokens; sinks still need the first real one.
     first_real: torch.Tensor | None = None
+    model_mask: MaskFn | None = None
+    dense_mask: torch.Tensor | None = None
 
     def positions(self, q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute positions (T,), (S,) of queries and keys."""
@@ -65,6 +73,12 @@ class Variant:
     name: ClassVar[str]
     Params: ClassVar[type]
     summary: ClassVar[str] = ""
+    # What attend() and reference() read beyond the plain case, declared so that the attention function can refuse
+    # a call a variant would get silently wrong: ``ctx.model_mask`` (the model's own sliding window, packed
+    # documents, a 4-D mask), and ``ctx.q_positions`` with keys in slot order (a StaticCache: queries are not the
+    # last T slots).
+    honours_model_mask: ClassVar[bool] = False
+    honours_query_positions: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()

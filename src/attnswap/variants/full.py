@@ -26,14 +26,27 @@ class Full(MaskedVariant):
     def positional_mask(self, ctx, batch, device, state):
         return causal
 
+    def index_mask(self, q, k, ctx, state):
+        if ctx.model_mask is None:
+            return super().index_mask(q, k, ctx, state)
+        # The model's own mask is the whole answer: causality included, or left out as a caller's 4-D mask may.
+        q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
+        return ctx.model_mask, q_pos, kv_pos
+
     def attend(self, q, k, v, ctx, state):
         q_len, kv_len = q.shape[-2], k.shape[-2]
-        plain_positions = ctx.q_positions is None and ctx.kv_positions is None
-        if ctx.key_valid is None and plain_positions and q_len in (1, kv_len):
+        if ctx.dense_mask is not None:  # a caller's 4-D mask goes to SDPA as the stock model gives it
+            given = ctx.dense_mask[..., :kv_len]
+            if given.dtype == torch.bool:
+                return sdpa_masked(q, k, v, given, ctx.scaling)
+            # An additive mask may hold any bias, not only 0 and -inf.
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=given, scale=ctx.scaling)
+        plain = (ctx.key_valid is None and ctx.model_mask is None and ctx.q_positions is None
+                 and ctx.kv_positions is None)
+        if plain and q_len in (1, kv_len):
             # SDPA's is_causal aligns the top-left corner, so it is only right when T == S (or T == 1).
             return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=ctx.scaling)
-        q_pos, kv_pos = ctx.positions(q_len, kv_len, q.device)
-        index_mask = to_index_mask(causal, q_pos, kv_pos, ctx.key_valid)
+        index_mask, _, _ = self.index_mask(q, k, ctx, state)
         allowed = materialize(index_mask, q.shape[0], 1, q_len, kv_len, q.device)
         return sdpa_masked(q, k, v, allowed, ctx.scaling)
 

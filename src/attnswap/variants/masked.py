@@ -21,6 +21,9 @@ class MaskedVariant(Variant):
 
     # Whether positional_mask reads the head index; False lets one block mask serve every head.
     mask_varies_by_head: ClassVar[bool] = True
+    # index_mask() composes the model's mask and reads positions, so both reach every path.
+    honours_model_mask = True
+    honours_query_positions = True
 
     def positional_mask(self, ctx: AttnContext, batch: int, device: torch.device, state: nn.Module | None) -> MaskFn:
         raise NotImplementedError
@@ -33,7 +36,7 @@ class MaskedVariant(Variant):
         q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
         positional = self.positional_mask(ctx, q.shape[0], q.device, state)
         q_map, kv_map = ctx.position_maps(q.shape[-2], k.shape[-2])
-        return to_index_mask(positional, q_map, kv_map, ctx.key_valid), q_pos, kv_pos
+        return to_index_mask(positional, q_map, kv_map, ctx.key_valid, ctx.model_mask), q_pos, kv_pos
 
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """Dense attention probabilities (B, H, T, S) in fp32, for evaluation and tests."""
@@ -44,13 +47,16 @@ class MaskedVariant(Variant):
         bias = None if bias_fn is None else materialize_bias(bias_fn, batch, heads, q_len, k.shape[-2], q.device)
         return dense_probs(q, k, allowed, ctx.scaling, bias)
 
-    def mask_key(self, ctx: AttnContext, state: nn.Module | None) -> tuple:
+    def mask_key(self, ctx: AttnContext, state: nn.Module | None) -> tuple | None:
         """Everything the index mask depends on besides the shapes, so its block mask is built once and reused.
 
         Tensors count by identity and in-place version: unpadded batches share one block mask per length,
         a padded batch builds one per forward, and an optimizer step on the state invalidates it.
-        A variant whose mask reads anything else (ctx.layer_idx, ...) must add it here.
+        A variant whose mask reads anything else (ctx.layer_idx, ...) must add it here. None (build every call)
+        where the model adds a mask of its own: a function cannot be keyed by what it captured.
         """
+        if ctx.model_mask is not None:
+            return None
         learnable = () if state is None else (*state.parameters(), *state.buffers())
         return (self.spec, ctx.key_valid, ctx.first_real, ctx.q_positions, ctx.kv_positions, learnable)
 
@@ -60,8 +66,8 @@ class MaskedVariant(Variant):
         return masked_attention(
             q, k, v, index_mask, ctx.scaling, self.score_bias(state, ctx, q_pos, kv_pos),
             cache_key=self.mask_key(ctx, state),
-            per_batch=ctx.key_valid is not None or ctx.first_real is not None,
-            per_head=self.mask_varies_by_head,
+            per_batch=ctx.key_valid is not None or ctx.first_real is not None or ctx.model_mask is not None,
+            per_head=self.mask_varies_by_head or ctx.model_mask is not None,  # a caller's 4-D mask may vary by head
             return_lse=return_lse,
         )
 
