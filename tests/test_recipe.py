@@ -106,6 +106,23 @@ def test_early_stop_ends_the_run_and_keeps_the_best_evaluation(assets, tmp_path,
         torch.testing.assert_close(saved.state_dict()[name], tensor, msg=f"{name} is not step 2's")
 
 
+def test_a_run_that_only_gets_worse_keeps_the_swap_as_it_started(assets, tmp_path, monkeypatch):
+    real = distill_module.evaluate_blocks
+    scripted = iter([0.1, 0.5, 0.6, 0.7])
+
+    def evaluate(pair, blocks, config, ranks):
+        return {**real(pair, blocks, config, ranks), "kl": next(scripted, 1.0)}
+
+    monkeypatch.setattr(distill_module, "evaluate_blocks", evaluate)
+    config = make_config(assets, tmp_path / "run", steps=20, eval_every=2, early_stop=2)
+    initial = {k: v.clone() for k, v in distill_module.trained_tensors(build_pair(config, torch.device("cpu"))[0]).items()}
+    results = distill(config)
+    assert results["stopped_by"] == "early_stop" and results["kept_step"] == 0 and results["kl_after"] == 0.1
+    saved = attnswap.load(tmp_path / "run" / "model")
+    for name, tensor in initial.items():
+        torch.testing.assert_close(saved.state_dict()[name], tensor, msg=f"{name} moved")
+
+
 def test_teacher_is_original_under_lora_too(assets, tmp_path):
     pytest.importorskip("peft")
     pair, _ = build_pair(make_config(assets, tmp_path / "run", trainable="variant+lora", lora_r=2), torch.device("cpu"))

@@ -504,8 +504,9 @@ def load_trained_tensors(pair: Pair, state: dict[str, torch.Tensor], path: Path)
 
 
 class BestSoFar:
-    """Stage 2's best evaluation (lowest validation KL): its step, figures and trained tensors (on the CPU), and
-    how many evaluations since have not improved on it. Carried through checkpoints under ``best/``."""
+    """The best evaluation (lowest validation KL) of the swap as it started (step 0) and of stage 2: its step,
+    figures and trained tensors (on the CPU), and how many evaluations since have not improved on it. Carried
+    through checkpoints under ``best/``."""
 
     def __init__(self, record: dict, tensors: dict[str, torch.Tensor]):
         saved = record.get("best") or {}
@@ -594,6 +595,7 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
     best = BestSoFar(record, tensors)
     if not record:
         metrics.write({"step": 0, "val_kl": before["kl"], "val_top1": before["top1"]})
+        best.update(0, before, pair)  # training that only makes things worse keeps the swap as it started
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len
 
     # --- the loop: train, log, evaluate, checkpoint
