@@ -3,6 +3,7 @@
 from attnswap.errors import AttnswapError
 from attnswap.models import DEFAULT_MODEL, load_model, load_tokenizer
 from attnswap.surgery import load, original_attention, save, swap, unswap
+from attnswap import hf_integration  # noqa: F401  (registers model_type attnswap with AutoModelForCausalLM)
 from attnswap.variants import VARIANTS, get_variant
 
 __all__ = [

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -270,6 +272,7 @@ def swap(model: nn.Module, variant: "str | Variant", layers: Sequence[int] | Non
         param.requires_grad_(trainable == "all" or (trainable == "variant" and f".{STATE_ATTR}." in f".{name}"))
     model.set_attn_implementation(IMPL_NAME)
     model.attnswap_record = record
+    model.save_pretrained = functools.partial(save, model)  # so save_pretrained / push_to_hub keep the variant
     model.config.attnswap = {"variant": variant.spec, "layers": chosen, "original_attn_implementation": record.original_impl}
     return model
 
@@ -287,6 +290,7 @@ def unswap(model: nn.Module) -> nn.Module:
         param.requires_grad_(record.requires_grad.get(name, param.requires_grad))
     model.set_attn_implementation(record.original_impl)
     del model.attnswap_record
+    del model.save_pretrained
     if hasattr(model.config, "attnswap"):
         del model.config.attnswap
     return model
@@ -378,14 +382,22 @@ def head_shape(model: nn.Module) -> tuple[int, int]:
 
 
 # --- save / load -------------------------------------------------------------------------------
-def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
-    """Save a (swapped) model: HF weights + config (with the variant spec) + ``attnswap.safetensors``."""
+def save(model: nn.Module, directory: str | Path, tokenizer=None, **save_pretrained_kwargs) -> Path:
+    """Save a (swapped) model: HF weights + ``attnswap.safetensors`` + a config.json that loads with the variant.
+
+    A swapped model's config.json is ``model_type: attnswap`` (see ``hf_integration``): transformers loads the
+    folder with its variant after ``import attnswap`` or with ``trust_remote_code=True``, and refuses it otherwise.
+    A swapped model's own ``save_pretrained`` (and so ``push_to_hub``) lands here too.
+    """
     from safetensors.torch import save_file
+
+    from attnswap.hf_integration import saved_config, write_auto_module
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    save_pretrained_kwargs.pop("state_dict", None)
     base_state = {k: v for k, v in model.state_dict().items() if f".{STATE_ATTR}." not in f".{k}"}
-    model.save_pretrained(directory, state_dict=base_state)
+    type(model).save_pretrained(model, directory, state_dict=base_state, **save_pretrained_kwargs)  # not ours again
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if is_swapped(model):
@@ -393,11 +405,16 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None) -> Path:
         tmp = directory / (STATE_FILE + ".tmp")
         save_file(state, str(tmp), metadata={"variant": model.config.attnswap["variant"]})
         tmp.replace(directory / STATE_FILE)  # atomic: a reader never sees half a file
+        write_auto_module(directory)
+        tmp = directory / "config.json.tmp"
+        tmp.write_text(json.dumps(saved_config(model.config, model.config.attnswap), indent=2, sort_keys=True) + "\n")
+        tmp.replace(directory / "config.json")
     return directory
 
 
 def load(directory: str | Path, device: str = "cpu", dtype: str = "float32") -> nn.Module:
-    """Load what ``save`` wrote: the base model, then the same swap, then the variant's tensors."""
+    """Load what ``save`` (or a swapped model's ``save_pretrained``) wrote: the base model, the same swap, the
+    variant's tensors."""
     from attnswap.models import load_model, read_json_object
 
     directory = Path(directory)
@@ -405,22 +422,45 @@ def load(directory: str | Path, device: str = "cpu", dtype: str = "float32") -> 
     if not config_file.is_file():
         raise AttnswapError(f"no saved model at {directory} (missing {config_file.name})")
     swap_info = read_json_object(config_file).get("attnswap")
+    # A saved swap (model_type attnswap) comes back swapped through hf_integration's loader.
     model = load_model(str(directory), device=device, dtype=dtype,
                        attn_implementation=(swap_info or {}).get("original_attn_implementation", "sdpa"))
-    if swap_info is None:
-        return model
-    swap(model, swap_info["variant"], layers=swap_info["layers"])
-    expected = variant_state_dict(model)
-    if expected:
-        loaded = _read_safetensors(directory / STATE_FILE)
-        missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
-        if missing or unexpected:
-            raise AttnswapError(
-                f"{directory / STATE_FILE} does not match variant {swap_info['variant']}: "
-                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
-            )
-        model.load_state_dict(loaded, strict=False)
+    if swap_info is not None and not is_swapped(model):  # a config of the original type that carries a swap
+        swap(model, swap_info["variant"], layers=swap_info["layers"])
+        load_variant_tensors(model, directory)
     return model
+
+
+def load_swapped(directory: Path, config, **from_pretrained_kwargs) -> nn.Module:
+    """The model ``save`` wrote to ``directory`` (config: its ``AttnswapConfig``), swapped, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    swap_info = config.attnswap
+    original = swap_info.get("original_attn_implementation", "sdpa")
+    if from_pretrained_kwargs.get("attn_implementation") in (None, IMPL_NAME):  # swap() sets ours after loading
+        from_pretrained_kwargs["attn_implementation"] = original
+    model = AutoModelForCausalLM.from_pretrained(str(directory), config=config.base(), **from_pretrained_kwargs)
+    swap(model, swap_info["variant"], layers=swap_info["layers"])
+    load_variant_tensors(model, directory)
+    return model.eval()
+
+
+def load_variant_tensors(model: nn.Module, directory: Path) -> None:
+    """The variant's learned tensors from ``attnswap.safetensors`` or, as save_pretrained leaves them, the weights."""
+    expected = variant_state_dict(model)
+    if not expected:
+        return
+    source = directory / STATE_FILE
+    if source.is_file() or not (directory / "model.safetensors").is_file():
+        loaded = _read_safetensors(source)
+    else:
+        source = directory / "model.safetensors"
+        loaded = {k: v for k, v in _read_safetensors(source).items() if f".{STATE_ATTR}." in f".{k}"}
+    missing, unexpected = sorted(set(expected) - set(loaded)), sorted(set(loaded) - set(expected))
+    if missing or unexpected:
+        raise AttnswapError(f"{source} does not match variant {model.config.attnswap['variant']}: "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(loaded, strict=False)
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

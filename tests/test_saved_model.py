@@ -1,0 +1,71 @@
+"""A folder written by attnswap loads with its variant through plain transformers in a fresh process, or fails loudly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import attnswap
+
+SPEC = "window:w=4,sinks=1"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
+    stock = model(ids).logits
+    attnswap.swap(model, SPEC)
+    directory = attnswap.save(model, tmp_path_factory.mktemp("saved") / "model")
+    return directory, ids, stock, attnswap.load(directory)(ids).logits
+
+
+def fresh_process(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1] if len(sys.argv) > 1 else {dir!r}{kwargs})
+torch.save(model(torch.load({ids!r})).logits, {out!r})
+"""
+
+
+def test_plain_from_pretrained_in_a_fresh_process_is_refused_or_runs_the_variant(saved, tmp_path):
+    directory, ids, stock, swapped = saved
+    assert not torch.allclose(swapped, stock, atol=1e-3)  # the variant changes this model's output
+    torch.save(ids, tmp_path / "ids.pt")
+    out = tmp_path / "logits.pt"
+    plain = fresh_process(LOAD.format(dir=str(directory), kwargs="", ids=str(tmp_path / "ids.pt"), out=str(out)))
+    assert plain.returncode != 0 and "trust_remote_code" in plain.stderr  # refused: never full attention
+    remote = fresh_process(LOAD.format(dir=str(directory), kwargs=", trust_remote_code=True",
+                                       ids=str(tmp_path / "ids.pt"), out=str(out)))
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    torch.testing.assert_close(torch.load(out), swapped, atol=1e-6, rtol=1e-6)
+
+
+def test_from_pretrained_after_import_attnswap_runs_the_variant(saved):
+    directory, ids, _, swapped = saved
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    assert attnswap.surgery.swapped_variant(model).spec == attnswap.get_variant(SPEC).spec
+    torch.testing.assert_close(model(ids).logits, swapped, atol=1e-6, rtol=1e-6)
+
+
+def test_save_pretrained_of_a_swapped_model_round_trips(saved, tmp_path):
+    directory, ids, _, swapped = saved
+    attnswap.load(directory).save_pretrained(tmp_path / "again")
+    torch.testing.assert_close(attnswap.load(tmp_path / "again")(ids).logits, swapped, atol=1e-6, rtol=1e-6)
+
+
+def test_a_layer_saved_with_a_variant_never_runs_full_attention(saved):
+    directory, ids, _, _ = saved
+    model = attnswap.load(directory)
+    del model.transformer.h[0].attn.attnswap_variant  # as if loaded some way that could not apply the variant
+    with pytest.raises(attnswap.AttnswapError, match="carries none"):
+        model(ids)
