@@ -211,3 +211,9 @@ def test_bad_swapped_folder_is_one_line_error_and_exit_2(case, tmp_path, capsys)
                 "window": "variant 'window:w=4"}[case]
     assert message.startswith("error: ") and "\n" not in message and expected in message, message
     assert not (tmp_path / "out").exists(), "nothing is written for a bad folder"
+
+
+def test_mass_is_never_measured_on_the_test_text(mixture_dir, tmp_path, capsys):
+    assert main(["harden", "--swapped", str(mixture_dir), "--data", "data/wikitext-2/wiki.test.tokens",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "refusing to train on test data" in capsys.readouterr().err

@@ -187,6 +187,7 @@ def test_plan_command_routes_a_duo_models_heads_and_saves_it_hardened(tmp_path):
     (["--budget", "0"], "budget must be in (0, 1]"),
     (["--variant", "slidng"], "unknown variant 'slidng'"),
     (["--variant", "duo"], "duo routes heads, not layers"),
+    (["--data", "data/wikitext-2/wiki.test.tokens"], "refusing to train on test data"),
 ])
 def test_bad_plan_options_are_one_line_errors(args, message, tmp_path, capsys):
     assert main(["plan", *args, "--out", str(tmp_path / "plan")]) == 2

@@ -57,7 +57,7 @@ from tqdm import tqdm
 from attnswap.bench_kernel import (DENSE, MODES, allowed_fractions, dense_causal_attention, dtype_name, environment,
                                    guarded, open_rows, scaling_figure, time_attention_case, write_results)
 from attnswap.config import config_to_dict
-from attnswap.data import WIKITEXT2_VALID, pack_blocks, token_stream
+from attnswap.data import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
@@ -450,6 +450,8 @@ def _base_model(swapped: Path) -> str:
 def _check(config: HardenConfig) -> None:
     if config.rule not in RULES:
         raise AttnswapError(f"unknown rule {config.rule!r}; choose from: {', '.join(RULES)}")
+    if config.rule == "mass":
+        refuse_test_source(config.data, "validation")  # what survives must not be chosen on the test text
     if not 0 < config.coverage <= 1:
         raise AttnswapError(f"coverage must be in (0, 1], got coverage={config.coverage}")
     if config.blocks < 1 or config.context < 2:

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from attnswap.config import config_to_dict
-from attnswap.data import WIKITEXT2_VALID, pack_blocks, token_stream
+from attnswap.data import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
 from attnswap.harden import write_csv
 from attnswap.kernels.masks import mask_bands, to_index_mask
@@ -279,6 +279,7 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
     if isinstance(variant, Duo):
         raise AttnswapError("duo routes heads, not layers: distil it (attnswap distill --variant duo --l1 ...), then "
                             "plan its heads with attnswap plan --swapped OUT/model")
+    refuse_test_source(config.data, "validation")  # layers chosen on the test text would flatter every result
     name = config.model or DEFAULT_MODEL
     model = load_model(name, device=str(device), dtype=config.dtype)
     head_dim, heads = head_shape(model)
