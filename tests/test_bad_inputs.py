@@ -15,8 +15,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from attnswap.surgery import save, swap
 from tests.cli_helpers import (ROOT, assert_refused, cli_command, distill_args, make_assets, run_cli,
                                subprocess_env)
+from tests.conftest import tiny_gpt2, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +26,29 @@ def a(tmp_path_factory) -> SimpleNamespace:
     return make_assets(tmp_path_factory.mktemp("bad-inputs"))
 
 
-def damaged(a: SimpleNamespace, name: str, damage) -> str:
-    """A copy of the saved swapped model with ``damage(folder)`` applied."""
+def damaged(a: SimpleNamespace, name: str, damage, source: str | None = None) -> str:
+    """A copy of the saved swapped model (or of ``source``) with ``damage(folder)`` applied."""
     folder = a.root / f"damaged-{name}"
     if not folder.exists():
-        shutil.copytree(a.swapped, folder)
+        shutil.copytree(source or a.swapped, folder)
         damage(folder)
     return str(folder)
+
+
+def with_variant_state(a: SimpleNamespace) -> str:
+    """A saved mixture: a variant whose learned tensors live in attnswap.safetensors."""
+    folder = a.root / "swapped-mixture"
+    if not folder.exists():
+        save(swap(tiny_gpt2(n_positions=64), "mixture"), folder, tiny_tokenizer())
+    return str(folder)
+
+
+def report_folder(a: SimpleNamespace, name: str, files: dict[str, bytes]) -> str:
+    """A run folder holding ``files`` (relative path -> bytes), for report."""
+    for relative, data in files.items():
+        (a.root / name / relative).parent.mkdir(parents=True, exist_ok=True)
+        (a.root / name / relative).write_bytes(data)
+    return str(a.root / name)
 
 
 def truncate(folder: Path) -> None:
@@ -108,6 +126,9 @@ CASES = [
         a, "tokenizer", lambda f: (f / "tokenizer_config.json").write_text(""))), "tokenizer_config.json is empty"),
     ("swapped_tokenizer_json_list", lambda a: eval_args(a, "--swapped", damaged(
         a, "tokenizer-list", lambda f: (f / "tokenizer.json").write_text("[]"))), "holds a JSON list"),
+    ("swapped_truncated_variant_state", lambda a: eval_args(a, "--swapped", damaged(
+        a, "state", lambda f: (f / "attnswap.safetensors").write_bytes(b"\x08"), with_variant_state(a))),
+     "attnswap.safetensors"),
     ("swapped_half_saved", lambda a: eval_args(a, "--swapped", damaged(a, "half", half_saved)), "no saved model"),
     ("model_config_not_json", lambda a: eval_args(a, "--model", damaged(
         a, "model-config", lambda f: (f / "config.json").write_bytes(b"\xff\xfe"))), "config.json is not valid JSON"),
@@ -148,6 +169,12 @@ CASES = [
     ("run_out_is_a_file", lambda a: ["run", str(write(a, "run.yaml", f"out: {a.file}\n"))], "is a file"),
     ("report_missing_folder", lambda a: ["report", str(a.root / "nope")], "does not exist"),
     ("report_out_is_a_file", lambda a: ["report", str(a.root), "--out", a.file], "is a file"),
+    ("report_corrupt_bench_rows", lambda a: ["report", report_folder(a, "bad-bench", {
+        "bench/bench_summary.json": b"{}", "bench/bench_results.jsonl": b'{"mode": "prefill"}\n{"mode": '}),
+        "--out", str(a.root / "report-out")], "bench_results.jsonl (line 2"),
+    ("report_metrics_not_utf8", lambda a: ["report", report_folder(a, "bad-metrics", {
+        "distill/metrics.jsonl": b'{"step": 1, "loss": \xff}\n'}), "--out", str(a.root / "report-out")],
+     "metrics.jsonl"),
     ("report_corrupt_json", lambda a: ["report", str(corrupt_run(a)), "--out", str(a.root / "report-out")],
      "corrupt result file"),
 ]

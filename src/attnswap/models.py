@@ -80,6 +80,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
             f"cannot load model {name_or_path!r} ({str(exc).splitlines()[0]}); offline, pass a local directory "
             f"such as {DEFAULT_MODEL}"
         ) from None
+    except AttnswapError:  # attnswap's own loading code, run by transformers for a saved swapped model
+        raise
     except (SafetensorError, ValueError) as exc:  # truncated weights; a config transformers cannot read
         raise _cannot_load(name_or_path, local, exc) from None
     except RuntimeError as exc:

@@ -370,7 +370,7 @@ def _metrics(runs: Runs) -> list[tuple[Path, list[dict]]]:
     found = []
     for path in runs.files("metrics.jsonl"):
         records = []
-        for line in path.read_text().splitlines():
+        for line in _result_text(path).splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -511,15 +511,14 @@ def _json_line(path: Path, number: int, line: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
-        raise AttnswapError(f"corrupt result file {path}, line {number} ({exc}); re-run the benchmark that wrote "
-                            "it") from None
+        raise _corrupt(path, f"line {number}: {exc}") from None
 
 
 def _bench_runs(runs: Runs, prefix: str) -> list[tuple[Path, dict, list[dict]]]:
     found = []
     for path in runs.files(f"{prefix}_summary.json"):
         results = path.parent / f"{prefix}_results.jsonl"
-        lines = results.read_text().splitlines() if results.is_file() else []
+        lines = _result_text(results).splitlines() if results.is_file() else []
         rows = [_json_line(results, number, line) for number, line in enumerate(lines, 1) if line.strip()]
         found.append((path, _read_json(path) or {}, rows))
     return found
@@ -777,8 +776,19 @@ def _fmt(value: Any) -> str:
 def _read_json(path: Path) -> Any:
     """A result file's JSON; a damaged one is named rather than plotted as garbage or skipped unnoticed."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AttnswapError(f"corrupt result file {path} ({exc}); re-run the command that wrote it, or move it out "
-                            "of the run folder") from None
+        return json.loads(_result_text(path))
+    except json.JSONDecodeError as exc:
+        raise _corrupt(path, exc) from None
+
+
+def _result_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, exc) from None
+
+
+def _corrupt(path: Path, detail: object) -> AttnswapError:
+    return AttnswapError(f"corrupt result file {path} ({detail}); re-run the command that wrote it, or move it out of "
+                         "the run folder")
 
