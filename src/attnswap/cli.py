@@ -1,7 +1,9 @@
 """The ``attnswap`` command: parse arguments into a command's config and call one public function.
 
 Every command takes ``--config FILE.yaml`` and ``--key value`` (or ``--key=value``) overrides for any
-field of its config dataclass. User mistakes print ``error: …`` on stderr and exit with code 2.
+field of its config dataclass. User mistakes print ``error: …`` on stderr and exit with code 2; each command checks
+its inputs and output folder before any work. A command that writes a folder holds that folder's lock while it
+runs (``attnswap.runs``), so a second one on the same ``--out`` is refused.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ commands:
   report         an HTML + markdown report from run folders
   run            the whole pipeline from one YAML config
 
-'attnswap COMMAND --help' lists a command's keys and defaults."""
+'attnswap COMMAND --help' lists a command's keys and defaults.
+
+exit codes: 0 done; 2 refused (one 'error: ...' line: a bad value, a damaged file, a busy --out);
+130 interrupted (Ctrl-C or SIGTERM: distill checkpoints first, continue it with --resume true)."""
 
 
 def list_variants() -> str:
