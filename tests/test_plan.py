@@ -159,6 +159,8 @@ def test_plan_command_writes_a_layer_plan_within_budget(tiny_model_dir, tiny_tex
     assert plan["layers"] == [kl.index(min(kl))] and plan["full_layers"] == [kl.index(max(kl))]
     assert plan["predicted_cost"] == pytest.approx((1 + plan["cheap_cost"]) / 2)
     assert plan["tokens"] == 3 * 32 and plan["command"].startswith("attnswap plan --model")
+    assert [len(a["layers"]) for a in plan["alternatives"]] == [0, 1, 2]
+    assert plan["alternatives"][1]["layers"] == plan["layers"] and plan["alternatives"][2]["predicted_cost"] < 0.7
     with (out / "sensitivity.csv").open() as stream:
         assert [int(r["layer"]) for r in csv.DictReader(stream)] == [0, 1]
     assert (out / "sensitivity.png").read_bytes()[:8] == PNG_MAGIC

@@ -25,7 +25,8 @@ A layer's cost is the mean over its heads; a model's the mean over its layers (e
 
 **Planner** (``choose_cheap_layers``): the set of cheap layers of least summed sensitivity whose cost is within
 the budget: exact search over all 2^L subsets when L ≤ EXACT_LIMIT, else greedy by sensitivity per unit of cost
-saved. Summing single-layer KLs is an estimate (their effects interact); the distillation then measures the real
+saved; ``plan.json`` also lists the best set of every size (``alternatives``: the plan of every other budget).
+Summing single-layer KLs is an estimate (their effects interact); the distillation then measures the real
 KL. **Heads** (``route_heads``): a distilled ``duo`` model keeps full attention in the heads whose gates are
 highest, as many as the budget allows over the whole model, and is hardened so (one block mask per layer).
 """
@@ -288,7 +289,11 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
     blocks = pack_blocks(token_stream(config.data, load_tokenizer(name), split="validation"), config.context)
     sensitivity = layer_sensitivity(model, variant, blocks[: config.blocks], config.batch_size, config.seed)
     cheap_costs = [cheap] * n_layers
-    chosen = choose_cheap_layers([s["kl"] for s in sensitivity], cheap_costs, config.budget)
+    kl = [s["kl"] for s in sensitivity]
+    chosen = choose_cheap_layers(kl, cheap_costs, config.budget)
+    # Every layer costs the same, so the best plan of each budget is the best set of some size k: one per k.
+    alternatives = [choose_cheap_layers(kl, cheap_costs, assignment_cost(range(k), cheap_costs))
+                    for k in range(n_layers + 1)]
     rows = [{**s, "cheap_cost": cheap, "cheap": s["layer"] in chosen} for s in sensitivity]
     write_csv(out / "sensitivity.csv", rows)
     bar_plot([f"L{s['layer']}" + (" ·cheap" if s["layer"] in chosen else "") for s in sensitivity],
@@ -302,7 +307,9 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
     return {"model": name, "variant": variant.spec, "search": "exact" if n_layers <= EXACT_LIMIT else "greedy",
             "layers": chosen, "full_layers": [i for i in range(n_layers) if i not in chosen],
             "cheap_cost": cheap, "predicted_cost": predicted,
-            "predicted_kl": sum(sensitivity[i]["kl"] for i in chosen), "sensitivity": rows,
+            "predicted_kl": sum(kl[i] for i in chosen), "sensitivity": rows,
+            "alternatives": [{"layers": a, "predicted_cost": assignment_cost(a, cheap_costs),
+                              "predicted_kl": sum(kl[i] for i in a)} for a in alternatives],
             "tokens": int(blocks[: config.blocks].numel()), "files": ["sensitivity.csv", "sensitivity.png"]}
 
 
