@@ -1,9 +1,11 @@
 """Run folders that two processes cannot share, output paths checked before any work, folders a kill cannot leave
 half written.
 
-- ``run_lock(folder)`` (``holding_out_folder`` for a command): the folder's ``.attnswap.lock`` holds the pid of the run using it, under an exclusive
-  ``flock``. The kernel drops a flock when its process dies, ``kill -9`` included, so a lock whose flock is free is
-  stale whatever pid it names (and a reused pid cannot keep it alive): the next run takes it over.
+- ``run_lock(folder)`` (``holding_out_folder`` for a command): the folder's ``.attnswap.lock`` holds the pid of the
+  run using it, under an exclusive ``flock``. The kernel drops a flock when its process dies, ``kill -9`` included,
+  so a lock whose flock is free is stale whatever pid it names (and a reused pid cannot keep it alive): the next
+  run takes it over. (An O_EXCL file alone would need the pid to judge staleness, and two runs taking over the
+  same stale file could both win.)
 - ``atomic_directory(final)``: build a folder under a temporary name beside ``final``, then rename it into place.
   A kill leaves either the previous folder, the new one, or (between the two renames) none: never half of one.
 - ``remove_stale_temps(folder)``: what killed writers left behind (``*.tmp``); call it while holding the lock.
