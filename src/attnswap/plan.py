@@ -54,6 +54,7 @@ from attnswap.kernels.masks import mask_bands, to_index_mask
 from attnswap.losses import kl_divergence
 from attnswap.models import DEFAULT_MODEL, git_commit, load_model, load_tokenizer, resolve_device
 from attnswap.plots import bar_plot
+from attnswap.runs import holding_out_folder
 from attnswap.surgery import STATE_ATTR, attention_modules, head_shape, load, save, swap, swapped_variant, unswap
 from attnswap.variants import AttnContext, Variant, get_variant
 from attnswap.variants.duo import Duo, DuoState
@@ -261,6 +262,7 @@ def route_heads(model: nn.Module, budget: float, cheap_cost: float) -> list[list
 
 
 # --- the `attnswap plan` command -----------------------------------------------------------------
+@holding_out_folder  # a second plan writing into the same folder is refused, not interleaved
 def plan(config: PlanConfig) -> dict[str, Any]:
     """Write ``plan.json`` (+ CSV and a bar plot) for ``config``: a layer plan, or a head plan of a duo model."""
     device = resolve_device(config.device)
