@@ -221,3 +221,11 @@ def test_compiled_fullgraph_forward_equals_eager(spec):
     eager = model(ids, attention_mask=mask).logits
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, eager, atol=TOL, rtol=TOL)
+
+
+def test_mixture_refuses_packed_sequences():
+    model = build("llama")
+    attnswap.swap(model, "mixture:candidates=win4+sink2")
+    ids, position_ids, _ = packed_inputs()
+    with pytest.raises(AttnswapError, match="cannot apply this model's own mask"):
+        model(ids, position_ids=position_ids, use_cache=False)

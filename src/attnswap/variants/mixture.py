@@ -229,6 +229,9 @@ class Mixture(MaskedVariant):
     name = "mixture"
     Params = MixtureParams
     summary = "learnable weighted mixture of candidate masks, hardened into one block-sparse mask"
+    # Its reference and score bias build their own candidate masks over one row of positions: the model's mask
+    # (sliding window, packed documents, a 4-D mask) is refused rather than half-applied.
+    honours_model_mask = False
 
     @property
     def label(self) -> str:
