@@ -60,6 +60,11 @@ def causal_linear_attention(
     ``key_log_scale``, divided by exp of the query's own slot's scale): the total weight the output averages over,
     which a hybrid needs to weigh this attention against another (kernels/merge.py). Gradients flow through it.
     """
+    with torch.autocast(phi_q.device.type, enabled=False):  # fp32 sums and products, whatever autocast says
+        return _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, return_normaliser)
+
+
+def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, return_normaliser):
     q_len, kv_len = phi_q.shape[-2], phi_k.shape[-2]
     assert q_len <= kv_len, f"queries are the last T of S keys, got T={q_len} > S={kv_len}"
     assert chunk >= 1, f"chunk must be >= 1, got {chunk}"

@@ -21,6 +21,13 @@ class HedgehogParams:
         check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
 
 
+# Why a floor: once trained maps grow sharp, phi(q)·phi(k) of two peaked softmaxes can underflow, and the linear
+# normaliser with it; its gradient (-num / den²) then overflowed: Hedgehog's bf16 distillation stopped with a NaN
+# gradient norm 37 steps into stage 2 (configs/experiments/recipe_hedgehog.yaml at 86fd6fd, H200). Mixing each
+# softmax with 1e-4 of the uniform distribution bounds phi(q)·phi(k) >= 2e-8 / f per key and moves attention by < 1e-4.
+FEATURE_FLOOR = 1e-4
+
+
 class HedgehogMap(nn.Module):
     """One layer's learned maps x -> x W + b, one per head and per side (queries, keys), as Hedgehog and LoLCATs
     learn them: W (2, H, D, f) and b (2, H, f) in fp32, index 0 for queries and 1 for keys.
@@ -38,9 +45,12 @@ class HedgehogMap(nn.Module):
         self.bias = nn.Parameter(torch.zeros(2, num_heads, feature_dim))
 
     def forward(self, x: torch.Tensor, side: int = QUERIES) -> torch.Tensor:
-        """phi(x) = [softmax(x W + b), softmax(-(x W + b))]: x (B, H, N, D) fp32 -> (B, H, N, 2f)."""
-        logits = torch.einsum("bhnd,hdf->bhnf", x, self.weight[side]) + self.bias[side, :, None, :]
-        return torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
+        """phi(x) = [softmax(x W + b), softmax(-(x W + b))], each half mixed with FEATURE_FLOOR of the uniform
+        distribution: x (B, H, N, D) -> (B, H, N, 2f) fp32, computed in fp32 even under autocast."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = torch.einsum("bhnd,hdf->bhnf", x.float(), self.weight[side]) + self.bias[side, :, None, :]
+            phi = torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
+            return (1 - FEATURE_FLOOR) * phi + FEATURE_FLOOR / logits.shape[-1]
 
 
 class Hedgehog(LinearVariant):
