@@ -3,6 +3,8 @@ dense reference; bounded-state generation (cache.HybridLayer) against generation
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -66,6 +68,25 @@ def test_materialised_lse_is_the_log_normaliser_with_clean_gradients():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
+def test_flex_lse_is_the_natural_log_normaliser():
+    """FlexAttention (uncompiled here; compiled on CUDA) hands out its LSE the same way as the materialised path."""
+    from attnswap.kernels import flex
+
+    variant = get_variant("window:w=5,sinks=2")
+    q, k, v = random_qkv(q_len=37, dim=16)
+    ctx = _padded_context(2, 37, left_pad=9)
+    index_mask, _, _ = variant.index_mask(q, k, ctx, None)
+    block_mask = flex.build_block_mask(index_mask, 2, None, 37, 37, "cpu", block_size=16)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the uncompiled path's "materializes the full scores" notice
+        out, lse = flex.flex_masked_attention(q, k, v, block_mask, ctx.scaling, backend=None, return_lse=True)
+    ref_out, ref_lse = flex.materialised_attention(q, k, v, index_mask, ctx.scaling, return_lse=True)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-5)
+    real = ref_lse.isfinite()
+    assert torch.equal(lse.isfinite(), real) and not real.all(), "padded queries: -inf in both"
+    torch.testing.assert_close(lse[real], ref_lse[real], rtol=0, atol=2e-5)
+
+
 # --- the variant against its reference ------------------------------------------------------
 CASES = {  # (T, S, w, sinks, chunk): odd lengths, not multiples of the chunk; T < w and T > w; chunked prefill
     "prefill-T>w": (23, 23, 5, 2, 4),
@@ -96,6 +117,26 @@ def test_hybrid_matches_reference_with_padding(q_len, kv_len, w, sinks, chunk, d
         torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 5, msg=f"d{name}")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention with backward needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_hybrid_fused_path_matches_reference_on_cuda(dtype):
+    """FlexAttention's window with its LSE (T >= 128) and the fused linear scan (bf16) against the reference."""
+    variant = Hybrid(HybridParams(w=100, sinks=4, chunk=64))
+    state = _trained_state(variant, 3, 64).cuda()
+    q, k, v = (t.cuda().to(dtype).requires_grad_(True) for t in random_qkv(q_len=300, dim=64))
+    ctx = _padded_context(2, 300, left_pad=9)
+    ctx.key_valid = ctx.key_valid.cuda()
+    fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)
+    tolerance = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(fast.float(), ref, rtol=0, atol=tolerance)
+    inputs = (q, k, v, state.feature_map.weight, state.balance)
+    for name, g_fast, g_ref in zip(("q", "k", "v", "W", "balance"),
+                                   torch.autograd.grad(fast.float().square().sum(), inputs),
+                                   torch.autograd.grad(ref.square().sum(), inputs)):
+        torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=tolerance * 10, msg=f"d{name}")
+
+
 def test_hybrid_rows_sum_to_one_and_split_at_the_window():
     variant = Hybrid(HybridParams(w=3, sinks=1, chunk=4))
     state = _trained_state(variant, 3, 16)
@@ -118,7 +159,7 @@ def test_hybrid_state_starts_from_hedgehog_and_the_balance_init():
     state = Hybrid().make_state(4, 8)
     assert sorted(name for name, _ in state.named_parameters()) == ["balance", "feature_map.bias", "feature_map.weight"]
     assert all(p.dtype == torch.float32 and p.requires_grad for p in state.parameters())
-    assert torch.equal(state.feature_map.weight, torch.eye(8).expand(4, 8, 8))
+    assert torch.equal(state.feature_map.weight, torch.eye(8).expand(2, 4, 8, 8))
 
 
 def test_hybrid_params_are_validated_and_named():
@@ -184,7 +225,7 @@ def test_bounded_cache_generates_like_no_cache(factory, length):
     model = swap(factory(), Hybrid(HybridParams(w=W, sinks=2, chunk=4)))
     for module in attention_modules(model):  # a trained state, so the far part matters
         module.attnswap.load_state_dict(_trained_state(model.attnswap_record.variant, module.attnswap.balance.shape[0],
-                                                       module.attnswap.feature_map.weight.shape[1]).state_dict())
+                                                       module.attnswap.feature_map.weight.shape[2]).state_dict())
     ids, mask = random_batch(batch=2, length=length, left_pad=2)
     keys_seen, cache = [], bounded_cache(model)
     with observe_attention(model, lambda module, variant, q, k, *rest: keys_seen.append((q.shape[-2], k.shape[-2]))):
@@ -196,7 +237,8 @@ def test_bounded_cache_generates_like_no_cache(factory, length):
     heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
     for layer in cache.layers:
         assert isinstance(layer, HybridLayer) and layer.keys.shape[-2] == W + 2
-        assert [tuple(t.shape) for t in layer.far_state] == [(2, heads, 2 * head_dim, head_dim), (2, heads, 2 * head_dim)]
+        features = 2 * head_dim  # Hedgehog's two softmax halves
+        assert [tuple(t.shape) for t in layer.far_state] == [(2, heads, features, head_dim), (2, heads, features)]
     for row in range(2):
         real = mask[row].bool()
         alone, _ = _generate(model, ids[row : row + 1, real], None, past_key_values=bounded_cache(model))
