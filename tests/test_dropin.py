@@ -70,7 +70,7 @@ def packed_inputs():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("spec", ["full", WINDOW])
+@pytest.mark.parametrize("spec", ["full", WINDOW, "longformer:w=4,global_tokens=1"])
 def test_packed_sequences_equal_each_sequence_alone(arch, spec):
     model = build(arch)
     ids, position_ids, lengths = packed_inputs()
