@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, pipeline
 
 import attnswap
 
@@ -17,7 +17,8 @@ SPEC = "window:w=4,sinks=1"
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    # GPT-2's vocabulary, so that the bundled tokenizer can drive it through pipeline().
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     stock = model(ids).logits
     attnswap.swap(model, SPEC)
@@ -69,3 +70,10 @@ def test_a_layer_saved_with_a_variant_never_runs_full_attention(saved):
     del model.transformer.h[0].attn.attnswap_variant  # as if loaded some way that could not apply the variant
     with pytest.raises(attnswap.AttnswapError, match="carries none"):
         model(ids)
+
+
+def test_pipeline_runs_the_variant(saved):
+    directory, *_ = saved
+    generator = pipeline("text-generation", model=str(directory), tokenizer=attnswap.DEFAULT_MODEL)
+    assert attnswap.surgery.swapped_variant(generator.model).spec == attnswap.get_variant(SPEC).spec
+    assert generator("Hello world", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("Hello world")
