@@ -219,7 +219,7 @@ def _generate(model, ids, mask, **kwargs):
 @pytest.mark.parametrize("factory,length", GENERATION.values(), ids=GENERATION.keys())
 def test_bounded_cache_generates_like_no_cache(factory, length):
     """Left-padded batch: the same tokens and scores as without a cache; decode steps attend over w + sinks slots
-    and the cache holds those slots plus one linear state per layer, however long the text; each row as alone."""
+    and the cache holds those slots plus one linear state per layer, however long the text; the padded row as alone."""
     from attnswap.cache import HybridLayer, bounded_cache
 
     model = swap(factory(), Hybrid(HybridParams(w=W, sinks=2, chunk=4)))
@@ -239,10 +239,9 @@ def test_bounded_cache_generates_like_no_cache(factory, length):
         assert isinstance(layer, HybridLayer) and layer.keys.shape[-2] == W + 2
         features = 2 * head_dim  # Hedgehog's two softmax halves
         assert [tuple(t.shape) for t in layer.far_state] == [(2, heads, features, head_dim), (2, heads, features)]
-    for row in range(2):
-        real = mask[row].bool()
-        alone, _ = _generate(model, ids[row : row + 1, real], None, past_key_values=bounded_cache(model))
-        assert torch.equal(tokens[row, -3 * W :], alone[0, -3 * W :]), f"row {row} differs from its unpadded self"
+    real = mask[0].bool()  # the left-padded row
+    alone, _ = _generate(model, ids[:1, real], None, past_key_values=bounded_cache(model))
+    assert torch.equal(tokens[0, -3 * W :], alone[0, -3 * W :]), "the padded row differs from its unpadded self"
 
 
 def test_bounded_cache_prefill_in_chunks_matches_one_forward():
