@@ -3,6 +3,8 @@ variant's own reference composed with the model's mask (``window``), on tiny ran
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
@@ -229,3 +231,36 @@ def test_mixture_refuses_packed_sequences():
     ids, position_ids, _ = packed_inputs()
     with pytest.raises(AttnswapError, match="cannot apply this model's own mask"):
         model(ids, position_ids=position_ids, use_cache=False)
+
+
+@pytest.mark.parametrize("case", ["packed", "sliding_window", "4d_mask", "static_cache"])
+def test_window_flex_kernel_under_the_models_mask_equals_its_reference(case):
+    """The block-sparse path (what CUDA runs) evaluates transformers' mask functions inside FlexAttention; here
+    uncompiled flex on CPU, with the block mask built as on the GPU."""
+    from attnswap.kernels import flex
+
+    model = build("mistral" if case == "sliding_window" else "llama", sliding_window=5)
+    attnswap.swap(model, WINDOW)
+    checked = []
+
+    def check(module, variant, q, k, v, ctx, state):
+        index_mask, _, _ = variant.index_mask(q, k, ctx, state)
+        block_mask = flex.build_block_mask(index_mask, q.shape[0], q.shape[1], q.shape[-2], k.shape[-2], "cpu",
+                                           block_size=4)
+        with torch.no_grad():
+            out = flex.flex_masked_attention(q, k, v, block_mask, ctx.scaling, backend=None)
+        torch.testing.assert_close(out.float(), variant.reference(q, k, v, ctx, state), atol=TOL, rtol=TOL)
+        checked.append(ctx)
+
+    ids = torch.randint(2, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    with observe_attention(model, check), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the uncompiled path's "materializes the full scores" notice
+        if case == "packed":
+            model(*packed_inputs()[:1], position_ids=packed_inputs()[1], use_cache=False)
+        elif case == "sliding_window":
+            model(ids)
+        elif case == "4d_mask":
+            model(ids, attention_mask=custom_4d_mask(torch.bool), use_cache=False)
+        else:
+            greedy(model, "static")
+    assert checked and (case == "static_cache" or all(ctx.model_mask is not None for ctx in checked))
