@@ -1,0 +1,70 @@
+"""Frontier points (quality against attention cost) from `attnswap run` folders: one point per distilled variant.
+
+    python scripts/frontier_points.py benchmarks/results/recipe_h200/*/recipe_* --out benchmarks/results/recipe_h200/frontier.json
+
+Quality comes from each row's eval.json (WikiText-2 test, swapped against the original model), tokens and GPU
+seconds from its distill results.json, and the attention cost at the eval's context from attnswap.plan.model_cost
+on the saved swap's variant and layers (fresh state: the costs of every variant here do not depend on training).
+The original model is added as the point (cost 1, ratio 1). Runs whose model weights are not kept still work: the
+swap is rebuilt from results.json's variant and layers on a tiny copy of the teacher's attention shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from attnswap.plan import head_costs
+
+HEADS, HEAD_DIM = 4, 64  # the bundled teacher's attention shape (8 layers of 4 heads x 64)
+LAYERS = 8
+
+
+def layer_costs(variant: str, layers: list[int] | None, n: int) -> float:
+    """Mean over the teacher's layers: swapped layers at the variant's cost, the others at full attention's."""
+    cheap = float(head_costs(variant, n, "flops", None, HEADS, HEAD_DIM).mean())
+    swapped = set(range(LAYERS) if layers is None else layers)
+    return sum(cheap if i in swapped else 1.0 for i in range(LAYERS)) / LAYERS
+
+
+def points_of(run: Path) -> list[dict]:
+    summary = json.loads((run / "summary.json").read_text())
+    points = []
+    for row in summary["rows"]:
+        folder = run / row["label"]
+        evaluated = json.loads((folder / "eval" / "eval.json").read_text())
+        trained = json.loads((folder / "distill" / "results.json").read_text())
+        stream, context = evaluated["stream"], evaluated["info"]["config"]["context"]
+        layers = trained["config"]["layers"]
+        points.append({
+            "label": row["label"] + ("" if layers is None else f" layers {','.join(map(str, layers))}"),
+            "group": "routing by layer" if layers is not None else row["variant"].split(":")[0],
+            "teacher": summary["model"], "ppl": stream["perplexity"]["swapped"],
+            "teacher_ppl": stream["perplexity"]["original"], "kl": stream["kl"]["mean"],
+            "top1": stream["top1_agreement"], "attn_cost": layer_costs(row["variant"], layers, context),
+            "tokens": trained["tokens_seen"], "gpu_seconds": trained.get("train_seconds"),
+            "command": f"python -m attnswap.cli run configs/experiments/{summary['name']}.yaml --device cuda",
+        })
+    return points
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    points = [p for run in args.runs for p in points_of(run)]
+    teacher = points[0]
+    points.insert(0, {"label": "original (full attention)", "group": "original", "teacher": teacher["teacher"],
+                      "ppl": teacher["teacher_ppl"], "teacher_ppl": teacher["teacher_ppl"], "kl": 0.0, "top1": 1.0,
+                      "attn_cost": 1.0, "tokens": 0, "gpu_seconds": 0.0, "command": "attnswap eval (the original)"})
+    args.out.write_text(json.dumps({"command": "python scripts/frontier_points.py " + " ".join(map(str, args.runs))
+                                    + f" --out {args.out}", "points": points}, indent=1))
+    for p in points:
+        print(f"{p['label']:<40} cost {p['attn_cost']:.3f}  ppl {p['ppl']:.2f} ({p['ppl'] / p['teacher_ppl']:.3f}x)"
+              f"  KL {p['kl']:.4f}  top-1 {p['top1']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
