@@ -24,6 +24,9 @@ results in benchmarks/results/hybrid_balance_init_cpu/). With w = 64 and 4 sinks
 (teacher 108.0 at context 512). So even untrained maps give the far tokens useful weight, and -4 is the best of these
 at context 1024 and within 1 % of the best at 512; the far part's weight grows with the number of far tokens, so
 longer contexts favour a lower beta. beta = -inf is the window exactly (same perplexity, 197.7).
+The other normaliser, the far part's exp(beta) F_i against the window's softmax mass exp(lse_i) itself, never beat
+the window untrained (255.5 at best, context 1024; same folder): Hedgehog's features are normalised per token, so
+phi(q)·phi(k) carries no per-query scale, and the window's lse supplies one.
 
 Efficient path: the window part through FlexAttention with its log-sum-exp, the far part through the chunked
 linear scan on key features delayed by w (shifted right by w with zeros, so query i sees keys <= i - w; sinks and
