@@ -244,6 +244,19 @@ def test_bounded_cache_generates_like_no_cache(factory, length):
     assert torch.equal(tokens[0, -3 * W :], alone[0, -3 * W :]), "the padded row differs from its unpadded self"
 
 
+def test_static_cache_generates_like_no_cache():
+    """A StaticCache places the queries by position among preallocated slots: the reference serves them."""
+    model = swap(tiny_llama(), Hybrid(HybridParams(w=W, sinks=2, chunk=4)))
+    with torch.no_grad():
+        for module in attention_modules(model):
+            module.attnswap.balance.fill_(1.0)
+    ids, mask = random_batch(batch=2, length=9, left_pad=2)
+    tokens, scores = _generate(model, ids, mask, cache_implementation="static")
+    ref_tokens, ref_scores = _generate(model, ids, mask, use_cache=False)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, atol=TOLERANCE[torch.float32], rtol=0)
+
+
 def test_bounded_cache_prefill_in_chunks_matches_one_forward():
     from attnswap.cache import bounded_cache
 

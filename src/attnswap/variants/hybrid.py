@@ -83,6 +83,7 @@ class Hybrid(Variant):
     Params = HybridParams
     summary = ("exact softmax over the last w tokens (+ sinks), learned-feature-map linear attention over every "
                "earlier token, one shared normaliser, a learned per-head balance")
+    honours_query_positions = True  # attend() hands queries placed by position (a StaticCache) to the reference
 
     def __init__(self, params: HybridParams | None = None):
         super().__init__(params)
