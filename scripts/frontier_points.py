@@ -38,13 +38,14 @@ def points_of(run: Path) -> list[dict]:
         stream, context = evaluated["stream"], evaluated["info"]["config"]["context"]
         layers = trained["config"]["layers"]
         points.append({
-            "label": row["label"] + ("" if layers is None else f" layers {','.join(map(str, layers))}"),
+            "label": f"{row['label']}{'' if layers is None else ' layers ' + ','.join(map(str, layers))} [{run.name}]",
             "group": "routing by layer" if layers is not None else row["variant"].split(":")[0],
             "teacher": summary["model"], "ppl": stream["perplexity"]["swapped"],
             "teacher_ppl": stream["perplexity"]["original"], "kl": stream["kl"]["mean"],
             "top1": stream["top1_agreement"], "attn_cost": layer_costs(row["variant"], layers, context),
             "tokens": trained["tokens_seen"], "gpu_seconds": trained.get("train_seconds"),
-            "command": f"python -m attnswap.cli run configs/experiments/{summary['name']}.yaml --device cuda",
+            "command": f"python -m attnswap.cli run configs/experiments/{summary['name']}.yaml --device cuda "
+                       f"(results: {run})",
         })
     return points
 
@@ -62,7 +63,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"command": "python scripts/frontier_points.py " + " ".join(map(str, args.runs))
                                     + f" --out {args.out}", "points": points}, indent=1))
     for p in points:
-        print(f"{p['label']:<40} cost {p['attn_cost']:.3f}  ppl {p['ppl']:.2f} ({p['ppl'] / p['teacher_ppl']:.3f}x)"
+        print(f"{p['label']:<60} cost {p['attn_cost']:.3f}  ppl {p['ppl']:.2f} ({p['ppl'] / p['teacher_ppl']:.3f}x)"
               f"  KL {p['kl']:.4f}  top-1 {p['top1']:.3f}")
 
 
