@@ -87,3 +87,16 @@ def test_results_doc_writes_the_frontier_and_says_which_tables_are_not_committed
     assert (tmp_path / "docs" / "frontier.png").read_bytes()[:8] == PNG_MAGIC
     assert "_Not committed: results/anchor_h100_bf16/eval.json._" in text
     assert text.count("_Not committed:") == 6, "every README table names the file it misses"
+    assert "_No plan.json under the results yet._" in text
+
+
+def test_results_doc_tables_each_layer_plan_with_the_plan_of_every_size(results, results_doc, tmp_path):
+    plan = {"variant": "window:w=4", "model": "models/tiny", "command": "attnswap plan --variant window:w=4",
+            "tokens": 96, "cheap_cost": 0.25, "config": {"measure": "flops", "context": 32},
+            "sensitivity": [{"layer": 0, "kl": 0.3, "top1": 0.9}, {"layer": 1, "kl": 0.1, "top1": 0.95}]}
+    (results / "plan_tiny").mkdir()
+    (results / "plan_tiny" / "plan.json").write_text(json.dumps(plan))
+    text = results_doc.write_results(results, tmp_path / "results.md").read_text()
+    assert "/plan_tiny: window:w=4 in tiny\n" in text
+    assert "| 1 | 0.1 | 0.95 |" in text
+    assert "| none | 1 | 0 |" in text and "| 1 | 0.625 | 0.1 |" in text and "| 0, 1 | 0.25 | 0.4 |" in text

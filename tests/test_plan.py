@@ -11,7 +11,7 @@ import torch
 import attnswap
 from attnswap.cli import main
 from attnswap.errors import AttnswapError
-from attnswap.plan import (PlanConfig, assignment_cost, choose_cheap_layers, head_costs, layer_sensitivity,
+from attnswap.plan import (PlanConfig, assignment_cost, best_plans, choose_cheap_layers, head_costs, layer_sensitivity,
                            model_cost, route_heads)
 from attnswap.surgery import STATE_ATTR, attention_modules, is_swapped
 from attnswap.variants.mixture import Mixture, MixtureParams
@@ -87,6 +87,15 @@ def test_exact_search_finds_the_known_best_with_unequal_costs():
     assert choose_cheap_layers([1.0, 1.0, 0.1], [0.0, 0.5, 0.9], 0.7) == [0]
     # A budget every layer full meets needs nothing cheap, whatever the sensitivities.
     assert choose_cheap_layers([0.0, 0.0], [0.3, 0.3], 1.0) == []
+
+
+def test_best_plans_give_the_plan_of_every_budget_one_per_size():
+    plans = best_plans(SENSITIVITY, 0.2)
+    assert [p["layers"] for p in plans] == [[], [3], [1, 3], [1, 3, 4], [1, 2, 3, 4], [1, 2, 3, 4, 5], list(range(6))]
+    for budget in (0.9, 0.5, 0.21):
+        best = choose_cheap_layers(SENSITIVITY, [0.2] * 6, budget)
+        assert best in [p["layers"] for p in plans]
+    assert plans[2]["predicted_cost"] == pytest.approx((4 + 0.4) / 6) and plans[2]["predicted_kl"] == pytest.approx(0.15)
 
 
 def test_budget_below_every_layer_cheap_is_a_one_line_error():

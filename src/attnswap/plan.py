@@ -196,6 +196,16 @@ def choose_cheap_layers(sensitivity: Sequence[float], cheap_costs: Sequence[floa
     return sorted(chosen)
 
 
+def best_plans(sensitivity: Sequence[float], cheap_cost: float) -> list[dict[str, Any]]:
+    """The best set of cheap layers of every size 0..L when every layer costs ``cheap_cost`` cheap: the plan of
+    every budget, each with its cost and summed sensitivity."""
+    costs = [cheap_cost] * len(sensitivity)
+    plans = [choose_cheap_layers(sensitivity, costs, assignment_cost(range(k), costs))
+             for k in range(len(sensitivity) + 1)]
+    return [{"layers": p, "predicted_cost": assignment_cost(p, costs), "predicted_kl": sum(sensitivity[i] for i in p)}
+            for p in plans]
+
+
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, variant: "str | Variant", blocks: torch.Tensor, batch_size: int = 1,
                       seed: int = 0, progress: bool = True) -> list[dict[str, float]]:
@@ -293,9 +303,6 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
     cheap_costs = [cheap] * n_layers
     kl = [s["kl"] for s in sensitivity]
     chosen = choose_cheap_layers(kl, cheap_costs, config.budget)
-    # Every layer costs the same, so the best plan of each budget is the best set of some size k: one per k.
-    alternatives = [choose_cheap_layers(kl, cheap_costs, assignment_cost(range(k), cheap_costs))
-                    for k in range(n_layers + 1)]
     rows = [{**s, "cheap_cost": cheap, "cheap": s["layer"] in chosen} for s in sensitivity]
     write_csv(out / "sensitivity.csv", rows)
     bar_plot([f"L{s['layer']}" + (" ·cheap" if s["layer"] in chosen else "") for s in sensitivity],
@@ -310,8 +317,7 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
             "layers": chosen, "full_layers": [i for i in range(n_layers) if i not in chosen],
             "cheap_cost": cheap, "predicted_cost": predicted,
             "predicted_kl": sum(kl[i] for i in chosen), "sensitivity": rows,
-            "alternatives": [{"layers": a, "predicted_cost": assignment_cost(a, cheap_costs),
-                              "predicted_kl": sum(kl[i] for i in a)} for a in alternatives],
+            "alternatives": best_plans(kl, cheap),
             "tokens": int(blocks[: config.blocks].numel()), "files": ["sensitivity.csv", "sensitivity.png"]}
 
 
