@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16's GPU experiments through the device tool (H200, torch 2.11, transformers 5.17 preinstalled; no network).
-# Usage: scripts/gpu_recipe.sh CONFIG.yaml [CONFIG.yaml ...]   (each an `attnswap run` config; extra commands via EXTRA)
+# Usage: ATTNSWAP_COMMIT=<sha> scripts/gpu_recipe.sh CONFIG.yaml [CONFIG.yaml ...]   (each an `attnswap run` config;
+# ATTNSWAP_COMMIT names the commit in the results, as the GPU copy's own git metadata can be stale)
 # Results (no weights) are packed into $OUT/results-recipe.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
