@@ -234,3 +234,15 @@ def test_evaluate_reads_a_saved_swapped_model(tiny_model_dir, tmp_path):
     assert by_dir["attention_mse"]["per_layer"] is None
     with pytest.raises(AttnswapError, match="not both"):
         evaluate(EvalConfig(swapped=str(tmp_path / "swapped"), variant="window:w=8", **common))
+
+
+def test_a_variant_goes_only_into_the_layers_asked_for(tiny_model_dir, tmp_path):
+    from attnswap.generate import load_swapped
+    from attnswap.surgery import attention_modules
+
+    model, _, _ = load_swapped(str(tiny_model_dir), "window:w=2", "", "cpu", "float32", layers=[1])
+    swapped = [getattr(m, "attnswap_variant", None) is not None for m in attention_modules(model)]
+    assert swapped == [False, True]
+    save(model, tmp_path / "saved")
+    with pytest.raises(AttnswapError, match=r"layers=\[0\] applies to --variant"):
+        load_swapped(str(tiny_model_dir), "", str(tmp_path / "saved"), "cpu", "float32", layers=[0])

@@ -23,7 +23,7 @@ def test_run_writes_summary_sweeps_and_report(tmp_path, tiny_model_dir):
     config = {
         "name": "tiny", "model": str(tiny_model_dir), "device": "cpu", "out": str(tmp_path / "run"),
         "variants": ["window:w=4,sinks=1", "window:w=8,sinks=1"], "evaluate_untrained": True,
-        "distill": {"steps": 3, "seq_len": 32, "batch_size": 2, "trainable": "variant+attn", "eval_every": 0,
+        "distill": {"layers": [1], "steps": 3, "seq_len": 32, "batch_size": 2, "trainable": "variant+attn", "eval_every": 0,
                     "eval_batches": 1, "ckpt_every": 0, "data": train, "val_data": valid},
         "eval": {"data": evaluation, "max_tokens": 200, "context": 64, "stride": 32, "attn_sample_len": 16,
                  "grad_len": 16, "gen_tokens": 0},
@@ -42,6 +42,9 @@ def test_run_writes_summary_sweeps_and_report(tmp_path, tiny_model_dir):
         # The original side is the same untouched model before and after distillation.
         assert row["trained"]["perplexity_original"] == row["untrained"]["perplexity_original"]
         assert "time_vs_sdpa" in row["train_step"]
+        # The untrained swap is the one distillation starts from: the variant in layer 1 only.
+        untrained = json.loads((out / row["label"] / "eval-untrained" / "eval.json").read_text())
+        assert untrained["info"]["config"]["layers"] == [1]
     sweep = json.loads((out / "window_sweep_trained.json").read_text())["rows"]
     assert sorted(r["w"] for r in sweep) == [4, 8]
     assert (out / "summary.md").read_text().count("| window") == 4

@@ -47,6 +47,7 @@ FULL = Full()
 class EvalConfig:
     model: str = ""  # hub name or local directory; empty = the bundled teacher
     variant: str = "full"  # variant spec swapped into `model`
+    layers: list[int] | None = None  # the layers `variant` goes into (as distill's layers); default: every layer
     swapped: str = ""  # instead of model + variant: a directory written by attnswap.save
     data: str = str(DEFAULT_DATA)  # .tokens/.txt/.raw file (optionally .gz) or a hub name such as wikitext-2-raw-v1
     context: int = 0  # window length in tokens; 0 = the model's maximum
@@ -337,7 +338,8 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
     prompts = read_prompts(config.prompts) if config.gen_tokens > 0 else []
     print("eval config: " + json.dumps(config_to_dict(config)))
     torch.manual_seed(config.seed)  # before the swap: random variant state (random features) is drawn there
-    model, tokenizer, name = load_swapped(config.model, config.variant, config.swapped, config.device, config.dtype)
+    model, tokenizer, name = load_swapped(config.model, config.variant, config.swapped, config.device, config.dtype,
+                                          config.layers)
     variant = swapped_variant(model)
     context = config.context or max_positions(model) or 0
     if context <= 0:

@@ -76,11 +76,15 @@ def run_info(config: Any, model_name: str, device: torch.device, dtype: torch.dt
 
 
 # --- loading -----------------------------------------------------------------------------------
-def load_swapped(model: str, variant: str, swapped: str, device: str, dtype: str) -> tuple[nn.Module, Any, str]:
-    """(swapped model, tokenizer, name to record) from a base model + variant spec, or from a saved directory."""
+def load_swapped(model: str, variant: str, swapped: str, device: str, dtype: str,
+                 layers: list[int] | None = None) -> tuple[nn.Module, Any, str]:
+    """(swapped model, tokenizer, name to record) from a base model + variant spec (in ``layers``, default all), or
+    from a saved directory."""
     if swapped:
         if variant not in ("", "full"):
             raise AttnswapError(f"give either variant ({variant!r}) or swapped ({swapped!r}), not both")
+        if layers is not None:
+            raise AttnswapError(f"layers={layers} applies to --variant; {swapped} already says which layers it swapped")
         loaded = load(swapped, device=device, dtype=dtype)
         if swapped_variant(loaded) is None:
             raise AttnswapError(f"{swapped} holds a model with no swapped attention; pass it as --model instead")
@@ -94,7 +98,7 @@ def load_swapped(model: str, variant: str, swapped: str, device: str, dtype: str
     name = model or DEFAULT_MODEL
     spec = get_variant(variant or "full")  # a bad spec fails before the weights load
     base = load_model(name, device=device, dtype=dtype)
-    return swap(base, spec), load_tokenizer(name), name
+    return swap(base, spec, layers=layers), load_tokenizer(name), name
 
 
 def _tokenizer_source(swapped_dir: str, model: str) -> str:

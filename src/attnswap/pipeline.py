@@ -63,7 +63,7 @@ def run(config: RunConfig) -> dict[str, Any]:
         row: dict[str, Any] = {"variant": spec, "label": label}
         if config.evaluate_untrained:
             untrained = evaluate(build_config(EvalConfig, {**common, "variant": spec, "out": str(folder / "eval-untrained"),
-                                                           **config.eval}))
+                                                           "layers": config.distill.get("layers"), **config.eval}))
             row["untrained"] = _quality(untrained)
         swapped = ""
         if config.distill.get("steps", 1) > 0:
