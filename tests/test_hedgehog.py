@@ -101,3 +101,29 @@ def test_hedgehog_in_tiny_gpt2_trains_with_padding_and_round_trips(tmp_path):
     with torch.no_grad():
         after = loaded(ids, attention_mask=mask).logits
     assert (before - after)[mask.bool()].abs().max() <= 1e-5
+
+
+def _gradients_of_mismatched_sharp_maps(sharpness: float) -> list[torch.Tensor]:
+    """Maps so sharp that every query's features and every key's sit on different coordinates: phi(q)·phi(k) is
+    about exp(-sharpness), the normaliser with it, and its gradient -num / den² overflows without the floor."""
+    variant = Hedgehog(HedgehogParams(feature_dim=8, chunk=8))
+    state = variant.make_state(1, 8)
+    with torch.no_grad():
+        state.weight.mul_(sharpness)
+    unit = (8**-0.5) ** -0.5  # undoes the half of the scaling the map applies, so the logits are ±sharpness
+    q = torch.zeros(1, 1, 16, 8)
+    q[..., 0], q[..., 1] = unit, -unit
+    k = torch.zeros(1, 1, 16, 8)
+    k[..., 2], k[..., 3] = unit, -unit
+    v = torch.randn(1, 1, 16, 8, generator=torch.Generator().manual_seed(0))
+    inputs = [t.requires_grad_(True) for t in (q, k, v)] + [state.weight]
+    out = variant.attend(*inputs[:3], AttnContext(scaling=8**-0.5), state)
+    return list(torch.autograd.grad(out.square().sum(), inputs))
+
+
+def test_the_feature_floor_keeps_gradients_of_sharp_maps_finite(monkeypatch):
+    import attnswap.variants.hedgehog as hedgehog
+
+    assert all(torch.isfinite(g).all() for g in _gradients_of_mismatched_sharp_maps(100.0))
+    monkeypatch.setattr(hedgehog, "FEATURE_FLOOR", 0.0)  # what it guards against
+    assert not all(torch.isfinite(g).all() for g in _gradients_of_mismatched_sharp_maps(100.0))
