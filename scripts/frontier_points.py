@@ -6,7 +6,7 @@ Quality comes from each row's eval.json (WikiText-2 test, swapped against the or
 seconds from its distill results.json, and the attention cost at the eval's context from attnswap.plan.model_cost
 on the saved swap's variant and layers (fresh state: the costs of every variant here do not depend on training).
 The original model is added as the point (cost 1, ratio 1). Runs whose model weights are not kept still work: the
-swap is rebuilt from results.json's variant and layers on a tiny copy of the teacher's attention shape.
+cost needs only the variant, its layers and the original model's config.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ import argparse
 import json
 from pathlib import Path
 
-from attnswap.plan import head_costs
+from transformers import AutoConfig
 
-HEADS, HEAD_DIM = 4, 64  # the bundled teacher's attention shape (8 layers of 4 heads x 64)
-LAYERS = 8
+from attnswap.plan import assignment_cost, head_costs
 
 
-def layer_costs(variant: str, layers: list[int] | None, n: int) -> float:
-    """Mean over the teacher's layers: swapped layers at the variant's cost, the others at full attention's."""
-    cheap = float(head_costs(variant, n, "flops", None, HEADS, HEAD_DIM).mean())
-    swapped = set(range(LAYERS) if layers is None else layers)
-    return sum(cheap if i in swapped else 1.0 for i in range(LAYERS)) / LAYERS
+def layer_costs(model: str, variant: str, layers: list[int] | None, n: int) -> float:
+    """Mean over the model's layers: swapped layers at the variant's cost, the others at full attention's."""
+    config = AutoConfig.from_pretrained(model)
+    heads, n_layers = config.num_attention_heads, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    cheap = float(head_costs(variant, n, "flops", None, heads, head_dim).mean())
+    return assignment_cost(range(n_layers) if layers is None else layers, [cheap] * n_layers)
 
 
 def points_of(run: Path) -> list[dict]:
@@ -42,7 +43,7 @@ def points_of(run: Path) -> list[dict]:
             "group": "routing by layer" if layers is not None else row["variant"].split(":")[0],
             "teacher": summary["model"], "ppl": stream["perplexity"]["swapped"],
             "teacher_ppl": stream["perplexity"]["original"], "kl": stream["kl"]["mean"],
-            "top1": stream["top1_agreement"], "attn_cost": layer_costs(row["variant"], layers, context),
+            "top1": stream["top1_agreement"], "attn_cost": layer_costs(summary["model"], row["variant"], layers, context),
             "tokens": trained["tokens_seen"], "gpu_seconds": trained.get("train_seconds"),
             "command": f"python -m attnswap.cli run configs/experiments/{summary['name']}.yaml --device cuda "
                        f"(results: {run})",

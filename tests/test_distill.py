@@ -207,8 +207,8 @@ def test_teacher_is_the_original_model_while_the_student_trains(assets, tmp_path
     for param in pair.trainable.values():  # as if training had moved every trained weight
         param.data.add_(0.5)
     with torch.no_grad():
-        assert torch.allclose(pair.teacher_logits(ids), original(ids).logits, atol=1e-5)
-        assert not torch.allclose(pair.student_logits(ids), original(ids).logits, atol=1e-2)
+        assert torch.allclose(pair.head(pair.teacher_hidden(ids)), original(ids).logits, atol=1e-5)
+        assert not torch.allclose(pair.head(pair.hidden_states(ids)), original(ids).logits, atol=1e-2)
 
 
 # --- checkpoints and resume ----------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_transfer_stage_feeds_every_layer_the_teachers_inputs(assets, tmp_path):
     with observe_attention(pair.model, layer1_queries("transfer")):
         mse, ce = pair.transfer_loss(ids)
     with observe_attention(pair.model, layer1_queries("student")), torch.no_grad():
-        pair.student_logits(ids)
+        pair.hidden_states(ids)
     original = attnswap.load_model(config.model)
     attnswap.swap(original, "full")
     with observe_attention(original, layer1_queries("original")), torch.no_grad():
@@ -132,4 +132,4 @@ def test_teacher_is_original_under_lora_too(assets, tmp_path):
     ids = torch.randint(4, 97, (2, 16))
     original = attnswap.load_model(str(assets / "model"))
     with torch.no_grad():
-        torch.testing.assert_close(pair.teacher_logits(ids), original(ids).logits, atol=1e-5, rtol=0)
+        torch.testing.assert_close(pair.head(pair.teacher_hidden(ids)), original(ids).logits, atol=1e-5, rtol=0)

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -213,15 +213,6 @@ class Pair:
     def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:
         with self.teacher():
             return self.hidden_states(ids)
-
-    def student_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.head(self.hidden_states(ids))
-
-    @torch.no_grad()
-    def teacher_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.head(self.teacher_hidden(ids))
 
     def kl(self, ids: torch.Tensor, temperature: float = 1.0,
            chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -736,7 +727,6 @@ def train_step(pair: Pair, optimizer, blocks: torch.Tensor, config: DistillConfi
     optimizer.zero_grad(set_to_none=True)
     parts = {"attn_mse": main, "attn_ce": attn_ce} if transfer else {"kl": main}
     return loss, {**parts, "l1": penalty, "grad_norm": grad_norm}
-
 
 
 def average_gradients(params: list[nn.Parameter], ranks: Ranks) -> None:

@@ -311,7 +311,7 @@ def survivor_plot(heads: list[dict], candidates: tuple[str, ...], path: Path, co
     labels = [f"L{r['layer']}" + ("" if r["head"] is None else f"·h{r['head']}") for r in heads]
     return marked_grid(values, dropped, labels, candidates, path,
                        colour_label="attention mass" if by_mass else "weight / head's largest",
-                       title=f"mixture candidates, × = dropped ("
+                       title="mixture candidates, × = dropped ("
                              + (f"beyond {config.coverage:g} of the mass)" if by_mass
                                 else f"below {config.threshold:g})"))
 
