@@ -33,6 +33,29 @@ def test_chunked_kl_matches_whole_logits_kl_and_its_gradients(chunk):
     assert agree == (head(student).argmax(-1) == head(teacher).argmax(-1)).sum()
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_fused_kl_of_a_frozen_head_matches_whole_logits_kl_and_its_gradient(chunk, bias):
+    """A frozen head takes the fused path: its vocabulary (50) is padded to 128 rows, which must change nothing."""
+    g = torch.Generator().manual_seed(0)
+    head = nn.Linear(8, 50, bias=bias).requires_grad_(False)
+    if bias:
+        head.bias.normal_(generator=g)
+    student = torch.randn(2, 11, 8, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 11, 8, generator=g)
+    loss, agree = chunked_kl(student, teacher, head, temperature=2.0, chunk=chunk)
+    (3.0 * loss).backward()  # the saved gradient must be scaled by the incoming one
+    fused_grad = student.grad.clone()
+    student.grad = None
+    expected = kl_divergence(head(student), head(teacher), temperature=2.0)
+    (3.0 * expected).backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(fused_grad, student.grad, msg="d student hidden")
+    assert agree == (head(student).argmax(-1) == head(teacher).argmax(-1)).sum()
+    with torch.no_grad():
+        assert chunked_kl(student, teacher, head, temperature=2.0, chunk=chunk)[0] == pytest.approx(expected.item())
+
+
 def test_attention_cross_entropy_is_zero_gap_at_the_target_and_skips_empty_rows():
     probs = torch.softmax(torch.randn(1, 2, 3, 4), dim=-1)
     probs[:, :, 0] = 0.0  # a query row with no allowed key
