@@ -11,13 +11,11 @@ import sys
 
 import torch
 
-import attnswap.variants.hedgehog as hedgehog
 from attnswap.distill import DistillConfig, build_pair, load_blocks, make_optimizer, start_ranks, train_step
 
 floor, steps = float(sys.argv[1]), int(sys.argv[2])
-hedgehog.FEATURE_FLOOR = floor
 torch.set_num_threads(1)
-config = DistillConfig(variant="hedgehog", trainable="variant+attn", batch_size=2, seq_len=256, steps=200,
+config = DistillConfig(variant=f"hedgehog:floor={floor}", trainable="variant+attn", batch_size=2, seq_len=256, steps=200,
                        transfer_steps=100, transfer_attn_ce=1.0, transfer_lr=0.01, warmup_steps=5, out="unused")
 ranks = start_ranks("cpu")
 pair, tokenizer = build_pair(config, ranks.device)

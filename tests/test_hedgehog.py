@@ -9,6 +9,7 @@ import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.surgery import attention_modules, variant_state_dict
 from attnswap.variants import AttnContext, register
+import attnswap.variants.hedgehog as hedgehog
 from attnswap.variants.hedgehog import Hedgehog, HedgehogParams
 from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2
 
@@ -103,10 +104,10 @@ def test_hedgehog_in_tiny_gpt2_trains_with_padding_and_round_trips(tmp_path):
     assert (before - after)[mask.bool()].abs().max() <= 1e-5
 
 
-def _gradients_of_mismatched_sharp_maps(sharpness: float) -> list[torch.Tensor]:
+def _gradients_of_mismatched_sharp_maps(sharpness: float, floor: float = hedgehog.FEATURE_FLOOR) -> list[torch.Tensor]:
     """Maps so sharp that every query's features and every key's sit on different coordinates: phi(q)·phi(k) is
     about exp(-sharpness), the normaliser with it, and its gradient -num / den² overflows without the floor."""
-    variant = Hedgehog(HedgehogParams(feature_dim=8, chunk=8))
+    variant = Hedgehog(HedgehogParams(feature_dim=8, chunk=8, floor=floor))
     state = variant.make_state(1, 8)
     with torch.no_grad():
         state.weight.mul_(sharpness)
@@ -121,9 +122,19 @@ def _gradients_of_mismatched_sharp_maps(sharpness: float) -> list[torch.Tensor]:
     return list(torch.autograd.grad(out.square().sum(), inputs))
 
 
-def test_the_feature_floor_keeps_gradients_of_sharp_maps_finite(monkeypatch):
-    import attnswap.variants.hedgehog as hedgehog
-
+def test_the_feature_floor_keeps_gradients_of_sharp_maps_finite():
     assert all(torch.isfinite(g).all() for g in _gradients_of_mismatched_sharp_maps(100.0))
-    monkeypatch.setattr(hedgehog, "FEATURE_FLOOR", 0.0)  # what it guards against
-    assert not all(torch.isfinite(g).all() for g in _gradients_of_mismatched_sharp_maps(100.0))
+    assert not all(torch.isfinite(g).all() for g in _gradients_of_mismatched_sharp_maps(100.0, floor=0.0))  # the risk
+    assert all(torch.isfinite(g).all() for g in _gradients_of_mismatched_sharp_maps(100.0, floor=1e-6))
+
+
+def test_the_spec_sets_the_floor():
+    from attnswap.variants import get_variant
+
+    variant = get_variant("hedgehog:floor=1e-6")
+    assert variant.params.floor == 1e-6 and variant.label == "hedgehog_floor1e-06"
+    assert variant.make_state(2, 4).floor == 1e-6
+    assert get_variant("hybrid:w=8,floor=0.001").make_state(2, 4).feature_map.floor == 1e-3
+    with pytest.raises(AttnswapError, match=r"floor must be in \[0, 1\)"):
+        get_variant("hedgehog:floor=1")
+    assert get_variant("hedgehog:floor=0.0001").label == "hedgehog"  # the default's spec is the plain one

@@ -11,24 +11,28 @@ from attnswap.variants.base import AttnContext, check
 from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pattern
 
 
-@dataclass(frozen=True)
-class HedgehogParams:
-    feature_dim: int = 0  # f, the width of each softmax half; 0 = the head dimension
-    chunk: int = 64  # chunk length of the linear-attention kernel
-
-    def __post_init__(self):
-        check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")
-        check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
-
-
 # Why a floor: once trained maps grow sharp, phi(q)·phi(k) of two peaked softmaxes can underflow, and the linear
 # normaliser with it; its gradient (-num / den²) then overflowed: Hedgehog's bf16 distillation stopped with a NaN
 # gradient norm 37 steps into stage 2 (configs/experiments/recipe_hedgehog.yaml at 86fd6fd, H200). Mixing each
 # softmax with 1e-4 of the uniform distribution bounds phi(q)·phi(k) away from 0 (tests/test_hedgehog.py builds maps
 # whose gradients are NaN without it, finite with it; 1e-6 already suffices there). The floor has a price: stage 1's
 # attention cross-entropy stalled at 3.78 instead of 3.52 (benchmarks/results/recipe_h200, calls 3 and 4), so a
-# smaller floor is the next thing to measure on a GPU.
+# smaller floor is the next thing to measure on a GPU: the spec's ``floor`` sets it.
 FEATURE_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class HedgehogParams:
+    feature_dim: int = 0  # f, the width of each softmax half; 0 = the head dimension
+    chunk: int = 64  # chunk length of the linear-attention kernel
+    floor: float = FEATURE_FLOOR  # each softmax half mixed with this much of the uniform distribution
+
+    def __post_init__(self):
+        check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")
+        check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
+        check(0 <= self.floor < 1, f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
+
+
 
 
 class HedgehogMap(nn.Module):
@@ -41,19 +45,25 @@ class HedgehogMap(nn.Module):
 
     QUERIES, KEYS = 0, 1
 
-    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int, floor: float = FEATURE_FLOOR):
         super().__init__()
+        self.floor = floor
         # A rectangular identity: at the start the map softmaxes the (first f) coordinates of x themselves.
         self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).repeat(2, num_heads, 1, 1))
         self.bias = nn.Parameter(torch.zeros(2, num_heads, feature_dim))
 
     def forward(self, x: torch.Tensor, side: int = QUERIES) -> torch.Tensor:
-        """phi(x) = [softmax(x W + b), softmax(-(x W + b))], each half mixed with FEATURE_FLOOR of the uniform
+        """phi(x) = [softmax(x W + b), softmax(-(x W + b))], each half mixed with ``floor`` of the uniform
         distribution: x (B, H, N, D) -> (B, H, N, 2f) fp32, computed in fp32 even under autocast."""
+        floor = self.floor
         with torch.autocast(x.device.type, enabled=False):
             logits = torch.einsum("bhnd,hdf->bhnf", x.float(), self.weight[side]) + self.bias[side, :, None, :]
             phi = torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
-            return (1 - FEATURE_FLOOR) * phi + FEATURE_FLOOR / logits.shape[-1]
+            return (1 - floor) * phi + floor / logits.shape[-1]
+
+
+def floor_label(floor: float) -> str:
+    return "" if floor == FEATURE_FLOOR else f"_floor{floor:g}"
 
 
 class Hedgehog(LinearVariant):
@@ -63,10 +73,11 @@ class Hedgehog(LinearVariant):
 
     @property
     def label(self) -> str:
-        return f"hedgehog_f{self.params.feature_dim}" if self.params.feature_dim else "hedgehog"
+        p = self.params
+        return "hedgehog" + (f"_f{p.feature_dim}" if p.feature_dim else "") + floor_label(p.floor)
 
     def make_state(self, num_heads: int, head_dim: int) -> nn.Module:
-        return HedgehogMap(num_heads, head_dim, self.params.feature_dim or head_dim)
+        return HedgehogMap(num_heads, head_dim, self.params.feature_dim or head_dim, self.params.floor)
 
     def feature_map(self, q, k, ctx: AttnContext, state: HedgehogMap, running_scale=None):
         assert state is not None, "hedgehog needs its state (make_state); swap() creates it"

@@ -46,7 +46,7 @@ from attnswap.kernels.linear import causal_linear_attention
 from attnswap.kernels.masks import causal, draw, materialize, to_index_mask
 from attnswap.kernels.merge import merge_attention, safe_log
 from attnswap.variants.base import AttnContext, Variant, check
-from attnswap.variants.hedgehog import Hedgehog, HedgehogMap, HedgehogParams
+from attnswap.variants.hedgehog import FEATURE_FLOOR, Hedgehog, HedgehogMap, HedgehogParams, floor_label
 from attnswap.variants.linear_base import show_pattern
 from attnswap.variants.window import Window, WindowParams
 
@@ -61,8 +61,10 @@ class HybridParams:
     sinks: int = 4  # ... and the first `sinks` real tokens of the row; everything else is linear attention
     feature_dim: int = 0  # f, the width of each softmax half of the Hedgehog map; 0 = the head dimension
     chunk: int = 64  # chunk length of the linear-attention kernel
+    floor: float = FEATURE_FLOOR  # the Hedgehog map's share of the uniform distribution
 
     def __post_init__(self):
+        check(0 <= self.floor < 1, f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
         check(self.w >= 1, f"hybrid window w must be >= 1, got w={self.w}")
         check(self.sinks >= 0, f"sinks must be >= 0, got sinks={self.sinks}")
         check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")
@@ -72,9 +74,9 @@ class HybridParams:
 class HybridState(nn.Module):
     """One layer's learnable state, fp32: Hedgehog's feature maps and a per-head balance beta (H,)."""
 
-    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int, floor: float = FEATURE_FLOOR):
         super().__init__()
-        self.feature_map = HedgehogMap(num_heads, head_dim, feature_dim)
+        self.feature_map = HedgehogMap(num_heads, head_dim, feature_dim, floor)
         self.balance = nn.Parameter(torch.full((num_heads,), BALANCE_INIT))
 
 
@@ -89,16 +91,17 @@ class Hybrid(Variant):
         super().__init__(params)
         # The two parts are the existing variants: the window's mask and kernel, Hedgehog's feature map.
         self.window = Window(WindowParams(w=self.params.w, sinks=self.params.sinks))
-        self.hedgehog = Hedgehog(HedgehogParams(feature_dim=self.params.feature_dim, chunk=self.params.chunk))
+        self.hedgehog = Hedgehog(HedgehogParams(feature_dim=self.params.feature_dim, chunk=self.params.chunk,
+                                                floor=self.params.floor))
 
     @property
     def label(self) -> str:
         p = self.params
         return (f"hybrid{p.w}" + (f"_sinks{p.sinks}" if p.sinks else "")
-                + (f"_f{p.feature_dim}" if p.feature_dim else ""))
+                + (f"_f{p.feature_dim}" if p.feature_dim else "") + floor_label(p.floor))
 
     def make_state(self, num_heads: int, head_dim: int) -> HybridState:
-        return HybridState(num_heads, head_dim, self.params.feature_dim or head_dim)
+        return HybridState(num_heads, head_dim, self.params.feature_dim or head_dim, self.params.floor)
 
     # --- the dense reference ----------------------------------------------------------------------
     def probs(self, q, k, ctx: AttnContext, state: HybridState) -> torch.Tensor:
