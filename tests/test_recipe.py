@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import attnswap
@@ -54,6 +55,24 @@ def test_fused_kl_of_a_frozen_head_matches_whole_logits_kl_and_its_gradient(chun
     assert agree == (head(student).argmax(-1) == head(teacher).argmax(-1)).sum()
     with torch.no_grad():
         assert chunked_kl(student, teacher, head, temperature=2.0, chunk=chunk)[0] == pytest.approx(expected.item())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled fused KL runs on CUDA")
+def test_fused_kl_on_cuda_in_bf16_matches_the_fp32_whole_logits_kl():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    head = nn.Linear(64, 50257, bias=False, device="cuda").requires_grad_(False)
+    student = torch.randn(3, 700, 64, device="cuda", generator=g, requires_grad=True)
+    teacher = student.detach() + 0.3 * torch.randn(3, 700, 64, device="cuda", generator=g)
+    expected = kl_divergence(head(student), head(teacher))
+    expected.backward()
+    expected_grad, student.grad = student.grad.clone(), None
+    head.to(torch.bfloat16)
+    loss, _ = chunked_kl(student, teacher, head, chunk=1024)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
+    cosine = F.cosine_similarity(student.grad.flatten(), expected_grad.flatten(), dim=0)
+    assert cosine > 0.99, f"gradient cosine {cosine.item():.4f}"
 
 
 def test_attention_cross_entropy_is_zero_gap_at_the_target_and_skips_empty_rows():
