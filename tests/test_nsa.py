@@ -28,11 +28,12 @@ CASES = {
 }
 
 
-def _inputs(q_len, kv_len, left_pad, dtype, heads=3, dim=16):
-    q, k, v = random_qkv(batch=2, heads=heads, q_len=q_len, kv_len=kv_len, dim=dim, dtype=dtype, requires_grad=True)
+def _inputs(q_len, kv_len, left_pad, dtype, heads=3, dim=16, device="cpu", requires_grad=True):
+    q, k, v = (t.to(device).requires_grad_(requires_grad) for t in
+               random_qkv(batch=2, heads=heads, q_len=q_len, kv_len=kv_len, dim=dim, dtype=dtype))
     key_valid = None
     if left_pad:
-        key_valid = torch.ones(2, kv_len, dtype=torch.bool)
+        key_valid = torch.ones(2, kv_len, dtype=torch.bool, device=device)
         key_valid[0, :left_pad] = False
     return q, k, v, AttnContext(scaling=0.3, key_valid=key_valid)
 
@@ -51,13 +52,17 @@ def test_nsa_matches_reference_outputs_and_gradients(case, dtype):
     q_len, kv_len, block, top_k, window, left_pad = case
     variant = NSA(NSAParams(block=block, top_k=top_k, window=window))
     q, k, v, ctx = _inputs(q_len, kv_len, left_pad, dtype)
-    state = _gates(variant, 3, 16)
+    assert_attend_matches_reference(variant, q, k, v, ctx, _gates(variant, 3, 16), dtype)
+
+
+def assert_attend_matches_reference(variant, q, k, v, ctx, state, dtype):
+    """``attend`` against the dense oracle: outputs, and the gradients of q, k, v and the gates."""
     fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)
     assert fast.dtype == dtype
     torch.testing.assert_close(fast.float(), ref, rtol=0, atol=TOLERANCE[dtype])
 
     tensors = {"q": q, "k": k, "v": v, "W": state.weight, "b": state.bias}
-    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(ref.device)
     grads_fast = torch.autograd.grad((fast.float() * grad_out).sum(), list(tensors.values()))
     grads_ref = torch.autograd.grad((ref * grad_out).sum(), list(tensors.values()))
     for name, g_fast, g_ref in zip(tensors, grads_fast, grads_ref):

@@ -3,24 +3,42 @@
 Key slots are cut into blocks of ``block`` slots on the absolute-position grid; queries (the last T of the S
 slots) are grouped into query blocks on the same grid, so query block i and key block i cover the same positions.
 
-    compressed  softmax over mean-pooled key blocks that end at or before the query:   chunk × S/block scores
+    compressed  softmax over mean-pooled key blocks that end at or before the query:   T × S/block scores
     selected    per query block, exact softmax over its top_k key blocks:              T × top_k·block scores
-    sliding     exact softmax over the last ``window`` tokens, gathered as whole blocks: T × (W+1)·block scores
+    sliding     exact softmax over the last ``window`` tokens:                         T × window scores
 
-Selected and sliding share ``block_gather_attention``, which gathers whole key blocks per query block, so every
-score tensor is (B, H, nQB, block, K·block): block-sparse in plain PyTorch.
+Two routes compute them, to the same result.
+
+FlexAttention (``flex_route``: CUDA, query blocks long enough for its kernel, ``block`` a multiple of 16):
+``flex_nsa_branches``. The compressed branch is one flex call over the S/block pooled keys; the selection's
+importance is then recomputed from flex's log-sum-exp, without autograd, a query chunk at a time. The selected
+branch is one flex call whose BlockMask is built straight from the selected indices, with tiles of one NSA block:
+query tile i visits exactly the key blocks that query block i selected, so nothing is gathered. The sliding branch
+is the window variant's kernel; variants/nsa.py calls it, as kernels import no variants.
+
+Gather (elsewhere: CPU, decode steps, odd block sizes): ``nsa_branches``. The compressed branch runs in fp32
+query chunks under activation checkpointing; selected and sliding share ``block_gather_attention``, which gathers
+whole key blocks per query block, so every score tensor is (B, H, nQB, block, K·block).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
+
+from attnswap.kernels.flex import (FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, block_mask_for, compiled_flex_attention,
+                                   flex_masked_attention)
+from attnswap.kernels.masks import MaskFn, device_constant
 
 PositionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 COMPRESSED_QUERY_CHUNK = 2048  # queries per step of the compressed branch (bounds its scores to chunk × S/block)
+IMPORTANCE_QUERY_CHUNK = 4096  # queries per step of the flex route's importance (no autograd: only the forward's)
+FLEX_TILE = 16  # the smallest tile flex's Triton kernels take (tl.dot); a block mask's tiles must be whole tiles
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -131,6 +149,13 @@ def select_blocks(importance: torch.Tensor, key_valid: torch.Tensor | None, firs
     return top.indices.masked_fill(top.values == float("-inf"), -1)
 
 
+def selection_table(selected: torch.Tensor, n_kb: int) -> torch.Tensor:
+    """``select_blocks``' indices (B, H, nQB, K), -1 unused, as a table (B, H, nQB, nKB) bool: is key block j selected
+    for query block i."""
+    table = selected.new_zeros(*selected.shape[:-1], n_kb + 1, dtype=torch.bool)
+    return table.scatter_(-1, torch.where(selected < 0, n_kb, selected), True)[..., :n_kb]
+
+
 def window_blocks(q_offset: int, kv_len: int, block: int, window: int, device) -> torch.Tensor:
     """(nQB, W+1) long: each query block and the W = ceil((window-1)/block) blocks before it (-1 before the start).
 
@@ -181,7 +206,7 @@ def block_gather_attention(q_blocks: torch.Tensor, k_blocks: torch.Tensor, v_blo
     return torch.matmul(probs, values)  # (B, H, nQB, bs, D)
 
 
-# --- all three branches ---------------------------------------------------------------------------
+# --- the gather route: all three branches ---------------------------------------------------------
 def nsa_branches(q, k, v, scaling: float, block: int, top_k: int, window: int,
                  key_valid: torch.Tensor | None = None, first_real: torch.Tensor | None = None):
     """The compressed, selected and sliding outputs, each (B, H, T, D).
@@ -217,3 +242,172 @@ def nsa_branches(q, k, v, scaling: float, block: int, top_k: int, window: int,
     o_win = gather(window_blocks(q_offset, kv_len, block, window, q.device),
                    lambda q_pos, kv_pos: q_pos - kv_pos < window)
     return o_cmp, o_sel, o_win
+
+
+# --- the FlexAttention route ----------------------------------------------------------------------
+def flex_route(q: torch.Tensor, block: int) -> bool:
+    """Whether ``flex_nsa_branches`` can serve q (B, H, T, D): the conditions of flex's fused kernel, plus NSA blocks
+    that are whole kernel tiles."""
+    return (q.is_cuda and q.shape[-2] >= FLEX_MIN_QUERIES and q.shape[-1] >= FLEX_MIN_HEAD_DIM
+            and block % FLEX_TILE == 0)
+
+
+def flex_nsa_branches(q, k, v, scaling: float, block: int, top_k: int, key_valid: torch.Tensor | None = None,
+                      first_real: torch.Tensor | None = None, backend: str | None = "inductor"):
+    """The compressed and selected outputs, each (B, H, T, D) in q's dtype, through FlexAttention; the sliding
+    branch is the window variant's (variants/nsa.py).
+
+    Arguments as ``nsa_branches``; ``backend`` as ``flex_masked_attention``'s (None: uncompiled, forward only on
+    CPU, which ignores the block structure: for tests of the masks).
+    """
+    q_offset = k.shape[-2] - q.shape[-2]
+    if first_real is None:
+        first_real = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    o_cmp, importance = flex_compressed_attention(q, k, v, scaling, block, key_valid, backend)
+    selected = select_blocks(importance, key_valid, first_real, q_offset, block, top_k)  # (B, H, nQB, K)
+    return o_cmp, flex_selected_attention(q, k, v, selected, scaling, block, key_valid, backend)
+
+
+def flex_compressed_attention(q, k, v, scaling: float, block: int, key_valid: torch.Tensor | None = None,
+                              backend: str | None = "inductor") -> tuple[torch.Tensor, torch.Tensor]:
+    """``compressed_attention`` as one flex call over the pooled keys: out (B, H, T, D) in q's dtype and the
+    selection's importance (B, H, nQB, nKB) fp32, exact for the key blocks before each query block (all that
+    ``select_blocks`` ranks) and 0 elsewhere.
+
+    The pooled keys stay fp32 in effect (``exact_pooled_scores``): the selection ranks their probabilities, and
+    rounding them to bf16 could flip which blocks are chosen.
+    """
+    batch, heads, q_len, _ = q.shape
+    q_offset = k.shape[-2] - q_len
+    k_cmp, counts = pool_blocks(k, key_valid, block)  # (B, H, nKB, D) fp32, (B|1, nKB)
+    v_cmp, _ = pool_blocks(v, key_valid, block)
+    has_key = counts > 0
+    mask = ended_blocks_mask(block, q_offset, None if key_valid is None else has_key, q.device)
+    block_mask = block_mask_for(mask, batch, heads, q_len, k_cmp.shape[-2], q.device,
+                                cache_key=("nsa_compressed", block, q_offset, key_valid),
+                                per_batch=key_valid is not None, per_head=False)
+    q_exact, k_exact = exact_pooled_scores(q, k_cmp)
+    out, lse = flex_masked_attention(q_exact, k_exact, v_cmp.to(q.dtype), block_mask, scaling, backend=backend,
+                                     return_lse=True)
+    with torch.no_grad():
+        importance = importance_from_lse(q, k_cmp, lse, scaling, block, q_offset, has_key)
+    return out, importance
+
+
+def ended_blocks_mask(block: int, q_offset: int, has_key: torch.Tensor | None, device) -> MaskFn:
+    """The compressed branch's index mask over pooled keys: query q_idx (at position q_offset + q_idx) sees pooled
+    block j once the block has ended, and only if it holds a real key (has_key (B, nKB); None: all do)."""
+    offset = device_constant(q_offset, device)  # a tensor, so that every chunk offset shares one compiled kernel
+
+    def mask(b, h, q_idx, j):
+        ended = (j + 1) * block - 1 <= q_idx + offset
+        return ended if has_key is None else ended & has_key[b, j]
+
+    mask.__name__ = f"nsa_ended_blocks{block}"
+    return mask
+
+
+def exact_pooled_scores(q: torch.Tensor, k_cmp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q', k') in q's dtype whose products q'·k' are q·k_cmp to about fp32 precision, for k_cmp fp32.
+
+    k_cmp is split into hi + lo, both in q's dtype (16 mantissa bits together for bf16), and q, exact in its own
+    dtype, is repeated against the two: (B, H, T, 2D) and (B, H, nKB, 2D). The kernel's products are exact and it
+    sums in fp32, so bf16 tensor cores score the pooled keys almost as the fp32 reference does.
+    """
+    if q.dtype == torch.float32:
+        return q, k_cmp
+    hi = k_cmp.to(q.dtype)
+    lo = (k_cmp - hi.float()).to(q.dtype)  # its gradient through hi cancels its own: k_cmp's gradient is hi's
+    return torch.cat([q, q], dim=-1), torch.cat([hi, lo], dim=-1)
+
+
+def importance_from_lse(q, k_cmp, lse, scaling: float, block: int, q_offset: int, has_key: torch.Tensor,
+                        chunk: int = IMPORTANCE_QUERY_CHUNK) -> torch.Tensor:
+    """The compressed probabilities exp(q·k_cmp·scaling - lse) summed per query block, fp32, (B, H, nQB, nKB):
+    ``block_importance`` for the key blocks before each query block, 0 for the rest (later blocks, the own block,
+    blocks without a real key), which ``select_blocks`` forces or excludes anyway.
+
+    q (B, H, T, D) at positions q_offset..; k_cmp (B, H, nKB, D) fp32; lse (B, H, T), -inf for a query that sees no
+    block; has_key (B|1, nKB). Every query sees every block before its own block, so those probabilities need no
+    mask. ``chunk`` queries at a time, each against the blocks before its chunk's end: memory stays linear.
+    """
+    batch, heads, q_len, _ = q.shape
+    n_kb = k_cmp.shape[-2]
+    q_block0 = q_offset // block
+    n_qb = n_kb - q_block0
+    lead = q_offset - q_block0 * block
+    # On the block grid; lse = +inf gives the rows outside the queries, and those that see no block, probability 0.
+    lse = F.pad(torch.where(torch.isfinite(lse), lse, float("inf")), (lead, n_qb * block - lead - q_len),
+                value=float("inf"))
+    rows = F.pad(q.float() * scaling, (0, 0, lead, n_qb * block - lead - q_len))
+    # One matmul gives score - lse: q is extended by -lse and the keys by 1.
+    rows = torch.cat([rows, -lse[..., None]], dim=-1)  # (B, H, nQB·block, D+1)
+    keys = F.pad(k_cmp, (0, 1), value=1.0)  # (B, H, nKB, D+1)
+    importance = q.new_zeros(batch, heads, n_qb, n_kb, dtype=torch.float32)
+    per_step = max(1, chunk // block)
+    for first in range(0, n_qb, per_step):
+        last = min(first + per_step, n_qb)
+        before = q_block0 + last - 1  # the key blocks before the step's last query block
+        if before == 0:
+            continue
+        probs = torch.matmul(rows[:, :, first * block : last * block], keys[:, :, :before].transpose(-1, -2)).exp_()
+        importance[:, :, first:last, :before] = probs.view(batch, heads, last - first, block, before).sum(3)
+    earlier = torch.arange(n_kb, device=q.device) < torch.arange(q_block0, n_kb, device=q.device)[:, None]
+    return importance.masked_fill_(~(earlier & has_key[:, None, :])[:, None], 0.0)
+
+
+def flex_selected_attention(q, k, v, selected: torch.Tensor, scaling: float, block: int,
+                            key_valid: torch.Tensor | None = None, backend: str | None = "inductor") -> torch.Tensor:
+    """Exact attention of each query block over its selected key blocks, one flex call, no gather: (B, H, T, D).
+
+    q (B, H, T, D) at positions S-T..S-1, k/v (B, H, S, D), selected (B, H, nQB, K) from ``select_blocks``. The
+    queries are padded in front to the start of their first block, so that flex's query tiles are NSA's query
+    blocks.
+    """
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    q_start = (kv_len - q_len) // block * block
+    lead = kv_len - q_len - q_start
+    block_mask = selected_block_mask(selected, q_start, lead + q_len, kv_len, block, key_valid)
+    flex = flex_attention if backend is None else compiled_flex_attention(backend)
+    out = flex(F.pad(q, (0, 0, lead, 0)) if lead else q, k, v, block_mask=block_mask, scale=scaling,
+               kernel_options=tile_options(block))
+    return out[:, :, lead:]
+
+
+def selected_block_mask(selected: torch.Tensor, q_start: int, q_len: int, kv_len: int, block: int,
+                        key_valid: torch.Tensor | None = None) -> BlockMask:
+    """The selected branch as a BlockMask of block × block tiles, straight from the indices, O(B·H·nQB·nKB).
+
+    selected (B, H, nQB, K) long, -1 for unused slots, which ``select_blocks`` puts last; query row 0 sits at
+    position q_start (a block start), q_len rows; key_valid (B, S) or None. Query tile i lists the key blocks
+    selected[..., i, :]. The mask_mod states the whole branch (selected, causal, real key): the fused kernel runs it
+    only inside the listed tiles, and flex's unfused path, which ignores the tiles, computes the same attention.
+    """
+    batch, heads, n_qb, n_sel = selected.shape
+    n_kb = num_blocks(kv_len, block)
+    used = selected >= 0
+    kv_num_blocks = used.sum(-1, dtype=torch.int32)  # (B, H, nQB)
+    kv_indices = F.pad(selected.clamp(min=0), (0, n_kb - n_sel)).to(torch.int32)  # BlockMask wants nKB columns
+    chosen = selection_table(selected, n_kb)  # (B, H, nQB, nKB)
+    start = device_constant(q_start, selected.device)  # a tensor: one compiled kernel for every offset
+
+    def mask(b, h, q_idx, kv_idx):
+        allowed = chosen[b, h, q_idx // block, kv_idx // block] & (kv_idx <= q_idx + start)
+        return allowed if key_valid is None else allowed & key_valid[b, kv_idx]
+
+    mask.__name__ = f"nsa_selected{block}"
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(block, block), mask_mod=mask,
+                                    seq_lengths=(q_len, kv_len))
+
+
+def tile_options(block: int) -> dict[str, int] | None:
+    """flex's kernel tiles for a block mask of block × block tiles (None: its defaults).
+
+    The default tiles are up to 128 wide, and a block-mask tile must hold whole kernel tiles (flex refuses a
+    128-row kernel tile on 64-row mask tiles), so smaller NSA blocks take the largest power-of-two tile, up to 64,
+    that divides them.
+    """
+    if block % 128 == 0:
+        return None
+    tile = math.gcd(block, 64)
+    return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_M1": tile, "BLOCK_N1": tile, "BLOCK_M2": tile, "BLOCK_N2": tile}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +10,10 @@ from torch import nn
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_probs
-from attnswap.kernels.nsa import block_importance, nsa_branches, num_blocks, select_blocks
+from attnswap.kernels.nsa import (block_importance, flex_nsa_branches, flex_route, nsa_branches, num_blocks,
+                                  select_blocks, selection_table)
 from attnswap.variants.base import AttnContext, Variant, check
+from attnswap.variants.window import Window, WindowParams
 
 
 @dataclass(frozen=True)
@@ -102,8 +105,7 @@ class NSA(Variant):
 
         selected = select_blocks(block_importance(block_probs, kv_len - q_len, p.block), ctx.key_valid, first_real,
                                  kv_len - q_len, p.block, p.top_k)
-        chosen = torch.zeros(*selected.shape[:-1], n_kb + 1, dtype=torch.bool, device=device)
-        chosen.scatter_(-1, torch.where(selected < 0, n_kb, selected), True)  # (B, H, nQB, nKB+1)
+        chosen = selection_table(selected, n_kb)  # (B, H, nQB, nKB)
         q_block = q_pos[:, 0] // p.block - (kv_len - q_len) // p.block  # (T,)
         in_selected = chosen[:, :, q_block][..., key_block]  # (B, H, T, S)
         sel = dense_probs(q, k, in_selected & causal[:, None], ctx.scaling)
@@ -117,11 +119,23 @@ class NSA(Variant):
 
     # --- the efficient path ---------------------------------------------------------------------
     def attend(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        """Compressed and selected through FlexAttention and the sliding branch through the window variant's kernel
+        where flex's fused kernel runs; elsewhere all three by block gathers (kernels/nsa.py)."""
         p = self.params
         first_real = self._first_real(ctx, q, k)
-        branches = nsa_branches(q, k, v, ctx.scaling, p.block, p.top_k, p.window, ctx.key_valid, first_real)
+        if flex_route(q, p.block):
+            o_cmp, o_sel = flex_nsa_branches(q, k, v, ctx.scaling, p.block, p.top_k, ctx.key_valid, first_real)
+            branches = (o_cmp, o_sel, self._window.attend(q, k, v, ctx, None))
+        else:
+            branches = nsa_branches(q, k, v, ctx.scaling, p.block, p.top_k, p.window, ctx.key_valid, first_real)
         gates = self.gates(q, state)[..., None]  # (B, H, T, 3, 1)
         return sum(gates[..., i, :] * out.float() for i, out in enumerate(branches)).to(q.dtype)
+
+
+    @functools.cached_property
+    def _window(self) -> Window:
+        """The sliding branch: causal attention over the last ``window`` tokens, the window variant exactly."""
+        return Window(WindowParams(w=self.params.window))
 
 
 def main() -> None:

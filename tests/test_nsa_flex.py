@@ -1,0 +1,145 @@
+"""kernels/nsa.py's FlexAttention route against the dense oracle (NSA.branch_probs) and its pieces one by one.
+
+On CPU, flex_attention has no backward and its uncompiled path ignores the block structure, so CPU tests check the
+selected branch's block mask directly and each branch's forward against the oracle (the mask_mod states the whole
+branch); the compiled, block-sparse route with gradients, through ``NSA.attend``, is checked on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnswap.kernels.nsa import (block_importance, exact_pooled_scores, flex_nsa_branches, flex_route,
+                                  importance_from_lse, pool_blocks, select_blocks, selected_block_mask,
+                                  selection_table, tile_options)
+from attnswap.variants.nsa import NSA, NSAParams
+from tests.conftest import TOLERANCE, random_qkv
+from tests.test_nsa import _gates, _inputs, assert_attend_matches_reference
+
+CUDA = torch.cuda.is_available()
+
+# (T, S, block, top_k, window, left_pad): blocks not dividing T or S, padding over whole blocks and part of one,
+# and a prefill chunk (T < S) whose first query sits inside a block.
+CPU_CASES = {
+    "T150_b16": (150, 150, 16, 3, 20, 0),
+    "T150_b16_pad": (150, 150, 16, 3, 20, 37),
+    "chunk_T70_S181_pad": (70, 181, 16, 2, 20, 20),
+}
+CUDA_CASES = {
+    "T1000_b64": (1000, 1000, 64, 4, 64, 0),  # the bench-kernel path: no key_valid, first_real None
+    "chunk_T261_S333_b32_pad": (261, 333, 32, 3, 40, 150),
+    "T300_b16_k5_pad": (300, 300, 16, 5, 23, 9),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
+def test_flex_branches_match_reference_on_cpu(case, dtype):
+    q_len, kv_len, block, top_k, window, left_pad = case
+    variant = NSA(NSAParams(block=block, top_k=top_k, window=window))
+    q, k, v, ctx = _inputs(q_len, kv_len, left_pad, dtype, requires_grad=False)
+    o_cmp, o_sel = flex_nsa_branches(q, k, v, ctx.scaling, block, top_k, ctx.key_valid,
+                                     ctx.first_real_token(2, q.device), backend=None)
+    p_cmp, p_sel, _ = variant.branch_probs(q, k, ctx)
+    assert o_cmp.dtype == o_sel.dtype == dtype
+    torch.testing.assert_close(o_cmp.float(), p_cmp @ v.float(), rtol=0, atol=TOLERANCE[dtype], msg="compressed")
+    torch.testing.assert_close(o_sel.float(), p_sel @ v.float(), rtol=0, atol=TOLERANCE[dtype], msg="selected")
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(150, 150), (70, 181)], ids=["T150", "chunk"])
+def test_selected_block_mask_lists_exactly_the_selected_blocks(q_len, kv_len):
+    block, n_kb = 16, -(-kv_len // 16)
+    q_start = (kv_len - q_len) // block * block  # query row 0 of the block mask: its first query block's start
+    n_qb = n_kb - q_start // block
+    g = torch.Generator().manual_seed(0)
+    importance = torch.rand(2, 3, n_qb, n_kb, generator=g)
+    key_valid = torch.ones(2, kv_len, dtype=torch.bool)
+    key_valid[0, : q_start + 40] = False  # row 0's first real key is 2.5 blocks in: fewer candidates, unused slots
+    selected = select_blocks(importance, key_valid, key_valid.long().argmax(-1), kv_len - q_len, block, 3)
+    assert (selected < 0).any(), "the case should leave some selection slots unused"
+    block_mask = selected_block_mask(selected, q_start, kv_len - q_start, kv_len, block, key_valid)
+    assert block_mask.BLOCK_SIZE == (block, block)
+    assert torch.equal(block_mask.to_dense().bool(), selection_table(selected, n_kb))
+    # the backward walks the transposed lists: the same blocks, seen from the keys
+    q_dense = torch.zeros_like(selection_table(selected, n_kb)).transpose(-1, -2)
+    for b, h, j in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(n_kb)).tolist():
+        q_dense[b, h, j, block_mask.q_indices[b, h, j, : block_mask.q_num_blocks[b, h, j]].long()] = True
+    assert torch.equal(q_dense.transpose(-1, -2), selection_table(selected, n_kb))
+
+
+@pytest.mark.parametrize("q_len, kv_len, left_pad", [(150, 150, 37), (70, 181, 130)], ids=["T150_pad", "chunk_pad"])
+def test_importance_from_lse_matches_block_importance_on_earlier_blocks(q_len, kv_len, left_pad):
+    block = 16
+    variant = NSA(NSAParams(block=block))
+    q, k, _, ctx = _inputs(q_len, kv_len, left_pad, torch.float32, requires_grad=False)
+    p_cmp, _, _ = variant.branch_probs(q, k, ctx)  # (B, H, T, S): each block's probability spread on its keys
+    n_kb = -(-kv_len // block)
+    block_probs = torch.nn.functional.pad(p_cmp, (0, n_kb * block - kv_len)).view(2, 3, q_len, n_kb, block).sum(-1)
+    k_cmp, counts = pool_blocks(k, ctx.key_valid, block)
+    q_pos = torch.arange(kv_len - q_len, kv_len)[:, None]
+    visible = ((torch.arange(1, n_kb + 1) * block - 1 <= q_pos) & (counts > 0)[:, None, :])[:, None]  # (B, 1, T, nKB)
+    scores = q @ k_cmp.transpose(-1, -2) * ctx.scaling
+    lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=-1)  # -inf where no block is visible
+    got = importance_from_lse(q, k_cmp, lse, ctx.scaling, block, kv_len - q_len, counts > 0)
+    q_block = torch.arange((kv_len - q_len) // block, n_kb)[:, None]
+    ranked = (torch.arange(n_kb) < q_block) & (counts > 0)[:, None, :]  # (B, nQB, nKB): what select_blocks ranks
+    assert ranked.any() and torch.isinf(lse).any()
+    expected = block_importance(block_probs, kv_len - q_len, block)
+    torch.testing.assert_close(got, expected * ranked[:, None], rtol=0, atol=1e-5)
+
+
+def test_exact_pooled_scores_keep_fp32_precision_in_bf16():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 50, 64, generator=g).bfloat16()
+    k_cmp = torch.randn(1, 2, 9, 64, generator=g)
+    q_exact, k_exact = exact_pooled_scores(q, k_cmp)
+    assert q_exact.dtype == k_exact.dtype == torch.bfloat16
+    reference = q.double() @ k_cmp.double().transpose(-1, -2)
+    split = q_exact.double() @ k_exact.double().transpose(-1, -2)  # what the kernel sums (its products are exact)
+    rounded = q.double() @ k_cmp.bfloat16().double().transpose(-1, -2)
+    assert (split - reference).abs().max() < 1e-4 < (rounded - reference).abs().max()
+
+
+def test_tile_options_divide_the_block():
+    assert tile_options(128) is None and tile_options(256) is None
+    for block in (16, 32, 48, 64, 80, 192):
+        options = tile_options(block)
+        assert all(block % tile == 0 and tile >= 16 for tile in options.values()), (block, options)
+    assert tile_options(64)["BLOCK_M"] == 64
+
+
+def test_one_compiled_kernel_serves_every_selection():
+    """The selection and padding are tensors the masks capture, not constants of the kernels: new inputs of the
+    same shapes, with another selection and another padding tensor, compile nothing new."""
+    device, backend = ("cuda", "inductor") if CUDA else ("cpu", "eager")
+    compiles = []
+    for seed, left_pad in [(0, 9), (1, 25), (2, 9)]:
+        q, k, v = (t.to(device) for t in random_qkv(2, 3, 150, 150, 16, seed=seed))
+        key_valid = torch.ones(2, 150, dtype=torch.bool, device=device)
+        key_valid[0, :left_pad] = False
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        flex_nsa_branches(q, k, v, 0.3, 16, 3, key_valid, key_valid.long().argmax(-1), backend=backend)
+        compiles.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+    assert compiles[0] > 0 and compiles[1:] == [0, 0], f"compiles per call: {compiles}"
+
+
+def test_flex_route_needs_cuda_long_queries_and_whole_tiles():
+    q = torch.zeros(1, 2, 256, 64)
+    assert not flex_route(q, 64), "CPU tensors take the gather route"
+    if CUDA:
+        assert flex_route(q.cuda(), 64)
+        assert not flex_route(q.cuda(), 40), "a block that is not whole 16-wide tiles takes the gather route"
+        assert not flex_route(q[:, :, :100].cuda(), 64), "short query blocks take the gather route"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="compiled FlexAttention with backward needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", CUDA_CASES.values(), ids=CUDA_CASES.keys())
+def test_nsa_flex_route_matches_reference_outputs_and_gradients(case, dtype):
+    q_len, kv_len, block, top_k, window, left_pad = case
+    variant = NSA(NSAParams(block=block, top_k=top_k, window=window))
+    q, k, v, ctx = _inputs(q_len, kv_len, left_pad, dtype, dim=64, device="cuda")
+    assert flex_route(q, block)
+    assert_attend_matches_reference(variant, q, k, v, ctx, _gates(variant, 3, 64).cuda(), dtype)
