@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's (and 16's) measurements in one device call (H200; torch 2.11, transformers 5.17 preinstalled; no network).
 # Usage, from the repository root:  ATTNSWAP_COMMIT=<sha> scripts/gpu_issue17.sh [RUN_CONFIG.yaml ...]
-#   1. the CUDA tests (pytest -m cuda)                                   -> $OUT/cuda_tests.txt
+#   1. the CUDA tests (pytest -m cuda; CUDA_TESTS names files, default all)  -> runs/cuda_tests.txt
 #   2. bench-kernel to 64k (configs/experiments/bench_kernel_64k.yaml)   -> runs/bench_kernel_64k/
 #   3. scripts/distill_speed.py (whole / checkpointed / fused KL)         -> runs/distill_speed/
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
@@ -22,7 +22,7 @@ OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   python3 -c "import fla; print('fla-core', fla.__version__)" 2>/dev/null || echo "fla-core: not installed"
 } | tee runs/gpu.txt
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/ 2>&1 | tail -n 25 | tee runs/cuda_tests.txt
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m cuda ${CUDA_TESTS:-tests/} 2>&1 | tail -n 25 | tee runs/cuda_tests.txt
 timeout 150 python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_64k.yaml --device cuda \
   > runs/log-bench_kernel_64k.txt 2>&1; echo "bench rc=$?"
 python3 - <<'PY'
