@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.kernels import linear_triton
+from attnswap.kernels.linear import pytorch_scan
 from attnswap.kernels.masks import mask_bands
 from attnswap.models import git_commit, resolve_device, resolve_dtype
 from attnswap.plots import Panel, Series, line_plot
@@ -404,7 +404,7 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with FlopCounterMode(display=False) as counter, linear_triton.unfused():
+        with FlopCounterMode(display=False) as counter, pytorch_scan():
             run(None)
     except RuntimeError as exc:  # a compiled kernel may refuse the dispatch mode; the timing stands without FLOPs
         log.info("no FLOP count for %s: %s", variant.label, str(exc).splitlines()[0] if str(exc) else exc)
