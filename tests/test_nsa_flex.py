@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnswap.kernels.nsa import (block_importance, exact_pooled_scores, flex_nsa_branches, flex_route,
+from attnswap.kernels.nsa import (block_importance, exact_pooled_scores, flex_nsa_branches, flex_route, flex_tile,
                                   importance_from_lse, pool_blocks, select_blocks, selected_block_mask,
-                                  selection_table, tile_options)
+                                  selection_table)
 from attnswap.variants.nsa import NSA, NSAParams
 from tests.conftest import TOLERANCE, random_qkv
 from tests.test_nsa import _gates, _inputs, assert_attend_matches_reference
@@ -47,8 +47,9 @@ def test_flex_branches_match_reference_on_cpu(case, dtype):
     torch.testing.assert_close(o_sel.float(), p_sel @ v.float(), rtol=0, atol=TOLERANCE[dtype], msg="selected")
 
 
+@pytest.mark.parametrize("tile", [16, 32, 64], ids=["tile=block", "tile=2blocks", "tile=4blocks"])
 @pytest.mark.parametrize("q_len, kv_len", [(150, 150), (70, 181)], ids=["T150", "chunk"])
-def test_selected_block_mask_lists_exactly_the_selected_blocks(q_len, kv_len):
+def test_selected_block_mask_lists_the_tiles_of_the_selected_blocks(q_len, kv_len, tile):
     block, n_kb = 16, -(-kv_len // 16)
     q_start = (kv_len - q_len) // block * block  # query row 0 of the block mask: its first query block's start
     n_qb = n_kb - q_start // block
@@ -58,14 +59,19 @@ def test_selected_block_mask_lists_exactly_the_selected_blocks(q_len, kv_len):
     key_valid[0, : q_start + 40] = False  # row 0's first real key is 2.5 blocks in: fewer candidates, unused slots
     selected = select_blocks(importance, key_valid, key_valid.long().argmax(-1), kv_len - q_len, block, 3)
     assert (selected < 0).any(), "the case should leave some selection slots unused"
-    block_mask = selected_block_mask(selected, q_start, kv_len - q_start, kv_len, block, key_valid)
-    assert block_mask.BLOCK_SIZE == (block, block)
-    assert torch.equal(block_mask.to_dense().bool(), selection_table(selected, n_kb))
-    # the backward walks the transposed lists: the same blocks, seen from the keys
-    q_dense = torch.zeros_like(selection_table(selected, n_kb)).transpose(-1, -2)
-    for b, h, j in torch.cartesian_prod(torch.arange(2), torch.arange(3), torch.arange(n_kb)).tolist():
+    block_mask = selected_block_mask(selected, q_start, kv_len - q_start, kv_len, block, key_valid, tile=tile)
+    assert block_mask.BLOCK_SIZE == (tile, tile)
+    # the selection table, coarsened: a tile is listed when any of its query blocks selected any of its key blocks
+    per_tile = tile // block
+    coarse = torch.zeros(2, 3, -(-n_qb // per_tile), -(-n_kb // per_tile), dtype=torch.bool)
+    for b, h, i, j in selection_table(selected, n_kb).nonzero().tolist():
+        coarse[b, h, i // per_tile, j // per_tile] = True
+    assert torch.equal(block_mask.to_dense().bool(), coarse)
+    # the backward walks the transposed lists: the same tiles, seen from the keys
+    q_dense = torch.zeros_like(coarse).transpose(-1, -2)
+    for b, h, j in torch.cartesian_prod(*(torch.arange(n) for n in q_dense.shape[:3])).tolist():
         q_dense[b, h, j, block_mask.q_indices[b, h, j, : block_mask.q_num_blocks[b, h, j]].long()] = True
-    assert torch.equal(q_dense.transpose(-1, -2), selection_table(selected, n_kb))
+    assert torch.equal(q_dense.transpose(-1, -2), coarse)
 
 
 @pytest.mark.parametrize("q_len, kv_len, left_pad", [(150, 150, 37), (70, 181, 130)], ids=["T150_pad", "chunk_pad"])
@@ -101,12 +107,8 @@ def test_exact_pooled_scores_keep_fp32_precision_in_bf16():
     assert (split - reference).abs().max() < 1e-4 < (rounded - reference).abs().max()
 
 
-def test_tile_options_divide_the_block():
-    assert tile_options(128) is None and tile_options(256) is None
-    for block in (16, 32, 48, 64, 80, 192):
-        options = tile_options(block)
-        assert all(block % tile == 0 and tile >= 16 for tile in options.values()), (block, options)
-    assert tile_options(64)["BLOCK_M"] == 64
+def test_flex_tile_holds_whole_blocks():
+    assert [flex_tile(block) for block in (16, 32, 64, 128, 256)] == [128, 128, 128, 128, 256]
 
 
 def test_one_compiled_kernel_serves_every_selection():
@@ -124,12 +126,12 @@ def test_one_compiled_kernel_serves_every_selection():
     assert compiles[0] > 0 and compiles[1:] == [0, 0], f"compiles per call: {compiles}"
 
 
-def test_flex_route_needs_cuda_long_queries_and_whole_tiles():
+def test_flex_route_needs_cuda_long_queries_and_blocks_that_tile():
     q = torch.zeros(1, 2, 256, 64)
     assert not flex_route(q, 64), "CPU tensors take the gather route"
     if CUDA:
         assert flex_route(q.cuda(), 64)
-        assert not flex_route(q.cuda(), 40), "a block that is not whole 16-wide tiles takes the gather route"
+        assert not flex_route(q.cuda(), 48), "a block that does not tile flex's 128-wide tiles takes the gather route"
         assert not flex_route(q[:, :, :100].cuda(), 64), "short query blocks take the gather route"
 
 

@@ -9,36 +9,35 @@ slots) are grouped into query blocks on the same grid, so query block i and key 
 
 Two routes compute them, to the same result.
 
-FlexAttention (``flex_route``: CUDA, query blocks long enough for its kernel, ``block`` a multiple of 16):
-``flex_nsa_branches``. The compressed branch is one flex call over the S/block pooled keys; the selection's
-importance is then recomputed from flex's log-sum-exp, without autograd, a query chunk at a time. The selected
-branch is one flex call whose BlockMask is built straight from the selected indices, with tiles of one NSA block:
-query tile i visits exactly the key blocks that query block i selected, so nothing is gathered. The sliding branch
-is the window variant's kernel; variants/nsa.py calls it, as kernels import no variants.
+FlexAttention (``flex_route``: CUDA, query blocks long enough for its kernel, ``block`` a divisor or a multiple
+of its 128-wide tile): ``flex_nsa_branches``. The compressed branch is one flex call over the S/block pooled keys;
+the selection's importance is then recomputed from flex's log-sum-exp, without autograd, a query chunk at a time.
+The selected branch is one flex call whose BlockMask is built straight from the selected indices: a query tile
+visits the key tiles its query blocks selected, and the mask_mod keeps each query block to its own selection, so
+nothing is gathered. The sliding branch is the window variant's kernel; variants/nsa.py calls it, as kernels import
+no variants.
 
-Gather (elsewhere: CPU, decode steps, odd block sizes): ``nsa_branches``. The compressed branch runs in fp32
+Gather (elsewhere: CPU, decode steps, other block sizes): ``nsa_branches``. The compressed branch runs in fp32
 query chunks under activation checkpointing; selected and sliding share ``block_gather_attention``, which gathers
 whole key blocks per query block, so every score tensor is (B, H, nQB, block, K·block).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from attnswap.kernels.flex import (FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, block_mask_for, compiled_flex_attention,
+from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, _ordered, block_mask_for,
                                    flex_masked_attention)
 from attnswap.kernels.masks import MaskFn, device_constant
 
 PositionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 COMPRESSED_QUERY_CHUNK = 2048  # queries per step of the compressed branch (bounds its scores to chunk × S/block)
 IMPORTANCE_QUERY_CHUNK = 4096  # queries per step of the flex route's importance (no autograd: only the forward's)
-FLEX_TILE = 16  # the smallest tile flex's Triton kernels take (tl.dot); a block mask's tiles must be whole tiles
 
 
 def num_blocks(length: int, block: int) -> int:
@@ -246,10 +245,10 @@ def nsa_branches(q, k, v, scaling: float, block: int, top_k: int, window: int,
 
 # --- the FlexAttention route ----------------------------------------------------------------------
 def flex_route(q: torch.Tensor, block: int) -> bool:
-    """Whether ``flex_nsa_branches`` can serve q (B, H, T, D): the conditions of flex's fused kernel, plus NSA blocks
-    that are whole kernel tiles."""
+    """Whether ``flex_nsa_branches`` can serve q (B, H, T, D): the conditions of flex's fused kernel, and NSA blocks
+    that tile its block mask (``flex_tile``): a divisor or a multiple of its tile."""
     return (q.is_cuda and q.shape[-2] >= FLEX_MIN_QUERIES and q.shape[-1] >= FLEX_MIN_HEAD_DIM
-            and block % FLEX_TILE == 0)
+            and (BLOCK_SIZE % block == 0 or block % BLOCK_SIZE == 0))
 
 
 def flex_nsa_branches(q, k, v, scaling: float, block: int, top_k: int, key_valid: torch.Tensor | None = None,
@@ -361,34 +360,34 @@ def flex_selected_attention(q, k, v, selected: torch.Tensor, scaling: float, blo
     """Exact attention of each query block over its selected key blocks, one flex call, no gather: (B, H, T, D).
 
     q (B, H, T, D) at positions S-T..S-1, k/v (B, H, S, D), selected (B, H, nQB, K) from ``select_blocks``. The
-    queries are padded in front to the start of their first block, so that flex's query tiles are NSA's query
+    queries are padded in front to the start of their first block, so that flex's query tiles hold whole query
     blocks.
     """
     q_len, kv_len = q.shape[-2], k.shape[-2]
     q_start = (kv_len - q_len) // block * block
     lead = kv_len - q_len - q_start
     block_mask = selected_block_mask(selected, q_start, lead + q_len, kv_len, block, key_valid)
-    flex = flex_attention if backend is None else compiled_flex_attention(backend)
-    out = flex(F.pad(q, (0, 0, lead, 0)) if lead else q, k, v, block_mask=block_mask, scale=scaling,
-               kernel_options=tile_options(block))
+    out = flex_masked_attention(F.pad(q, (0, 0, lead, 0)) if lead else q, k, v, block_mask, scaling, backend=backend)
     return out[:, :, lead:]
 
 
 def selected_block_mask(selected: torch.Tensor, q_start: int, q_len: int, kv_len: int, block: int,
-                        key_valid: torch.Tensor | None = None) -> BlockMask:
-    """The selected branch as a BlockMask of block × block tiles, straight from the indices, O(B·H·nQB·nKB).
+                        key_valid: torch.Tensor | None = None, tile: int | None = None) -> BlockMask:
+    """The selected branch as a BlockMask, straight from the indices: O(B·H·nQB·nKB), never T×S.
 
-    selected (B, H, nQB, K) long, -1 for unused slots, which ``select_blocks`` puts last; query row 0 sits at
-    position q_start (a block start), q_len rows; key_valid (B, S) or None. Query tile i lists the key blocks
-    selected[..., i, :]. The mask_mod states the whole branch (selected, causal, real key): the fused kernel runs it
-    only inside the listed tiles, and flex's unfused path, which ignores the tiles, computes the same attention.
+    selected (B, H, nQB, K) long, -1 for unused slots; query row 0 sits at position q_start (a block start), q_len
+    rows; key_valid (B, S) or None. Tiles are ``tile`` wide (default ``flex_tile(block)``), each tile/block NSA blocks
+    a side: a query tile lists every key tile that one of its query blocks selected, and the mask_mod (selected,
+    causal, real key) keeps each query block to its own selection inside them. flex's unfused path, which ignores
+    the tiles, computes the same attention.
     """
-    batch, heads, n_qb, n_sel = selected.shape
+    tile = tile or flex_tile(block)
+    batch, heads, n_qb, _ = selected.shape
     n_kb = num_blocks(kv_len, block)
-    used = selected >= 0
-    kv_num_blocks = used.sum(-1, dtype=torch.int32)  # (B, H, nQB)
-    kv_indices = F.pad(selected.clamp(min=0), (0, n_kb - n_sel)).to(torch.int32)  # BlockMask wants nKB columns
     chosen = selection_table(selected, n_kb)  # (B, H, nQB, nKB)
+    per_tile = tile // block
+    padded = F.pad(chosen, (0, -n_kb % per_tile, 0, -n_qb % per_tile))
+    tiles = padded.view(batch, heads, padded.shape[2] // per_tile, per_tile, -1, per_tile).any(5).any(3)
     start = device_constant(q_start, selected.device)  # a tensor: one compiled kernel for every offset
 
     def mask(b, h, q_idx, kv_idx):
@@ -396,18 +395,12 @@ def selected_block_mask(selected: torch.Tensor, q_start: int, q_len: int, kv_len
         return allowed if key_valid is None else allowed & key_valid[b, kv_idx]
 
     mask.__name__ = f"nsa_selected{block}"
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=(block, block), mask_mod=mask,
+    return BlockMask.from_kv_blocks(*_ordered(tiles), BLOCK_SIZE=tile, mask_mod=mask,
                                     seq_lengths=(q_len, kv_len))
 
 
-def tile_options(block: int) -> dict[str, int] | None:
-    """flex's kernel tiles for a block mask of block × block tiles (None: its defaults).
-
-    The default tiles are up to 128 wide, and a block-mask tile must hold whole kernel tiles (flex refuses a
-    128-row kernel tile on 64-row mask tiles), so smaller NSA blocks take the largest power-of-two tile, up to 64,
-    that divides them.
-    """
-    if block % 128 == 0:
-        return None
-    tile = math.gcd(block, 64)
-    return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_M1": tile, "BLOCK_N1": tile, "BLOCK_M2": tile, "BLOCK_N2": tile}
+def flex_tile(block: int) -> int:
+    """The block mask's tile for NSA blocks of ``block``: the block itself where it is whole flex tiles, else flex's
+    tile, which then holds several blocks a side. flex's backward on Hopper has one default kernel config in bf16,
+    128 wide, and refuses it on narrower mask tiles; flex_route sends other block sizes to the gather route."""
+    return block if block % BLOCK_SIZE == 0 else BLOCK_SIZE
