@@ -61,10 +61,15 @@ def assert_attend_matches_reference(variant, q, k, v, ctx, state, dtype):
     assert fast.dtype == dtype
     torch.testing.assert_close(fast.float(), ref, rtol=0, atol=TOLERANCE[dtype])
 
-    tensors = {"q": q, "k": k, "v": v, "W": state.weight, "b": state.bias}
     grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).to(ref.device)
-    grads_fast = torch.autograd.grad((fast.float() * grad_out).sum(), list(tensors.values()))
-    grads_ref = torch.autograd.grad((ref * grad_out).sum(), list(tensors.values()))
+    tensors = dict(q=q, k=k, v=v, W=state.weight, b=state.bias)
+    assert_grads_close(tensors, fast.float() * grad_out, ref * grad_out, dtype)
+
+
+def assert_grads_close(tensors: dict, fast: torch.Tensor, ref: torch.Tensor, dtype):
+    """The gradients of ``fast.sum()`` and ``ref.sum()`` with respect to each named tensor agree."""
+    grads_fast = torch.autograd.grad(fast.sum(), list(tensors.values()))
+    grads_ref = torch.autograd.grad(ref.sum(), list(tensors.values()))
     for name, g_fast, g_ref in zip(tensors, grads_fast, grads_ref):
         # Gradients are compared relative to their largest entry once that exceeds 1: a bf16 gradient of size 4
         # has steps of 2**-5, and the gate gradients sum over B·T·D terms.

@@ -10,12 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnswap.kernels.nsa import (block_importance, exact_pooled_scores, flex_nsa_branches, flex_route, flex_tile,
+from attnswap.kernels.nsa import (block_importance, compressed_attention, exact_pooled_scores,
+                                  flex_compressed_attention, flex_nsa_branches, flex_route, flex_tile,
                                   importance_from_lse, pool_blocks, select_blocks, selected_block_mask,
                                   selection_table)
 from attnswap.variants.nsa import NSA, NSAParams
 from tests.conftest import TOLERANCE, random_qkv
-from tests.test_nsa import _gates, _inputs, assert_attend_matches_reference
+from tests.test_nsa import _gates, _inputs, assert_attend_matches_reference, assert_grads_close
 
 CUDA = torch.cuda.is_available()
 
@@ -45,6 +46,19 @@ def test_flex_branches_match_reference_on_cpu(case, dtype):
     assert o_cmp.dtype == o_sel.dtype == dtype
     torch.testing.assert_close(o_cmp.float(), p_cmp @ v.float(), rtol=0, atol=TOLERANCE[dtype], msg="compressed")
     torch.testing.assert_close(o_sel.float(), p_sel @ v.float(), rtol=0, atol=TOLERANCE[dtype], msg="selected")
+
+
+@pytest.mark.parametrize("fold", [64, 150], ids=["3folds", "unfolded"])
+@pytest.mark.parametrize("q_len, kv_len, left_pad", [(150, 150, 37), (70, 181, 20)], ids=["T150_pad", "chunk_pad"])
+def test_flex_compressed_branch_with_queries_folded_into_the_batch(q_len, kv_len, left_pad, fold):
+    block = 16
+    variant = NSA(NSAParams(block=block))
+    q, k, v, ctx = _inputs(q_len, kv_len, left_pad, torch.float32, requires_grad=False)
+    out, importance = flex_compressed_attention(q, k, v, ctx.scaling, block, ctx.key_valid, backend=None, fold=fold)
+    p_cmp, _, _ = variant.branch_probs(q, k, ctx)
+    torch.testing.assert_close(out, p_cmp @ v, rtol=0, atol=2e-5)
+    _, unfolded = flex_compressed_attention(q, k, v, ctx.scaling, block, ctx.key_valid, backend=None, fold=q_len)
+    torch.testing.assert_close(importance, unfolded, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("tile", [16, 32, 64], ids=["tile=block", "tile=2blocks", "tile=4blocks"])
@@ -145,3 +159,21 @@ def test_nsa_flex_route_matches_reference_outputs_and_gradients(case, dtype):
     q, k, v, ctx = _inputs(q_len, kv_len, left_pad, dtype, dim=64, device="cuda")
     assert flex_route(q, block)
     assert_attend_matches_reference(variant, q, k, v, ctx, _gates(variant, 3, 64).cuda(), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="compiled FlexAttention with backward needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flex_compressed_branch_folded_matches_gather_route_with_gradients(dtype):
+    """The compressed call with its queries folded into the batch (700 queries, 3 folds), against the gather
+    route's fp32 chunks: outputs, the gradients of q, k, v, and the importance of the blocks selection ranks."""
+    block, q_len, kv_len = 32, 700, 777
+    q, k, v, ctx = _inputs(q_len, kv_len, 150, dtype, dim=64, device="cuda")
+    fast, fast_importance = flex_compressed_attention(q, k, v, ctx.scaling, block, ctx.key_valid, fold=256)
+    ref, ref_importance = compressed_attention(q, k, v, ctx.scaling, block, ctx.key_valid)
+    torch.testing.assert_close(fast.float(), ref, rtol=0, atol=TOLERANCE[dtype])
+    ranked = fast_importance != 0
+    assert ranked.sum() > ranked.numel() // 4
+    torch.testing.assert_close(fast_importance[ranked], ref_importance[ranked], rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3)).cuda()
+    assert_grads_close(dict(q=q, k=k, v=v), fast.float() * grad_out, ref * grad_out, dtype)

@@ -37,6 +37,7 @@ from attnswap.kernels.masks import MaskFn, device_constant
 
 PositionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 COMPRESSED_QUERY_CHUNK = 2048  # queries per step of the compressed branch (bounds its scores to chunk × S/block)
+COMPRESSED_FOLD = 8192  # queries per batch entry of the flex route's compressed call (flex_compressed_attention)
 IMPORTANCE_QUERY_CHUNK = 4096  # queries per step of the flex route's importance (no autograd: only the forward's)
 
 
@@ -268,39 +269,53 @@ def flex_nsa_branches(q, k, v, scaling: float, block: int, top_k: int, key_valid
 
 
 def flex_compressed_attention(q, k, v, scaling: float, block: int, key_valid: torch.Tensor | None = None,
-                              backend: str | None = "inductor") -> tuple[torch.Tensor, torch.Tensor]:
+                              backend: str | None = "inductor", fold: int = COMPRESSED_FOLD
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``compressed_attention`` as one flex call over the pooled keys: out (B, H, T, D) in q's dtype and the
     selection's importance (B, H, nQB, nKB) fp32, exact for the key blocks before each query block (all that
     ``select_blocks`` ranks) and 0 elsewhere.
 
     The pooled keys stay fp32 in effect (``exact_pooled_scores``): the selection ranks their probabilities, and
     rounding them to bf16 could flip which blocks are chosen.
+
+    The pooled keys are few and most queries see each of them, and flex's backward gives each tile of keys one
+    program that walks every query tile seeing it: at 64k tokens, one program per head would walk 512 query tiles
+    while the rest of the GPU idles. So the queries are folded into the batch, ``fold`` at a time, against copies of
+    the pooled keys (S/block rows each, cheap; autograd sums their gradients): as many programs share that walk.
     """
     batch, heads, q_len, _ = q.shape
     q_offset = k.shape[-2] - q_len
+    folds = -(-q_len // fold)
+    rows = -(-q_len // folds)  # queries per fold; the last fold is padded with rows that are dropped
     k_cmp, counts = pool_blocks(k, key_valid, block)  # (B, H, nKB, D) fp32, (B|1, nKB)
     v_cmp, _ = pool_blocks(v, key_valid, block)
     has_key = counts > 0
-    mask = ended_blocks_mask(block, q_offset, None if key_valid is None else has_key, q.device)
-    block_mask = block_mask_for(mask, batch, heads, q_len, k_cmp.shape[-2], q.device,
-                                cache_key=("nsa_compressed", block, q_offset, key_valid),
-                                per_batch=key_valid is not None, per_head=False)
+    mask = ended_blocks_mask(block, q_offset, rows, folds, None if key_valid is None else has_key, q.device)
+    block_mask = block_mask_for(mask, batch * folds, heads, rows, k_cmp.shape[-2], q.device,
+                                cache_key=("nsa_compressed", block, q_offset, q_len, key_valid),
+                                per_batch=key_valid is not None or folds > 1, per_head=False)
     q_exact, k_exact = exact_pooled_scores(q, k_cmp)
-    out, lse = flex_masked_attention(q_exact, k_exact, v_cmp.to(q.dtype), block_mask, scaling, backend=backend,
-                                     return_lse=True)
+    q_folded = F.pad(q_exact, (0, 0, 0, folds * rows - q_len)).unflatten(2, (folds, rows)).transpose(1, 2)
+    out, lse = flex_masked_attention(q_folded.flatten(0, 1), *(x.repeat_interleave(folds, dim=0) for x in
+                                                               (k_exact, v_cmp.to(q.dtype))),
+                                     block_mask, scaling, backend=backend, return_lse=True)
+    out = out.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)[:, :, :q_len]  # (B, H, T, D)
+    lse = lse.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)[:, :, :q_len]  # (B, H, T)
     with torch.no_grad():
         importance = importance_from_lse(q, k_cmp, lse, scaling, block, q_offset, has_key)
     return out, importance
 
 
-def ended_blocks_mask(block: int, q_offset: int, has_key: torch.Tensor | None, device) -> MaskFn:
-    """The compressed branch's index mask over pooled keys: query q_idx (at position q_offset + q_idx) sees pooled
-    block j once the block has ended, and only if it holds a real key (has_key (B, nKB); None: all do)."""
+def ended_blocks_mask(block: int, q_offset: int, rows: int, folds: int, has_key: torch.Tensor | None,
+                      device) -> MaskFn:
+    """The compressed branch's index mask over pooled keys, for queries folded into the batch: row q_idx of batch
+    entry b is the query at position q_offset + (b % folds)·rows + q_idx of row b // folds. It sees pooled block j
+    once the block has ended, and only if it holds a real key (has_key (B, nKB); None: all do)."""
     offset = device_constant(q_offset, device)  # a tensor, so that every chunk offset shares one compiled kernel
 
     def mask(b, h, q_idx, j):
-        ended = (j + 1) * block - 1 <= q_idx + offset
-        return ended if has_key is None else ended & has_key[b, j]
+        ended = (j + 1) * block - 1 <= q_idx + (b % folds) * rows + offset
+        return ended if has_key is None else ended & has_key[b // folds, j]
 
     mask.__name__ = f"nsa_ended_blocks{block}"
     return mask
