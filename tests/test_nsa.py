@@ -1,4 +1,5 @@
-"""variants/nsa.py and kernels/nsa.py: the block-gather path against the dense oracle, selection rules, memory, swap."""
+"""variants/nsa.py and kernels/nsa.py: the gather route (CPU) against the dense oracle, selection rules, memory, swap;
+the FlexAttention route is checked in test_nsa_flex.py."""
 
 from __future__ import annotations
 

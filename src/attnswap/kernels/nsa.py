@@ -296,9 +296,9 @@ def flex_compressed_attention(q, k, v, scaling: float, block: int, key_valid: to
                                 per_batch=key_valid is not None or folds > 1, per_head=False)
     q_exact, k_exact = exact_pooled_scores(q, k_cmp)
     q_folded = F.pad(q_exact, (0, 0, 0, folds * rows - q_len)).unflatten(2, (folds, rows)).transpose(1, 2)
-    out, lse = flex_masked_attention(q_folded.flatten(0, 1), *(x.repeat_interleave(folds, dim=0) for x in
-                                                               (k_exact, v_cmp.to(q.dtype))),
-                                     block_mask, scaling, backend=backend, return_lse=True)
+    k_folded, v_folded = (x.repeat_interleave(folds, dim=0) for x in (k_exact, v_cmp.to(q.dtype)))  # (B·folds, ...)
+    out, lse = flex_masked_attention(q_folded.flatten(0, 1), k_folded, v_folded, block_mask, scaling, backend=backend,
+                                     return_lse=True)  # (B·folds, H, rows, D), (B·folds, H, rows)
     out = out.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)[:, :, :q_len]  # (B, H, T, D)
     lse = lse.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)[:, :, :q_len]  # (B, H, T)
     with torch.no_grad():
