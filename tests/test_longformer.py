@@ -67,21 +67,6 @@ def test_longformer_matches_reference_with_padding_and_decode(params, dtype):
     assert_attend_matches_reference(variant, dtype)
 
 
-def test_without_stride_longformer_is_the_window_with_sinks():
-    """What lets a stride-free Longformer take the window's path (its sinks as their own branch)."""
-    from attnswap.variants.window import Window, WindowParams
-
-    q, k, _ = random_qkv(batch=2, heads=1, q_len=23)
-    key_valid = torch.ones(2, 23, dtype=torch.bool)
-    key_valid[0, :4] = False
-    ctx = AttnContext(scaling=1.0, key_valid=key_valid)
-    for w, g in ((5, 3), (2, 6)):  # a window narrower than the global tokens too
-        masks = [variant.index_mask(q, k, ctx, None)[0]
-                 for variant in (longformer(w=w, global_tokens=g), Window(WindowParams(w=w, sinks=g)))]
-        longformer_allowed, window_allowed = (materialize(m, 2, 1, 23, 23, "cpu") for m in masks)
-        assert torch.equal(longformer_allowed, window_allowed)
-
-
 def _logits(model, ids, mask):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift GPT-2's position embeddings
     with torch.no_grad():

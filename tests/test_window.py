@@ -76,28 +76,3 @@ def test_slots_in_order_need_no_position_lookup(q_len, kv_len):
     expected = materialize(looked_up, 2, 1, q_len, kv_len, "cpu")
     assert torch.equal(materialize(offset, 2, 1, q_len, kv_len, "cpu"), expected)
     assert expected[0, 0, -1].sum() == min(kv_len, 5)  # the last query: its window of 3 and 2 sinks
-
-
-@pytest.mark.parametrize("w", [1, 4, 30], ids=["w1", "w4", "w_beyond_sequence"])
-def test_sinks_apart_equal_one_mask_of_window_and_sinks(w, monkeypatch):
-    """The sink branch merged with a pure window equals the single window+sinks mask, outputs and gradients, with a
-    left-padded row and sinks that fall inside some queries' windows (counted once)."""
-    from attnswap.variants.masked import MaskedVariant
-    from attnswap.variants.window import Window
-
-    variant = get_variant(f"window:w={w},sinks=3")
-    key_valid = torch.ones(2, 19, dtype=torch.bool)
-    key_valid[0, :5] = False
-    ctx = AttnContext(scaling=0.3, key_valid=key_valid)
-    assert variant._sinks_apart(ctx) and not variant._sinks_apart(AttnContext(scaling=0.3, kv_positions=torch.arange(19)))
-    calls = []
-    sink_attention = Window._sink_attention
-    monkeypatch.setattr(Window, "_sink_attention", lambda self, *args: calls.append(1) or sink_attention(self, *args))
-    q, k, v = random_qkv(q_len=19, requires_grad=True)
-    apart = variant.attend(q, k, v, ctx, None)
-    together = MaskedVariant.attend(variant, q, k, v, ctx, None)
-    assert calls, "the sink branch did not run"
-    torch.testing.assert_close(apart, together, rtol=0, atol=1e-6)
-    for name, g_apart, g_together in zip("qkv", torch.autograd.grad(apart.square().sum(), (q, k, v)),
-                                         torch.autograd.grad(together.square().sum(), (q, k, v))):
-        torch.testing.assert_close(g_apart, g_together, rtol=0, atol=1e-5, msg=f"d{name}")

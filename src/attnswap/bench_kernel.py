@@ -388,7 +388,7 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
     Dense causal: 2·2·B·H·T²/2·D forward. Mask variants: the full 2·2·B·H·T·S·D times the fraction of
     ``block``×``block`` tiles with any allowed pair (what a block-sparse kernel computes). Other variants:
     counted by ``FlopCounterMode`` on one call, linear attention through its PyTorch scan (the counter cannot see
-    inside the fused Triton one, which does the same products). Backward adds ``BACKWARD_FLOP_FACTOR`` times the
+    inside fla's Triton kernels, which do the same products). Backward adds ``BACKWARD_FLOP_FACTOR`` times the
     forward.
     """
     batch, heads, q_len, head_dim = q.shape
@@ -406,7 +406,9 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
     try:
         with FlopCounterMode(display=False) as counter, pytorch_scan():
             run(None)
-    except RuntimeError as exc:  # a compiled kernel may refuse the dispatch mode; the timing stands without FLOPs
+    # A compiled kernel may refuse the dispatch mode: compiled flex_attention raised a TypeError under it (the hybrid's
+    # window part, H200). The timing stands without FLOPs.
+    except (RuntimeError, TypeError) as exc:
         log.info("no FLOP count for %s: %s", variant.label, str(exc).splitlines()[0] if str(exc) else exc)
         return None, "not counted", None
     total = counter.get_total_flops()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from attnswap.kernels.masks import draw, materialize, or_masks, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
-from attnswap.variants.window import Window, WindowParams, sliding_window_mask
+from attnswap.variants.window import sliding_window_mask
 
 
 @dataclass(frozen=True)
@@ -65,18 +64,6 @@ class Longformer(MaskedVariant):
     def positional_mask(self, ctx: AttnContext, batch: int, device, state):
         p = self.params
         return longformer_mask(p.w, p.global_tokens, p.global_stride, ctx.first_real_token(batch, device))
-
-    # Causal and without strided globals, Longformer is a window with sinks: a global query (one of the first
-    # global_tokens real tokens) may only look back, at keys that are global themselves. So it takes the window's
-    # path, whose sinks are their own branch beside a pure-window block mask (variants/window.py, issue 17).
-    def attend(self, q, k, v, ctx: AttnContext, state, return_lse: bool = False):
-        if self.params.global_stride:
-            return super().attend(q, k, v, ctx, state, return_lse)
-        return self._as_window.attend(q, k, v, ctx, state, return_lse)
-
-    @functools.cached_property
-    def _as_window(self) -> Window:
-        return Window(WindowParams(w=self.params.w, sinks=self.params.global_tokens))
 
 
 def main() -> None:
