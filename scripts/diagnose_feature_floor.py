@@ -2,6 +2,7 @@
 
     python scripts/diagnose_feature_floor.py 1e-4 30 > benchmarks/results/hedgehog_feature_floor_cpu/floor_1e-4.txt
     python scripts/diagnose_feature_floor.py 0 30 > benchmarks/results/hedgehog_feature_floor_cpu/floor_0.txt
+    python scripts/diagnose_feature_floor.py 1e-6 30 > benchmarks/results/hedgehog_feature_floor_cpu/floor_1e-6.txt
 
 Prints (floor, step, attention cross-entropy, output MSE) every 5 steps of a 100-step stage 1 (the first `steps`):
 batch 2 x 256 tokens of the distillation text, transfer lr 1e-2, one thread, seed 0 (both runs see the same batches).

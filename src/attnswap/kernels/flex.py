@@ -31,7 +31,7 @@ BLOCK_SIZE = 128  # flex_attention's default tile
 # per step, every step would otherwise be a new compiled shape.
 FLEX_MIN_QUERIES = BLOCK_SIZE
 FLEX_MIN_HEAD_DIM = 16  # the Triton kernel's tl.dot needs head_dim >= 16
-RECOMPILE_LIMIT = 64  # compiled shapes × grad modes × mask constants per process; dynamo's default is 8
+RECOMPILE_LIMIT = 128  # compiled shapes × grad modes × mask constants per process; dynamo's default is 8
 MASK_CACHE_SIZE = 32
 MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a block mask (bounds memory at 16k)
 
@@ -227,11 +227,11 @@ def build_block_mask(
     count = torch.cat(counts, dim=2)  # (B, H, n_q, n_kv)
     full = count == block_size * block_size  # flex skips mask_mod on these
     partial = (count > 0) & ~full
-    return BlockMask.from_kv_blocks(*_ordered(partial), *_ordered(full), BLOCK_SIZE=block_size,
+    return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
                                     mask_mod=index_mask, seq_lengths=(q_len, kv_len))
 
 
-def _ordered(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, H, n_q, n_kv) bool -> per query block, the number of listed kv blocks (B, H, n_q) and their
     indices first (B, H, n_q, n_kv), both int32: BlockMask's layout."""
     num = dense.sum(dim=-1, dtype=torch.int32)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, _ordered, block_mask_for,
+from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, ordered_blocks, block_mask_for,
                                    flex_masked_attention)
 from attnswap.kernels.masks import MaskFn, device_constant
 
@@ -410,7 +410,7 @@ def selected_block_mask(selected: torch.Tensor, q_start: int, q_len: int, kv_len
         return allowed if key_valid is None else allowed & key_valid[b, kv_idx]
 
     mask.__name__ = f"nsa_selected{block}"
-    return BlockMask.from_kv_blocks(*_ordered(tiles), BLOCK_SIZE=tile, mask_mod=mask,
+    return BlockMask.from_kv_blocks(*ordered_blocks(tiles), BLOCK_SIZE=tile, mask_mod=mask,
                                     seq_lengths=(q_len, kv_len))
 
 
