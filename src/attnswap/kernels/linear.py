@@ -17,10 +17,10 @@ the way online softmax rescales its running sums.
 
 On CUDA, when the attention's inputs are bf16 or fp16 and fla-core is installed (the ``cuda`` extra), the
 product runs instead on flash-linear-attention's chunked kernels (``chunk_simple_gla``, a key log-scale as its
-log-gate), in fp32 with TF32 tensor-core products: their 10-bit mantissa is finer than the inputs' own. On the H200,
-positive random features at 64k (B=1, H=16, M=128, D=64) took 12.5 ms forward+backward there against 24.2 ms in
-the hand-written Triton scan it replaced. fp32 inputs keep the PyTorch scan and its fp32 products; so does
-``pytorch_scan()``.
+log-gate), in fp32 with TF32 tensor-core products: their 10-bit mantissa is finer than the inputs' own. It replaced
+a hand-written Triton scan (a one-off probe on the H200, not kept, timed fla at about half that scan's time at 64k;
+the committed measurement is ``attnswap bench-kernel --config configs/experiments/bench_kernel_64k.yaml``). fp32
+inputs keep the PyTorch scan and its fp32 products; so does ``pytorch_scan()``.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, ordered_blocks, block_mask_for,
-                                   flex_masked_attention)
+from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, block_mask_for,
+                                   flex_masked_attention, ordered_blocks)
 from attnswap.kernels.masks import MaskFn, device_constant
 
 PositionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
