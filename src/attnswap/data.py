@@ -27,6 +27,7 @@ import torch
 
 from attnswap.errors import AttnswapError
 from attnswap.models import REPO_ROOT
+from attnswap.wikitext_style import restyle
 
 HUB_DATASETS = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
 HUB_SPLITS = ("train", "validation", "test")
@@ -189,8 +190,10 @@ def _hub_texts(name: str, split: str) -> list[str]:
 
 # --- tokens -------------------------------------------------------------------------------------
 def token_stream(source: str | Path, tokenizer, split: str | None = None,
-                 cache_dir: str | Path | None = None) -> torch.Tensor:
-    """All documents of ``source`` as one 1-D int64 tensor of token ids, EOS after each document (cached)."""
+                 cache_dir: str | Path | None = None, style: str = "plain") -> torch.Tensor:
+    """All documents of ``source`` as one 1-D int64 tensor of token ids, EOS after each document (cached).
+
+    ``style`` "wikitext" renders plain articles the way WikiText writes them first (``attnswap.wikitext_style``)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise AttnswapError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; documents cannot be separated")
@@ -202,12 +205,13 @@ def token_stream(source: str | Path, tokenizer, split: str | None = None,
     else:
         files = data_files(resolve_path(source))
         content = _hash_files(files)
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{content}|{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:24]
+    style_tag = "" if style == "plain" else f"|{style}"
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{content}|{tokenizer_fingerprint(tokenizer)}{style_tag}".encode()).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = _load_cached(cache / f"tokens-{key}.npy")
     if cached is not None:
         return torch.from_numpy(cached.astype(np.int64))
-    texts = texts if texts is not None else load_texts(source, split)
+    texts = restyle(texts if texts is not None else load_texts(source, split), style)
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     lengths = np.array([len(ids) + 1 for ids in encoded])
     stream = np.full(int(lengths.sum()), eos, dtype=np.int32)  # EOS already sits at every document's end

@@ -45,13 +45,14 @@ from attnswap.surgery import (STATE_ATTR, attention_modules, l1_penalty, observe
 from attnswap.variants import Variant, get_variant
 from attnswap.variants.base import check
 from attnswap.variants.full import Full
+from attnswap.wikitext_style import STYLES
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("variant", "variant+mlp", "variant+attn", "variant+lora")
 CKPT_JSON = "checkpoint.json"
 # A resumed run must agree with its checkpoint on these, or it would not continue the same run.
-RESUME_MUST_MATCH = ("model", "variant", "layers", "data", "val_data", "val_fraction", "batch_size", "seq_len",
-                     "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_grad", "temperature",
+RESUME_MUST_MATCH = ("model", "variant", "layers", "data", "data_style", "val_data", "val_fraction", "batch_size",
+                     "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_grad", "temperature",
                      "l1", "transfer_steps", "transfer_attn_ce", "transfer_lr", "trainable", "lora_r", "seed")
 
 
@@ -61,6 +62,9 @@ class DistillConfig:
     variant: str = "window:w=64,sinks=4"
     layers: list[int] | None = None  # default: every layer
     data: str = DISTILL_TEXT  # training text: a file, a directory or wikitext-103-raw-v1 (never a test set)
+    # plain | wikitext: the training articles as they are, or rendered the way WikiText writes them (headings, split
+    # punctuation, @-@, <unk>; attnswap.wikitext_style), to distil on the formatting that quality is measured on
+    data_style: str = "plain"
     val_data: str = WIKITEXT2_VALID  # empty = hold out val_fraction of the training blocks
     val_fraction: float = 0.02
     steps: int = 500
@@ -116,6 +120,7 @@ class DistillConfig:
         check(self.variant_lr_scale > 0, f"variant_lr_scale must be > 0, got variant_lr_scale={self.variant_lr_scale}")
         check(self.temperature > 0, f"temperature must be > 0, got temperature={self.temperature}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(self.data_style in STYLES, f"data_style must be one of {', '.join(STYLES)}; got {self.data_style!r}")
         check(self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}")
         check(self.dtype in ("auto", "float32", "bfloat16"),
               f"dtype must be auto, float32 or bfloat16; got {self.dtype!r}")
@@ -371,7 +376,7 @@ def make_optimizer(pair: Pair, config: DistillConfig) -> torch.optim.AdamW:
 # --- data --------------------------------------------------------------------------------------
 def load_blocks(config: DistillConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, validation) blocks of seq_len tokens."""
-    blocks = pack_blocks(token_stream(config.data, tokenizer), config.seq_len)
+    blocks = pack_blocks(token_stream(config.data, tokenizer, style=config.data_style), config.seq_len)
     if not config.val_data:
         return split_blocks(blocks, config.val_fraction, config.seed)
     return blocks, pack_blocks(token_stream(config.val_data, tokenizer, split="validation"), config.seq_len)
