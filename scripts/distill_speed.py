@@ -5,7 +5,8 @@
 The KL of a step (attnswap.losses) is taken three ways, chosen here by patching the module the loop calls:
     whole         both logits tensors made whole, as distillation did before issue 17 (the baseline);
     checkpointed  the LM head chunk by chunk, each chunk recomputed in the backward (chunked_kl with a trainable head);
-    fused         chunked_kl's fused path for a frozen head: gradient made in the forward, one compiled kernel per chunk.
+    fused         chunked_kl's fused path for a frozen head: gradient made in the forward, one compiled kernel per chunk;
+    compiled      fused, with the model itself compiled for the teacher's and the student's passes (distill.compile).
 For each way and batch size: the median step time of ``--steps`` steps after 3 warm-up steps, tokens/s and the peak
 memory of those steps. Then ``--curve-steps`` steps of the same run (same seed, data, batch) with whole and fused: the
 two loss curves and validation KLs, to show the fused path trains the same. Bundled teacher, bf16 autocast, as
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import json
 import statistics
 import time
@@ -31,7 +33,7 @@ from attnswap.distill import (DistillConfig, build_pair, evaluate_blocks, load_b
                               train_step)
 from attnswap.plots import Panel, Series, line_plot
 
-WAYS = ("whole", "checkpointed", "fused")
+WAYS = ("whole", "checkpointed", "fused", "compiled")
 
 
 def whole_logits_kl(student_hidden, teacher_hidden, head, temperature=1.0, chunk=None):
@@ -59,6 +61,7 @@ def kl_way(way: str):
 
 
 def run_steps(config: DistillConfig, way: str, steps: int, warmup: int, timed: bool):
+    config = dataclasses.replace(config, compile=way == "compiled")
     ranks = start_ranks("auto")
     torch.manual_seed(config.seed)
     pair, tokenizer = build_pair(config, ranks.device)
@@ -86,6 +89,7 @@ def main() -> None:
     parser.add_argument("--variant", default="window:w=128,sinks=4")
     parser.add_argument("--trainable", default="variant+attn")
     parser.add_argument("--batch-sizes", default="8,16,32,64")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"of {', '.join(WAYS)}")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case, after 3 warm-up steps")
     parser.add_argument("--curve-steps", type=int, default=200)
@@ -100,7 +104,7 @@ def main() -> None:
                              seq_len=args.seq_len, steps=steps, warmup_steps=20, lr=5e-4, out=str(out / "unused"))
 
     rows = []
-    for way in WAYS:
+    for way in args.ways.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             try:
                 _, times, peak, _ = run_steps(config(batch, 1000), way, args.steps, 3, timed=True)
@@ -120,7 +124,7 @@ def main() -> None:
             row["memory_vs_whole"] = row["peak_memory_mib"] / base["peak_memory_mib"]
 
     curves = {}
-    for way in ("whole", "fused"):
+    for way in ("whole", "compiled" if "compiled" in args.ways else "fused"):
         loss, times, _, val_kl = run_steps(config(args.curve_batch_size, args.curve_steps), way, args.curve_steps, 0,
                                            timed=False)
         curves[way] = {"loss": loss, "val_kl": val_kl, "seconds": sum(times)}

@@ -3,7 +3,7 @@
 # Usage, from the repository root:  ATTNSWAP_COMMIT=<sha> scripts/gpu_issue17.sh [RUN_CONFIG.yaml ...]
 #   1. the CUDA tests (pytest -m cuda; CUDA_TESTS names files, default all)  -> runs/cuda_tests.txt
 #   2. bench-kernel to 64k (configs/experiments/bench_kernel_64k.yaml)   -> runs/bench_kernel_64k/
-#   3. scripts/distill_speed.py (whole / checkpointed / fused KL)         -> runs/distill_speed/
+#   3. scripts/distill_speed.py (whole / checkpointed / fused KL, compiled model) -> runs/distill_speed/
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
 # fla-core travels as a wheel in .whl/ (here: `pip download --no-deps fla-core==0.6.0 -d .whl`, .whl/ ignored by git;
 # name it in the device call's carry). Results (no weights) are packed into $OUT/results.tar.gz; `BUDGET_S` (default
@@ -34,7 +34,7 @@ for line in open("runs/bench_kernel_64k/kernel_results.jsonl"):
     if r["mode"] == "forward+backward" and r["status"] == "ok":
         print(f'{r["variant"]:28s} {r["length"]:6d} {1e3 * (r.get("graph_median_s") or r["median_s"]):8.2f} ms  x{r.get("graph_speedup") or r.get("speedup") or 0:.2f}')
 PY
-timeout 120 python3 scripts/distill_speed.py --batch-sizes 8,32,64 --curve-steps 150 --out runs/distill_speed 2>&1 \
+timeout 240 python3 scripts/distill_speed.py --batch-sizes 8,32,64 --curve-steps 150 --out runs/distill_speed 2>&1 \
   | grep -v -i warn | tail -n 10
 for config in "$@"; do
   name=$(basename "$config" .yaml)

@@ -13,7 +13,7 @@ import attnswap.distill as distill_module
 from attnswap.distill import DistillConfig, Pair, build_pair, distill, learning_rate
 from attnswap.losses import attention_cross_entropy, chunked_kl, kl_divergence
 from attnswap.surgery import attention_modules, observe_attention
-from tests.test_distill import assets, make_config, one_thread_and_own_cache  # noqa: F401  (fixtures)
+from tests.test_distill import assets, make_config, one_thread_and_own_cache, train_losses  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("chunk", [5, 64])  # 5 splits the 2 × 11 positions unevenly
@@ -73,6 +73,21 @@ def test_fused_kl_on_cuda_in_bf16_matches_the_fp32_whole_logits_kl():
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=0)
     cosine = F.cosine_similarity(student.grad.flatten(), expected_grad.flatten(), dim=0)
     assert cosine > 0.99, f"gradient cosine {cosine.item():.4f}"
+
+
+@pytest.mark.slow
+def test_a_compiled_model_distils_as_the_eager_one(assets, tmp_path):
+    """distill.compile: teacher and student through one compiled module give the eager run's losses, step by step."""
+    from torch._dynamo.utils import counters
+
+    runs, graphs = {}, {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled_{compiled}"
+        before = counters["stats"]["unique_graphs"]
+        distill(make_config(assets, out, steps=3, compile=compiled))
+        runs[compiled], graphs[compiled] = train_losses(out), counters["stats"]["unique_graphs"] - before
+    assert graphs[False] == 0 and graphs[True] >= 2, f"graphs compiled: {graphs} (teacher and student expected)"
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-6)
 
 
 def test_attention_cross_entropy_is_zero_gap_at_the_target_and_skips_empty_rows():

@@ -91,6 +91,10 @@ class DistillConfig:
     # the trained tensors of the best evaluation are what the run keeps.
     early_stop: int = 0
     kl_chunk: int = DEFAULT_CHUNK  # positions whose logits exist at once in the KL (see attnswap.losses)
+    # torch.compile the model for the KL passes (teacher and student: two graphs), to cut the host work per step, which
+    # bounds a fused-KL step on the H200 (82-83 ms at batch 8 and 32, benchmarks/results/distill_speed_h200). Equal
+    # losses on the CPU (tests/test_recipe.py); its speed on a GPU is not measured yet, so it is off by default.
+    compile: bool = False
     # variant (its own parameters only) | variant+mlp or variant+attn (also the MLPs or the attention projections
     # of the swapped layers; the default, as a window has no parameters) | variant+lora (LoRA on those projections)
     trainable: str = "variant+mlp"
@@ -199,6 +203,7 @@ class Pair:
     autocast_dtype: torch.dtype | None
     lora: bool = False  # a peft model: the teacher runs with the adapters disabled
     attn_ce: float = 0.0  # weight of the attention-weight cross-entropy in the transfer stage
+    compiled: nn.Module | None = None  # torch.compile of the base model (DistillConfig.compile), for the KL passes
 
     def autocast(self):
         device_type = next(self.model.parameters()).device.type
@@ -209,10 +214,12 @@ class Pair:
     def head(self) -> nn.Module:
         return _unwrapped(self.model).get_output_embeddings()
 
-    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (B, T, D): the model without its LM head, so that no whole logits are made."""
+    def hidden_states(self, ids: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+        """Final hidden states (B, T, D): the model without its LM head, so that no whole logits are made.
+        ``compiled``: through the compiled base model where there is one."""
+        base = self.compiled if compiled and self.compiled is not None else _unwrapped(self.model).base_model
         with self.autocast():
-            return _unwrapped(self.model).base_model(input_ids=ids, use_cache=False).last_hidden_state
+            return base(input_ids=ids, use_cache=False).last_hidden_state
 
     @torch.no_grad()
     def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:
@@ -256,7 +263,7 @@ class Pair:
                     ce.append(attention_cross_entropy(_FULL.probs(q, k, ctx, None), variant.probs(q, k, ctx, state)))
 
         with observe_attention(_unwrapped(self.model), observer), torch.no_grad(), self.teacher():
-            self.hidden_states(ids)
+            self.hidden_states(ids, compiled=False)  # the observers collect losses as the layers run: eager only
         zero = torch.zeros((), device=ids.device)
         return torch.stack(mse).mean(), torch.stack(ce).mean() if ce else zero
 
@@ -311,7 +318,10 @@ def build_pair(config: DistillConfig, device: torch.device) -> tuple[Pair, objec
     if config.transfer_steps and not any(f".{STATE_ATTR}." in f".{n}" for n in trainable):
         raise AttnswapError(f"transfer_steps needs a variant with learnable parameters and {variant.spec} has none; "
                             "set --transfer_steps 0")
-    pair = Pair(model, variant, trainable, autocast, config.trainable == "variant+lora", config.transfer_attn_ce)
+    # The teacher and the student are two graphs of one compiled module: original_attention flips what dynamo guards on.
+    compiled = torch.compile(_unwrapped(model).base_model) if config.compile else None
+    pair = Pair(model, variant, trainable, autocast, config.trainable == "variant+lora", config.transfer_attn_ce,
+                compiled)
     return pair, load_tokenizer(name)
 
 
