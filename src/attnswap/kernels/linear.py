@@ -262,8 +262,8 @@ def _fla_causal_product(fla: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, 
     fla's simple GLA carries its state as h_t = exp(g_t)·h_{t-1} + b_t c_t^T, so query i weighs key j by
     exp(g_{j+1} + … + g_i): with g_t = s_{t-1} - s_t that is the scan's exp(s_j - s_i) (g_0 would scale an
     initial state; there is none). Where fla's chunked gated backward is unsound and a gradient is wanted, its
-    fused-chunk op serves instead, which walks the sequence one chunk at a time: on the H200 at 64k (M=128, no
-    gate) it took 26.2 ms forward+backward against the chunked op's 12.5.
+    fused-chunk op serves instead, which walks the sequence one chunk at a time: slower (Performer m=256 at 16k on
+    the H200, forward+backward, 12.6 ms: benchmarks/results/bench_kernel_64k_h200).
     """
     log_gate, op = None, fla.chunk
     if log_scale is not None:
