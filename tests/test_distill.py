@@ -291,6 +291,17 @@ def test_corrupt_checkpoint_is_refused(assets, tmp_path, damage):
         distill(make_config(assets, out, steps=4, resume=True))
 
 
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(assets, tmp_path):
+    out = tmp_path / "run"
+    distill(make_config(assets, out, steps=2, ckpt_every=1))
+    record = json.loads((out / "checkpoint.json").read_text())
+    del record["config"]["data_style"]  # as written before data_style existed
+    (out / "checkpoint.json").write_text(json.dumps(record))
+    with pytest.raises(AttnswapError, match=r"data_style='wikitext' but the checkpoint .* data_style='plain'"):
+        distill(make_config(assets, out, steps=3, ckpt_every=1, resume=True, data_style="wikitext"))
+    assert distill(make_config(assets, out, steps=3, ckpt_every=1, resume=True))["steps_done"] == 3
+
+
 def test_resume_refuses_a_different_run(assets, tmp_path):
     out = tmp_path / "run"
     distill(make_config(assets, out, steps=2))

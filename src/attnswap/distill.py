@@ -542,10 +542,12 @@ def _atomic(path: Path, write) -> None:
 
 def _check_resumable(saved: dict, config: DistillConfig, path: Path) -> None:
     current = config_to_dict(config)
+    defaults = config_to_dict(DistillConfig())  # a key newer than the checkpoint had its default then
     for key in RESUME_MUST_MATCH:
-        if saved.get(key) != current[key]:
+        made_with = saved.get(key, defaults[key])
+        if made_with != current[key]:
             raise AttnswapError(f"--resume: {key}={current[key]!r} but the checkpoint {path} was made with "
-                                f"{key}={saved.get(key)!r}; use the same value or another --out")
+                                f"{key}={made_with!r}; use the same value or another --out")
 
 
 # --- the run ------------------------------------------------------------------------------------
