@@ -40,7 +40,9 @@ for config in "$@"; do
   name=$(basename "$config" .yaml)
   limit=$(( $(left) - 25 ))
   if (( limit < 120 )); then echo "skipped $config: ${limit}s left"; continue; fi
-  sed -E "s/^(  max_seconds:).*/\1 $(( limit - 80 ))/" "$config" > "runs/$name.yaml"
+  cap=$(( limit - 80 )); own=$(awk '/^  max_seconds:/ {print int($2)}' "$config")
+  if [[ -n "$own" ]] && (( own < cap )); then cap=$own; fi  # never more than the config's own limit
+  sed -E "s/^(  max_seconds:).*/\1 $cap/" "$config" > "runs/$name.yaml"
   grep max_seconds "runs/$name.yaml"
   timeout "$limit" python3 -m attnswap.cli run "runs/$name.yaml" --device cuda > "runs/log-$name.txt" 2>&1
   echo "$config rc=$?"; tail -n 3 "runs/log-$name.txt"
