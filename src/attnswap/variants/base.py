@@ -88,8 +88,10 @@ class Variant:
     # --- naming ---------------------------------------------------------------------------------
     @functools.cached_property  # params are frozen; the spec keys the block-mask cache on every call
     def spec(self) -> str:
-        """Round-trippable spec string, e.g. ``window:w=64,sinks=4``."""
-        fields = [f"{f.name}={_format_value(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params)]
+        """Round-trippable spec string, e.g. ``window:w=64,sinks=4``. A parameter added after specs were first saved
+        (declared with ``OPTIONAL``) is left out at its default, so the specs of earlier runs stay what they were."""
+        fields = [f"{f.name}={_format_value(getattr(self.params, f.name))}" for f in dataclasses.fields(self.params)
+                  if not (f.metadata.get("optional") and getattr(self.params, f.name) == f.default)]
         return self.name + (":" + ",".join(fields) if fields else "")
 
     @property
@@ -164,6 +166,9 @@ def parse_params(variant: str, params_cls: type, text: str) -> Any:
             raise AttnswapError(f"variant '{variant}': parameter '{key}' is given twice; give it once")
         values[key] = _coerce(variant, key, raw.strip(), hints[key])
     return params_cls(**values)
+
+
+OPTIONAL = {"optional": True}  # dataclasses.field metadata of a parameter that ``spec`` omits at its default
 
 
 def check(condition: bool, message: str) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from attnswap.variants.base import AttnContext, check
+from attnswap.variants.base import OPTIONAL, AttnContext, check
 from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pattern
 
 
@@ -26,7 +26,7 @@ FEATURE_FLOOR = 1e-4
 class HedgehogParams:
     feature_dim: int = 0  # f, the width of each softmax half; 0 = the head dimension
     chunk: int = 64  # chunk length of the linear-attention kernel
-    floor: float = FEATURE_FLOOR  # each softmax half mixed with this much of the uniform distribution
+    floor: float = field(default=FEATURE_FLOOR, metadata=OPTIONAL)  # each softmax half's share of the uniform
 
     def __post_init__(self):
         check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")

@@ -36,7 +36,7 @@ running linear state of the keys that left the window (``cache.HybridLayer``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from torch import nn
 from attnswap.kernels.linear import causal_linear_attention
 from attnswap.kernels.masks import causal, draw, materialize, to_index_mask
 from attnswap.kernels.merge import merge_attention, safe_log
-from attnswap.variants.base import AttnContext, Variant, check
+from attnswap.variants.base import OPTIONAL, AttnContext, Variant, check
 from attnswap.variants.hedgehog import FEATURE_FLOOR, Hedgehog, HedgehogMap, HedgehogParams, floor_label
 from attnswap.variants.linear_base import show_pattern
 from attnswap.variants.window import Window, WindowParams
@@ -61,7 +61,7 @@ class HybridParams:
     sinks: int = 4  # ... and the first `sinks` real tokens of the row; everything else is linear attention
     feature_dim: int = 0  # f, the width of each softmax half of the Hedgehog map; 0 = the head dimension
     chunk: int = 64  # chunk length of the linear-attention kernel
-    floor: float = FEATURE_FLOOR  # the Hedgehog map's share of the uniform distribution
+    floor: float = field(default=FEATURE_FLOOR, metadata=OPTIONAL)  # the Hedgehog map's share of the uniform
 
     def __post_init__(self):
         check(0 <= self.floor < 1, f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
