@@ -117,6 +117,22 @@ def test_hybrid_matches_reference_with_padding(q_len, kv_len, w, sinks, chunk, d
         torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 5, msg=f"d{name}")
 
 
+def test_hybrid_with_a_folded_window_matches_reference():
+    """The window part through query folds (window:…,fold=N) with its log-sum-exp, merged with the far part."""
+    variant = Hybrid(HybridParams(w=40, sinks=4, feature_dim=12, fold=128))
+    assert variant.label == "hybrid40_sinks4_f12_fold128"
+    state = _trained_state(variant, 2, 16)
+    q, k, v = random_qkv(batch=2, heads=2, q_len=384, requires_grad=True)
+    ctx = AttnContext(scaling=0.3)
+    assert variant.window._folds(q, k, ctx)
+    fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=TOLERANCE[torch.float32])
+    grad_out = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1))
+    for name, g_fast, g_ref in zip("qkv", torch.autograd.grad(fast, (q, k, v), grad_out),
+                                   torch.autograd.grad(ref, (q, k, v), grad_out)):
+        torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=TOLERANCE[torch.float32] * 5, msg=f"d{name}")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention with backward needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -62,6 +62,7 @@ class HybridParams:
     feature_dim: int = 0  # f, the width of each softmax half of the Hedgehog map; 0 = the head dimension
     chunk: int = 64  # chunk length of the linear-attention kernel
     floor: float = field(default=FEATURE_FLOOR, metadata=OPTIONAL)  # the Hedgehog map's share of the uniform
+    fold: int = field(default=0, metadata=OPTIONAL)  # the window part's query folds (window:…,fold=N), 0 = none
 
     def __post_init__(self):
         check(0 <= self.floor < 1, f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
@@ -90,7 +91,7 @@ class Hybrid(Variant):
     def __init__(self, params: HybridParams | None = None):
         super().__init__(params)
         # The two parts are the existing variants: the window's mask and kernel, Hedgehog's feature map.
-        self.window = Window(WindowParams(w=self.params.w, sinks=self.params.sinks))
+        self.window = Window(WindowParams(w=self.params.w, sinks=self.params.sinks, fold=self.params.fold))
         self.hedgehog = Hedgehog(HedgehogParams(feature_dim=self.params.feature_dim, chunk=self.params.chunk,
                                                 floor=self.params.floor))
 
@@ -98,7 +99,8 @@ class Hybrid(Variant):
     def label(self) -> str:
         p = self.params
         return (f"hybrid{p.w}" + (f"_sinks{p.sinks}" if p.sinks else "")
-                + (f"_f{p.feature_dim}" if p.feature_dim else "") + floor_label(p.floor))
+                + (f"_f{p.feature_dim}" if p.feature_dim else "") + floor_label(p.floor)
+                + (f"_fold{p.fold}" if p.fold else ""))
 
     def make_state(self, num_heads: int, head_dim: int) -> HybridState:
         return HybridState(num_heads, head_dim, self.params.feature_dim or head_dim, self.params.floor)
