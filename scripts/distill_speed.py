@@ -5,7 +5,7 @@
 The KL of a step (attnswap.losses) is taken three ways, chosen here by patching the module the loop calls:
     whole         both logits tensors made whole, as distillation did before issue 17 (the baseline);
     checkpointed  the LM head chunk by chunk, each chunk recomputed in the backward (chunked_kl with a trainable head);
-    fused         chunked_kl's fused path for a frozen head: gradient made in the forward, one compiled kernel per chunk;
+    fused         chunked_kl's fused path for a frozen head: gradient made in the forward, a compiled kernel per chunk;
     compiled      fused, with the model itself compiled for the teacher's and the student's passes (distill.compile).
 For each way and batch size: the median step time of ``--steps`` steps after 3 warm-up steps, tokens/s and the peak
 memory of those steps. Then ``--curve-steps`` steps of the same run (same seed, data, batch) with whole and fused: the

@@ -25,8 +25,9 @@ def layer_costs(model: str, variant: str, layers: list[int] | None, n: int) -> f
     config = AutoConfig.from_pretrained(model)
     heads, n_layers = config.num_attention_heads, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    cheap = float(head_costs(variant, n, "flops", None, heads, head_dim).mean())
-    return assignment_cost(range(n_layers) if layers is None else layers, [cheap] * n_layers)
+    cheap = [float(head_costs(variant, n, "flops", None, heads, head_dim, layer).mean())
+             for layer in range(n_layers)]
+    return assignment_cost(range(n_layers) if layers is None else layers, cheap)
 
 
 def points_of(run: Path) -> list[dict]:

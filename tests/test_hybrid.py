@@ -300,3 +300,52 @@ def test_a_hybrid_cache_refuses_another_variant():
     ids, mask = random_batch(batch=2, length=5)
     with attnswap.original_attention(model), pytest.raises(AttnswapError, match="cannot run variant 'full'"):
         model(ids, attention_mask=mask, past_key_values=bounded_cache(model))
+
+
+# --- wide layers ----------------------------------------------------------------------------------
+def test_a_wide_layer_takes_its_own_window_and_matches_reference():
+    variant = Hybrid(HybridParams(w=5, sinks=2, feature_dim=12, chunk=4, wide_w=11, wide_layers=(1,)))
+    assert variant.label == "hybrid5_sinks2_f12_wide11_l1"
+    state = _trained_state(variant, 3, 16)
+    q, k, v = random_qkv(batch=3, q_len=23, requires_grad=True)
+    outs = {}
+    for layer in (0, 1):
+        ctx = _padded_context(3, 23, left_pad=4)
+        ctx.layer_idx = layer
+        assert variant.window_for(layer).params.w == (11 if layer == 1 else 5)
+        fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)
+        torch.testing.assert_close(fast, ref, rtol=0, atol=TOLERANCE[torch.float32])
+        grad_out = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1))
+        for name, g_fast, g_ref in zip("qkv", torch.autograd.grad(fast, (q, k, v), grad_out),
+                                       torch.autograd.grad(ref, (q, k, v), grad_out)):
+            torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=TOLERANCE[torch.float32] * 5, msg=f"d{name}")
+        outs[layer] = fast.detach()
+    assert not torch.allclose(outs[0], outs[1]), "the wide layer attends exactly further back"
+    with pytest.raises(AttnswapError, match="wide_w and wide_layers go together"):
+        HybridParams(wide_w=64)
+
+
+def test_wide_layers_generate_like_no_cache_and_keep_their_own_slots():
+    from attnswap.cache import bounded_cache
+
+    model = swap(tiny_gpt2(), Hybrid(HybridParams(w=W, sinks=2, chunk=4, wide_w=W + 3, wide_layers=(1,))))
+    for module in attention_modules(model):
+        module.attnswap.load_state_dict(_trained_state(model.attnswap_record.variant, module.attnswap.balance.shape[0],
+                                                       module.attnswap.feature_map.weight.shape[2]).state_dict())
+    ids, mask = random_batch(batch=2, length=13, left_pad=2)
+    cache = bounded_cache(model)
+    tokens, scores = _generate(model, ids, mask, past_key_values=cache)
+    ref_tokens, ref_scores = _generate(model, ids, mask, use_cache=False)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, atol=TOLERANCE[torch.float32], rtol=0)
+    assert [layer.keys.shape[-2] for layer in cache.layers] == [W + 2, W + 3 + 2]
+
+
+def test_a_wide_layer_costs_its_own_window():
+    from attnswap.plan import head_costs
+
+    variant = "hybrid:w=64,sinks=4,wide_w=256,wide_layers=1"
+    narrow, wide = (float(head_costs(variant, 1024, "flops", layer=layer).mean()) for layer in (0, 1))
+    assert narrow == pytest.approx(float(head_costs("hybrid:w=64,sinks=4", 1024, "flops").mean()))
+    assert wide == pytest.approx(float(head_costs("hybrid:w=256,sinks=4", 1024, "flops").mean()))
+    assert wide > narrow

@@ -202,10 +202,11 @@ class HybridSlots(RollingSlots):
 
     def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         window, sinks = self.rolling.window, self.rolling.sinks
-        if not (isinstance(variant, Hybrid) and (variant.params.w, variant.params.sinks) == (window, sinks)):
+        exact = variant.window_for(ctx.layer_idx).params if isinstance(variant, Hybrid) else None
+        if exact is None or (exact.w, exact.sinks) != (window, sinks):
             raise AttnswapError(f"a hybrid cache of window {window} with {sinks} sinks cannot run variant "
                                 f"{variant.spec!r} (original_attention?); generate with the default cache instead")
-        out_window, lse_window = variant.window.attend(q, k, v, ctx, None, return_lse=True)
+        out_window, lse_window = variant.window_for(ctx.layer_idx).attend(q, k, v, ctx, None, return_lse=True)
         groups = q.shape[1] // self.departing_keys.shape[1]  # grouped-query attention: as surgery expands k, v
         far_k, far_v = (x.repeat_interleave(groups, dim=1) for x in (self.departing_keys, self.departing_values))
         phi_q, phi_k = variant.far_features(q, far_k, ctx, state, self.far_keep)
@@ -256,14 +257,15 @@ def bounded_cache(model: nn.Module) -> BoundedCache:
     if variant is None:
         raise AttnswapError("bounded_cache needs a swapped model; call swap(model, 'window:w=64,sinks=4') first")
     if isinstance(variant, Window):
-        make_layer = lambda: RollingLayer(variant.params.w, variant.params.sinks)  # noqa: E731
+        make_layer = lambda layer: RollingLayer(variant.params.w, variant.params.sinks)  # noqa: E731
     elif isinstance(variant, Hybrid):
-        make_layer = lambda: HybridLayer(variant.params.w, variant.params.sinks)  # noqa: E731
+        make_layer = lambda layer: HybridLayer(variant.window_for(layer).params.w, variant.params.sinks)  # noqa: E731
     elif isinstance(variant, LinearVariant):
-        make_layer = RecurrentLayer
+        make_layer = lambda layer: RecurrentLayer()  # noqa: E731
     else:
         raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots), hedgehog and "
                             "performer (a running state) and hybrid (both) have one; generate with the default cache "
                             "instead")
     swapped = [getattr(module, "attnswap_variant", None) is variant for module in attention_modules(model)]
-    return BoundedCache(layers=[make_layer() if bounded else DynamicLayer() for bounded in swapped])
+    return BoundedCache(layers=[make_layer(layer) if bounded else DynamicLayer()
+                                for layer, bounded in enumerate(swapped)])

@@ -52,8 +52,9 @@ TRAINABLE = ("variant", "variant+mlp", "variant+attn", "variant+lora")
 CKPT_JSON = "checkpoint.json"
 # A resumed run must agree with its checkpoint on these, or it would not continue the same run.
 RESUME_MUST_MATCH = ("model", "variant", "layers", "data", "data_style", "val_data", "val_fraction", "batch_size",
-                     "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_grad", "temperature",
-                     "l1", "transfer_steps", "transfer_attn_ce", "transfer_lr", "trainable", "lora_r", "seed")
+                     "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_grad",
+                     "temperature", "l1", "transfer_steps", "transfer_attn_ce", "transfer_lr", "trainable", "lora_r",
+                     "seed")
 
 
 @dataclass

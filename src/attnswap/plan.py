@@ -98,10 +98,11 @@ class PlanConfig:
 
 # --- cost model ----------------------------------------------------------------------------------
 def head_costs(variant: "str | Variant", n: int, measure: str = "flops", state: nn.Module | None = None,
-               heads: int = 1, head_dim: int = 64) -> torch.Tensor:
+               heads: int = 1, head_dim: int = 64, layer: int = 0) -> torch.Tensor:
     """(H,) float64: each head's attention cost at context ``n`` as a fraction of full causal attention's.
 
     ``state``: the variant's learned state (a mixture's kept candidates, a duo's routing); None = a fresh one.
+    ``layer``: which layer, for a variant whose pattern depends on it (a hybrid's wide layers).
     Counted on the CPU, with a copy of the state.
     """
     variant = get_variant(variant)
@@ -114,7 +115,7 @@ def head_costs(variant: "str | Variant", n: int, measure: str = "flops", state: 
         return torch.full((heads,), _linear_cost(variant, n, measure, state, heads, head_dim), dtype=torch.float64)
     if isinstance(variant, Hybrid):  # its window exactly, plus a linear scan over every token
         linear = _linear_cost(variant.hedgehog, n, measure, state.feature_map, heads, head_dim)
-        return _mask_costs(variant.window, n, measure, None, heads) + linear
+        return _mask_costs(variant.window_for(layer), n, measure, None, heads) + linear
     if isinstance(variant, NSA):
         return torch.full((heads,), _nsa_cost(variant, n, measure), dtype=torch.float64)
     raise AttnswapError(f"no cost model for variant '{variant.name}'; it covers masked variants, linear attention, "
@@ -157,8 +158,9 @@ def model_cost(model: nn.Module, n: int, measure: str = "flops") -> float:
     layers of each layer's mean head cost, with its learned state; a layer left unswapped costs 1."""
     head_dim, heads = head_shape(model)
     costs = [1.0 if getattr(m, "attnswap_variant", None) is None else
-             float(head_costs(m.attnswap_variant, n, measure, getattr(m, STATE_ATTR, None), heads, head_dim).mean())
-             for m in attention_modules(model)]
+             float(head_costs(m.attnswap_variant, n, measure, getattr(m, STATE_ATTR, None), heads, head_dim,
+                              layer).mean())
+             for layer, m in enumerate(attention_modules(model))]
     return sum(costs) / len(costs)
 
 

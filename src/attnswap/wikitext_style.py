@@ -2,8 +2,8 @@
 
 The bundled teacher learnt plain text, the distillation text is plain text, and every quality figure is measured on
 WikiText, whose text went through a tokeniser: `` = Title = `` and `` = = Section = = `` headings, punctuation split off
-by spaces, `` @-@ `` / `` @,@ `` / `` @.@ `` inside words and numbers, and ``<unk>`` for rare words. A student that never
-saw such text during distillation matched the teacher on it worst: training KL 0.03-0.05 against validation KL
+by spaces, `` @-@ `` / `` @,@ `` / `` @.@ `` inside words and numbers, and ``<unk>`` for rare words. A student that
+never saw such text during distillation matched the teacher on it worst: training KL 0.03-0.05 against validation KL
 0.06-0.1 on the H200 (benchmarks/results/recipe_h200). ``render`` turns an article of the distillation text (title on
 its first line, section headings as short lines ending in a period) into that form; ``rare_words`` picks the words
 that become ``<unk>``. Nothing of WikiText itself is used: only its conventions.

@@ -31,7 +31,8 @@ class HedgehogParams:
     def __post_init__(self):
         check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")
         check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
-        check(0 <= self.floor < 1, f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
+        check(0 <= self.floor < 1,
+              f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
 
 
 

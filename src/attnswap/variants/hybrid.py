@@ -63,10 +63,19 @@ class HybridParams:
     chunk: int = 64  # chunk length of the linear-attention kernel
     floor: float = field(default=FEATURE_FLOOR, metadata=OPTIONAL)  # the Hedgehog map's share of the uniform
     fold: int = field(default=0, metadata=OPTIONAL)  # the window part's query folds (window:…,fold=N), 0 = none
+    # The layers in wide_layers (e.g. wide_layers=1+7) take an exact window of wide_w tokens instead of w: where the
+    # original's long-range attention lives, a wider exact part, still linear time and a bounded cache.
+    wide_w: int = field(default=0, metadata=OPTIONAL)
+    wide_layers: tuple[int, ...] = field(default=(), metadata=OPTIONAL)
 
     def __post_init__(self):
-        check(0 <= self.floor < 1, f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
+        check(0 <= self.floor < 1,
+              f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
         check(self.w >= 1, f"hybrid window w must be >= 1, got w={self.w}")
+        check((self.wide_w >= 1) == bool(self.wide_layers),
+              f"wide_w and wide_layers go together (wide_w >= 1 and at least one layer), got wide_w={self.wide_w}, "
+              f"wide_layers={'+'.join(map(str, self.wide_layers)) or 'none'}")
+        check(all(layer >= 0 for layer in self.wide_layers), f"wide_layers must be >= 0, got {self.wide_layers}")
         check(self.sinks >= 0, f"sinks must be >= 0, got sinks={self.sinks}")
         check(self.feature_dim >= 0, f"feature_dim must be >= 0 (0 = head_dim), got feature_dim={self.feature_dim}")
         check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
@@ -91,7 +100,9 @@ class Hybrid(Variant):
     def __init__(self, params: HybridParams | None = None):
         super().__init__(params)
         # The two parts are the existing variants: the window's mask and kernel, Hedgehog's feature map.
-        self.window = Window(WindowParams(w=self.params.w, sinks=self.params.sinks, fold=self.params.fold))
+        p = self.params
+        self.window = Window(WindowParams(w=p.w, sinks=p.sinks, fold=p.fold))
+        self.wide_window = Window(WindowParams(w=p.wide_w, sinks=p.sinks, fold=p.fold)) if p.wide_w else None
         self.hedgehog = Hedgehog(HedgehogParams(feature_dim=self.params.feature_dim, chunk=self.params.chunk,
                                                 floor=self.params.floor))
 
@@ -100,7 +111,12 @@ class Hybrid(Variant):
         p = self.params
         return (f"hybrid{p.w}" + (f"_sinks{p.sinks}" if p.sinks else "")
                 + (f"_f{p.feature_dim}" if p.feature_dim else "") + floor_label(p.floor)
-                + (f"_fold{p.fold}" if p.fold else ""))
+                + (f"_fold{p.fold}" if p.fold else "")
+                + (f"_wide{p.wide_w}_l{'_'.join(map(str, p.wide_layers))}" if p.wide_w else ""))
+
+    def window_for(self, layer_idx: int) -> Window:
+        """The exact part of layer ``layer_idx``: the wide window in ``wide_layers``, else the window of w tokens."""
+        return self.wide_window if layer_idx in self.params.wide_layers else self.window
 
     def make_state(self, num_heads: int, head_dim: int) -> HybridState:
         return HybridState(num_heads, head_dim, self.params.feature_dim or head_dim, self.params.floor)
@@ -111,8 +127,9 @@ class Hybrid(Variant):
         row whose window holds no real key)."""
         batch, _, q_len, _ = q.shape
         kv_len = k.shape[-2]
-        window_probs = self.window.probs(q, k, ctx, None)  # (B, H, T, S): softmax over W_i
-        window_mask, q_pos, kv_pos = self.window.index_mask(q, k, ctx, None)
+        window = self.window_for(ctx.layer_idx)
+        window_probs = window.probs(q, k, ctx, None)  # (B, H, T, S): softmax over W_i
+        window_mask, q_pos, kv_pos = window.index_mask(q, k, ctx, None)
         in_window = materialize(window_mask, batch, 1, q_len, kv_len, q.device)
         visible = materialize(to_index_mask(causal, q_pos, kv_pos, ctx.key_valid), batch, 1, q_len, kv_len, q.device)
         features = self.hedgehog.feature_map(q, k, ctx, state.feature_map)
@@ -125,9 +142,10 @@ class Hybrid(Variant):
         if ctx.q_positions is not None or ctx.kv_positions is not None:
             # Key slots out of position order cannot be delayed by a shift; only the reference reads positions.
             return super().attend(q, k, v, ctx, state)
-        out_window, lse_window = self.window.attend(q, k, v, ctx, None, return_lse=True)
+        window = self.window_for(ctx.layer_idx)
+        out_window, lse_window = window.attend(q, k, v, ctx, None, return_lse=True)
         phi_q, phi_k = self.far_features(q, k, ctx, state, self.far_keys(ctx, k.shape[0], k.shape[-2], k.device))
-        delayed_k, delayed_v = (F.pad(x, (0, 0, self.params.w, 0))[..., : k.shape[-2], :] for x in (phi_k, v))
+        delayed_k, delayed_v = (F.pad(x, (0, 0, window.params.w, 0))[..., : k.shape[-2], :] for x in (phi_k, v))
         out_far, normaliser = causal_linear_attention(phi_q, delayed_k, delayed_v, chunk=self.params.chunk,
                                                       return_normaliser=True)
         return self.merge(out_window, lse_window, out_far, normaliser, state).to(q.dtype)
