@@ -125,12 +125,18 @@ def test_hybrid_with_a_folded_window_matches_reference():
     q, k, v = random_qkv(batch=2, heads=2, q_len=384, requires_grad=True)
     ctx = AttnContext(scaling=0.3)
     assert variant.window._folds(q, k, ctx)
+    _assert_attend_matches_reference(variant, q, k, v, ctx, state)
+
+
+def _assert_attend_matches_reference(variant, q, k, v, ctx, state) -> torch.Tensor:
+    """fp32: the efficient path equals the reference in outputs and q/k/v gradients; returns the output."""
     fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)
     torch.testing.assert_close(fast, ref, rtol=0, atol=TOLERANCE[torch.float32])
     grad_out = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1))
     for name, g_fast, g_ref in zip("qkv", torch.autograd.grad(fast, (q, k, v), grad_out),
                                    torch.autograd.grad(ref, (q, k, v), grad_out)):
         torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=TOLERANCE[torch.float32] * 5, msg=f"d{name}")
+    return fast.detach()
 
 
 @pytest.mark.cuda
@@ -313,13 +319,7 @@ def test_a_wide_layer_takes_its_own_window_and_matches_reference():
         ctx = _padded_context(3, 23, left_pad=4)
         ctx.layer_idx = layer
         assert variant.window_for(layer).params.w == (11 if layer == 1 else 5)
-        fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)
-        torch.testing.assert_close(fast, ref, rtol=0, atol=TOLERANCE[torch.float32])
-        grad_out = torch.randn(fast.shape, generator=torch.Generator().manual_seed(1))
-        for name, g_fast, g_ref in zip("qkv", torch.autograd.grad(fast, (q, k, v), grad_out),
-                                       torch.autograd.grad(ref, (q, k, v), grad_out)):
-            torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=TOLERANCE[torch.float32] * 5, msg=f"d{name}")
-        outs[layer] = fast.detach()
+        outs[layer] = _assert_attend_matches_reference(variant, q, k, v, ctx, state)
     assert not torch.allclose(outs[0], outs[1]), "the wide layer attends exactly further back"
     with pytest.raises(AttnswapError, match="wide_w and wide_layers go together"):
         HybridParams(wide_w=64)
