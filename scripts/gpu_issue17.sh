@@ -7,7 +7,7 @@
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
 # fla-core travels as a wheel in .whl/ (here: `pip download --no-deps fla-core==0.6.0 -d .whl`, .whl/ ignored by git;
 # name it in the device call's carry). Results (no weights) are packed into $OUT/results.tar.gz; `BUDGET_S` (default
-# 570) bounds the whole script, TEST_TIMEOUT and BENCH_TIMEOUT (default 240 s each) its first two steps: compiling
+# 570) bounds the whole script, TEST_TIMEOUT and BENCH_TIMEOUT (default 240 and 300 s) its first two steps: compiling
 # FlexAttention's backward and autotuning fla's kernels take tens of seconds per shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
   python3 -c "import fla; print('fla-core', fla.__version__)" 2>/dev/null || echo "fla-core: not installed"
 } | tee runs/gpu.txt
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda ${CUDA_TESTS:-tests/} 2>&1 | tee runs/cuda_tests.txt | tail -n 25
-timeout "${BENCH_TIMEOUT:-240}" python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_64k.yaml --device cuda \
+timeout "${BENCH_TIMEOUT:-300}" python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_64k.yaml --device cuda \
   > runs/log-bench_kernel_64k.txt 2>&1; echo "bench rc=$?"
 python3 - <<'PY'
 import json
