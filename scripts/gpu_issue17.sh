@@ -5,6 +5,8 @@
 #   2. bench-kernel to 64k (configs/experiments/bench_kernel_64k.yaml)   -> runs/bench_kernel_64k/
 #   3. scripts/distill_speed.py (whole / checkpointed / fused KL, compiled model) -> runs/distill_speed/
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
+# STEPS (default "tests bench speed runs") picks the steps: all four take longer than one device call's 10 minutes,
+# so split them, e.g. STEPS="tests bench" then STEPS="speed runs".
 # fla-core travels as a wheel in .whl/ (here: `pip download --no-deps fla-core==0.6.0 -d .whl`, .whl/ ignored by git;
 # name it in the device call's carry). Results (no weights) are packed into $OUT/results.tar.gz; `BUDGET_S` (default
 # 570) bounds the whole script, TEST_TIMEOUT and BENCH_TIMEOUT (default 240 and 300 s) its first two steps: compiling
@@ -14,6 +16,8 @@ cd "$(dirname "$0")/.."
 started=$SECONDS
 budget=${BUDGET_S:-570}
 left() { echo $(( budget - (SECONDS - started) )); }
+steps=" ${STEPS:-tests bench speed runs} "
+want() { [[ "$steps" == *" $1 "* ]]; }
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -24,7 +28,8 @@ OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
   python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
   python3 -c "import fla; print('fla-core', fla.__version__)" 2>/dev/null || echo "fla-core: not installed"
 } | tee runs/gpu.txt
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda ${CUDA_TESTS:-tests/} 2>&1 | tee runs/cuda_tests.txt | tail -n 25
+want tests && timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda ${CUDA_TESTS:-tests/} 2>&1 | tee runs/cuda_tests.txt | tail -n 25
+if want bench; then
 timeout "${BENCH_TIMEOUT:-300}" python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_64k.yaml --device cuda \
   > runs/log-bench_kernel_64k.txt 2>&1; echo "bench rc=$?"
 python3 - <<'PY'
@@ -34,9 +39,10 @@ for line in open("runs/bench_kernel_64k/kernel_results.jsonl"):
     if r["mode"] == "forward+backward" and r["status"] == "ok":
         print(f'{r["variant"]:28s} {r["length"]:6d} {1e3 * (r.get("graph_median_s") or r["median_s"]):8.2f} ms  x{r.get("graph_speedup") or r.get("speedup") or 0:.2f}')
 PY
-timeout 240 python3 scripts/distill_speed.py --batch-sizes 8,32,64 --curve-steps 150 --out runs/distill_speed 2>&1 \
+fi
+want speed && timeout 240 python3 scripts/distill_speed.py --batch-sizes 8,32,64 --curve-steps 150 --out runs/distill_speed 2>&1 \
   | grep -v -i warn | tail -n 10
-for config in "$@"; do
+want runs && for config in "$@"; do
   name=$(basename "$config" .yaml)
   limit=$(( $(left) - 25 ))
   if (( limit < 120 )); then echo "skipped $config: ${limit}s left"; continue; fi
