@@ -323,6 +323,8 @@ def test_a_wide_layer_takes_its_own_window_and_matches_reference():
     assert not torch.allclose(outs[0], outs[1]), "the wide layer attends exactly further back"
     with pytest.raises(AttnswapError, match="wide_w and wide_layers go together"):
         HybridParams(wide_w=64)
+    with pytest.raises(AttnswapError, match=r"wide_layers names layer 5 but the model has layers 0\.\.1"):
+        swap(tiny_gpt2(), "hybrid:w=4,wide_w=8,wide_layers=1+5")
 
 
 def test_wide_layers_generate_like_no_cache_and_keep_their_own_slots():

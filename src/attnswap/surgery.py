@@ -249,6 +249,7 @@ def swap(model: nn.Module, variant: "str | Variant", layers: Sequence[int] | Non
     if is_swapped(model):
         unswap(model)
     variant = get_variant(variant)
+    variant.check_layers(len(attention_modules(model)))
     chosen = _resolve_layers(model, layers)
     if trainable not in ("variant", "none", "all"):
         raise AttnswapError(f"trainable must be one of variant, none, all; got {trainable!r}")

@@ -102,6 +102,9 @@ class Variant:
     def __repr__(self) -> str:
         return f"<variant {self.spec}>"
 
+    def check_layers(self, n_layers: int) -> None:
+        """Refuse (AttnswapError) a model this variant cannot serve as specified: a spec naming layers it lacks."""
+
     # --- learnable state ------------------------------------------------------------------------
     def make_state(self, num_heads: int, head_dim: int) -> nn.Module | None:
         """Learnable parameters for one attention layer (None for parameter-free variants)."""

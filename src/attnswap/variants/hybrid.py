@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnswap.errors import AttnswapError
 from attnswap.kernels.linear import causal_linear_attention
 from attnswap.kernels.masks import causal, draw, materialize, to_index_mask
 from attnswap.kernels.merge import merge_attention, safe_log
@@ -113,6 +114,12 @@ class Hybrid(Variant):
                 + (f"_f{p.feature_dim}" if p.feature_dim else "") + floor_label(p.floor)
                 + (f"_fold{p.fold}" if p.fold else "")
                 + (f"_wide{p.wide_w}_l{'_'.join(map(str, p.wide_layers))}" if p.wide_w else ""))
+
+    def check_layers(self, n_layers: int) -> None:
+        beyond = [layer for layer in self.params.wide_layers if layer >= n_layers]
+        if beyond:
+            raise AttnswapError(f"wide_layers names layer {beyond[0]} but the model has layers 0..{n_layers - 1}; "
+                                "name layers that exist")
 
     def window_for(self, layer_idx: int) -> Window:
         """The exact part of layer ``layer_idx``: the wide window in ``wide_layers``, else the window of w tokens."""
