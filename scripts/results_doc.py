@@ -70,9 +70,14 @@ def plan_blocks(results: Path) -> list:
                          [[r["layer"], r["kl"], r["top1"]] for r in plan["sensitivity"]]),
                    Table(["cheap layers", "cost", "summed single-layer KL"],
                          [[", ".join(map(str, a["layers"])) or "none", a["predicted_cost"], a["predicted_kl"]]
-                          for a in best_plans([r["kl"] for r in plan["sensitivity"]], plan["cheap_cost"])],
+                          for a in best_plans([r["kl"] for r in plan["sensitivity"]], _layer_costs(plan))],
                          "the best plan of every size (attnswap.plan.best_plans)")]
     return blocks
+
+
+def _layer_costs(plan: dict) -> list[float]:
+    """Each layer's cost when cheap: its own where the plan records it per layer, else the plan's one cost."""
+    return [row.get("cheap_cost", plan["cheap_cost"]) for row in plan["sensitivity"]]
 
 
 def write_results(results: Path, out: Path) -> Path:

@@ -98,6 +98,16 @@ def test_best_plans_give_the_plan_of_every_budget_one_per_size():
     assert plans[2]["predicted_cost"] == pytest.approx((4 + 0.4) / 6) and plans[2]["predicted_kl"] == pytest.approx(0.15)
 
 
+def test_best_plans_take_each_layers_own_cost():
+    assert best_plans(SENSITIVITY, [0.2] * 6) == best_plans(SENSITIVITY, 0.2)
+    costs = [0.2, 0.2, 0.2, 0.9, 0.2, 0.2]  # layer 3, the least sensitive, saves little when cheap (a wide layer)
+    plans = best_plans(SENSITIVITY, costs)
+    assert len(plans) == 7 and plans[-1]["layers"] == list(range(6))
+    for plan in plans:
+        assert plan["predicted_cost"] == pytest.approx(assignment_cost(plan["layers"], costs))
+    assert 3 not in plans[1]["layers"], "one layer's budget (0.2 saved) cannot buy layer 3, which saves 0.1"
+
+
 def test_budget_below_every_layer_cheap_is_a_one_line_error():
     with pytest.raises(AttnswapError, match=r"budget 0.1 is below the cheapest assignment .*0.2000"):
         choose_cheap_layers([0.1, 0.2], [0.2, 0.2], 0.1)

@@ -198,11 +198,13 @@ def choose_cheap_layers(sensitivity: Sequence[float], cheap_costs: Sequence[floa
     return sorted(chosen)
 
 
-def best_plans(sensitivity: Sequence[float], cheap_cost: float) -> list[dict[str, Any]]:
-    """The best set of cheap layers of every size 0..L when every layer costs ``cheap_cost`` cheap: the plan of
-    every budget, each with its cost and summed sensitivity."""
-    costs = [cheap_cost] * len(sensitivity)
-    plans = [choose_cheap_layers(sensitivity, costs, assignment_cost(range(k), costs))
+def best_plans(sensitivity: Sequence[float], cheap_costs: "float | Sequence[float]") -> list[dict[str, Any]]:
+    """The best set of cheap layers at each of L+1 budgets, each with its cost and summed sensitivity. ``cheap_costs``:
+    each layer's cost when cheap, or one cost for every layer. Budget k is what making the k cheapest layers cheap
+    costs; when every layer costs the same, that is the best plan of every size 0..L."""
+    costs = [cheap_costs] * len(sensitivity) if isinstance(cheap_costs, (int, float)) else list(cheap_costs)
+    cheapest_first = sorted(range(len(costs)), key=lambda i: costs[i])
+    plans = [choose_cheap_layers(sensitivity, costs, assignment_cost(cheapest_first[:k], costs))
              for k in range(len(sensitivity) + 1)]
     return [{"layers": p, "predicted_cost": assignment_cost(p, costs), "predicted_kl": sum(sensitivity[i] for i in p)}
             for p in plans]
@@ -299,13 +301,15 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
     model = load_model(name, device=str(device), dtype=config.dtype)
     head_dim, heads = head_shape(model)
     n_layers = len(attention_modules(model))
-    cheap = float(head_costs(variant, config.context, config.measure, heads=heads, head_dim=head_dim).mean())
+    # Per layer: a variant may vary by layer (a hybrid's wide layers).
+    cheap_costs = [float(head_costs(variant, config.context, config.measure, heads=heads, head_dim=head_dim,
+                                    layer=layer).mean()) for layer in range(n_layers)]
+    cheap = sum(cheap_costs) / n_layers
     blocks = pack_blocks(token_stream(config.data, load_tokenizer(name), split="validation"), config.context)
     sensitivity = layer_sensitivity(model, variant, blocks[: config.blocks], config.batch_size, config.seed)
-    cheap_costs = [cheap] * n_layers
     kl = [s["kl"] for s in sensitivity]
     chosen = choose_cheap_layers(kl, cheap_costs, config.budget)
-    rows = [{**s, "cheap_cost": cheap, "cheap": s["layer"] in chosen} for s in sensitivity]
+    rows = [{**s, "cheap_cost": cheap_costs[s["layer"]], "cheap": s["layer"] in chosen} for s in sensitivity]
     write_csv(out / "sensitivity.csv", rows)
     bar_plot([f"L{s['layer']}" + (" ·cheap" if s["layer"] in chosen else "") for s in sensitivity],
              [s["kl"] for s in sensitivity], out / "sensitivity.png", "KL(original ‖ one layer swapped)",
@@ -319,7 +323,7 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
             "layers": chosen, "full_layers": [i for i in range(n_layers) if i not in chosen],
             "cheap_cost": cheap, "predicted_cost": predicted,
             "predicted_kl": sum(kl[i] for i in chosen), "sensitivity": rows,
-            "alternatives": best_plans(kl, cheap),
+            "alternatives": best_plans(kl, cheap_costs),
             "tokens": int(blocks[: config.blocks].numel()), "files": ["sensitivity.csv", "sensitivity.png"]}
 
 
