@@ -202,11 +202,11 @@ class HybridSlots(RollingSlots):
 
     def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         window, sinks = self.rolling.window, self.rolling.sinks
-        exact = variant.window_for(ctx.layer_idx).params if isinstance(variant, Hybrid) else None
-        if exact is None or (exact.w, exact.sinks) != (window, sinks):
+        exact = variant.window_for(ctx.layer_idx) if isinstance(variant, Hybrid) else None
+        if exact is None or (exact.params.w, exact.params.sinks) != (window, sinks):
             raise AttnswapError(f"a hybrid cache of window {window} with {sinks} sinks cannot run variant "
                                 f"{variant.spec!r} (original_attention?); generate with the default cache instead")
-        out_window, lse_window = variant.window_for(ctx.layer_idx).attend(q, k, v, ctx, None, return_lse=True)
+        out_window, lse_window = exact.attend(q, k, v, ctx, None, return_lse=True)
         groups = q.shape[1] // self.departing_keys.shape[1]  # grouped-query attention: as surgery expands k, v
         far_k, far_v = (x.repeat_interleave(groups, dim=1) for x in (self.departing_keys, self.departing_values))
         phi_q, phi_k = variant.far_features(q, far_k, ctx, state, self.far_keep)

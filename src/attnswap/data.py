@@ -205,8 +205,9 @@ def token_stream(source: str | Path, tokenizer, split: str | None = None,
     else:
         files = data_files(resolve_path(source))
         content = _hash_files(files)
-    style_tag = "" if style == "plain" else f"|{style}"
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{content}|{tokenizer_fingerprint(tokenizer)}{style_tag}".encode()).hexdigest()[:24]
+    style_tag = "" if style == "plain" else f"|{style}"  # plain keeps the keys of caches made before styles
+    key = f"{CACHE_FORMAT}|{content}|{tokenizer_fingerprint(tokenizer)}{style_tag}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = _load_cached(cache / f"tokens-{key}.npy")
     if cached is not None:

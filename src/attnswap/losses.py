@@ -34,21 +34,13 @@ PADDING_LOGIT = -1e4
 
 def kl_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """KL(P_teacher ‖ P_student) per position, averaged over all positions, times T² (Hinton et al.); fp32."""
-    return _kl_sum(student_logits.flatten(0, -2), teacher_logits.flatten(0, -2), temperature) \
-        / student_logits[..., 0].numel() * temperature**2
-
-
-def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sum over rows of KL(softmax(teacher / T) ‖ softmax(student / T)); logits (N, V), computed in fp32."""
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum()
+    kl, _, _ = _kl_terms(student_logits, teacher_logits, temperature, 0.0, False)
+    return kl / student_logits[..., 0].numel() * temperature**2
 
 
 def _chunk_kl_and_agreement(student_hidden, teacher_hidden, head: nn.Module, temperature: float):
-    student, teacher = head(student_hidden), head(teacher_hidden)  # (N, V) each
-    agree = (student.argmax(-1) == teacher.argmax(-1)).sum()
-    return _kl_sum(student, teacher, temperature), agree
+    kl, agree, _ = _kl_terms(head(student_hidden), head(teacher_hidden), temperature, 0.0, False)
+    return kl, agree
 
 
 def chunked_kl(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, head: nn.Module, temperature: float = 1.0,
@@ -89,7 +81,7 @@ class _FusedLinearKL(torch.autograd.Function):
     def forward(ctx, student, teacher, weight, bias, temperature, chunk):
         needs_grad = ctx.needs_input_grad[0]
         weight, padding_bias = _padded_head(weight, bias)
-        terms = _kl_terms_compiled if student.is_cuda else _kl_terms
+        terms = _compiled_kl_terms() if student.is_cuda else _kl_terms
         rows = student.shape[0]
         grad_scale = temperature / rows  # d(sum KL · T² / N) / d logits = (q - p) / T · T² / N
         total = torch.zeros((), dtype=torch.float32, device=student.device)
@@ -126,8 +118,8 @@ def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch
 
 
 def _kl_terms(student_logits, teacher_logits, temperature: float, grad_scale: float, with_grad: bool):
-    """One chunk's KL sum, top-1 agreements and, ``with_grad``, d(KL sum · grad_scale · T)/d student logits in the
-    logits' dtype (None without). fp32 arithmetic."""
+    """Logits (..., V): KL(softmax(teacher / T) ‖ softmax(student / T)) summed over rows, the top-1 agreements and,
+    ``with_grad``, d(KL sum · grad_scale · T)/d student logits in the logits' dtype (None without). fp32 arithmetic."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     p = log_p.exp()
@@ -140,10 +132,6 @@ def _kl_terms(student_logits, teacher_logits, temperature: float, grad_scale: fl
 @functools.cache
 def _compiled_kl_terms():
     return torch.compile(_kl_terms, dynamic=False, fullgraph=True)
-
-
-def _kl_terms_compiled(*args):
-    return _compiled_kl_terms()(*args)
 
 
 def attention_cross_entropy(teacher_probs: torch.Tensor, student_probs: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,7 @@ class Window(MaskedVariant):
                 and length >= 2 * p.fold)
 
     def _folded_attend(self, q, k, v, ctx: AttnContext, return_lse: bool):
-        batch, heads, length, _ = q.shape
+        batch, _, length, _ = q.shape
         fold, folds, lookback = self.params.fold, length // self.params.fold, self._lookback
 
         def by_fold(x: torch.Tensor) -> torch.Tensor:  # (B, H, G·L, ·) -> (B·G, H, L, ·)
@@ -95,14 +95,13 @@ class Window(MaskedVariant):
             sink_block = x[:, None, :, :BLOCK_SIZE].expand(-1, folds, -1, -1, -1)
             return torch.cat([sink_block, windows], dim=3).flatten(0, 1)
 
+        def unfold(x: torch.Tensor) -> torch.Tensor:  # (B·G, H, L[, ·]) -> (B, H, G·L[, ·]): outputs and LSEs
+            return x.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)
+
         result = masked_attention(by_fold(q), fold_keys(k), fold_keys(v), self._fold_mask(folds, q.device),
                                   ctx.scaling, cache_key=(self.spec, "folds", length), per_batch=True,
                                   per_head=False, return_lse=return_lse)
-        out, lse = result if return_lse else (result, None)
-        out = out.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)
-        if not return_lse:
-            return out
-        return out, lse.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)
+        return tuple(map(unfold, result)) if return_lse else unfold(result)
 
     @functools.cached_property
     def _lookback(self) -> int:
@@ -114,10 +113,8 @@ class Window(MaskedVariant):
         position g·L - W' + (j - P). A sink is taken from the sink block only beyond the query's window, where the
         window part does not hold it."""
         p = self.params
-        constant = functools.partial(device_constant, device=device)
-        n_folds, fold, lookback, sink_block = constant(folds), constant(p.fold), constant(self._lookback), constant(
-            BLOCK_SIZE)
-        width, sinks = constant(p.w), constant(p.sinks)
+        n_folds, fold, lookback, sink_block, width, sinks = (
+            device_constant(value, device) for value in (folds, p.fold, self._lookback, BLOCK_SIZE, p.w, p.sinks))
 
         def mask(b, h, q_idx, kv_idx):
             start = (b % n_folds) * fold
