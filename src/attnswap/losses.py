@@ -118,7 +118,7 @@ def _padded_head(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch
 
 
 def _kl_terms(student_logits, teacher_logits, temperature: float, grad_scale: float, with_grad: bool):
-    """Logits (..., V): KL(softmax(teacher / T) ‖ softmax(student / T)) summed over rows, the top-1 agreements and,
+    """Logits (..., V): KL(softmax(teacher / T) ‖ softmax(student / T)) summed over rows, top-1 agreements and,
     ``with_grad``, d(KL sum · grad_scale · T)/d student logits in the logits' dtype (None without). fp32 arithmetic."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
