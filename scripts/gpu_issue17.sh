@@ -5,6 +5,7 @@
 #   2. bench-kernel to 64k (configs/experiments/bench_kernel_64k.yaml)   -> runs/bench_kernel_64k/
 #   3. scripts/distill_speed.py (whole / checkpointed / fused KL, compiled model) -> runs/distill_speed/
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
+# SPEED_ARGS replaces step 3's arguments (default --batch-sizes 8,32,64 --curve-steps 150), SPEED_TIMEOUT its 240 s.
 # STEPS (default "tests bench speed runs") picks the steps: all four take longer than one device call's 10 minutes,
 # so split them, e.g. STEPS="tests bench" then STEPS="speed runs".
 # fla-core travels as a wheel in .whl/ (here: `pip download --no-deps fla-core==0.6.0 -d .whl`, .whl/ ignored by git;
@@ -40,7 +41,7 @@ for line in open("runs/bench_kernel_64k/kernel_results.jsonl"):
         print(f'{r["variant"]:28s} {r["length"]:6d} {1e3 * (r.get("graph_median_s") or r["median_s"]):8.2f} ms  x{r.get("graph_speedup") or r.get("speedup") or 0:.2f}')
 PY
 fi
-want speed && timeout 240 python3 scripts/distill_speed.py --batch-sizes 8,32,64 --curve-steps 150 --out runs/distill_speed 2>&1 \
+want speed && timeout "${SPEED_TIMEOUT:-240}" python3 scripts/distill_speed.py ${SPEED_ARGS:---batch-sizes 8,32,64 --curve-steps 150} --out runs/distill_speed 2>&1 \
   | grep -v -i warn | tail -n 10
 want runs && for config in "$@"; do
   name=$(basename "$config" .yaml)
