@@ -124,7 +124,7 @@ def main() -> None:
             row["memory_vs_whole"] = row["peak_memory_mib"] / base["peak_memory_mib"]
 
     curves = {}
-    for way in ("whole", "compiled" if "compiled" in args.ways else "fused"):
+    for way in ("whole", "compiled" if "compiled" in args.ways else "fused") if args.curve_steps else ():
         loss, times, _, val_kl = run_steps(config(args.curve_batch_size, args.curve_steps), way, args.curve_steps, 0,
                                            timed=False)
         curves[way] = {"loss": loss, "val_kl": val_kl, "seconds": sum(times)}
@@ -142,9 +142,10 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     steps = list(range(1, args.curve_steps + 1))
-    line_plot([Panel(f"distillation loss, batch {args.curve_batch_size} x {args.seq_len}",
-                     [Series(way, steps, curves[way]["loss"]) for way in curves], "step", "KL")],
-              out / "distill_speed.png")
+    if curves:
+        line_plot([Panel(f"distillation loss, batch {args.curve_batch_size} x {args.seq_len}",
+                         [Series(way, steps, curves[way]["loss"]) for way in curves], "step", "KL")],
+                  out / "distill_speed.png")
 
 
 if __name__ == "__main__":
