@@ -116,6 +116,8 @@ def main() -> None:
             rows.append({"way": way, "batch_size": batch, "status": "ok", "step_s": step_s,
                          "tokens_per_s": batch * args.seq_len / step_s, "peak_memory_mib": peak})
             print(json.dumps(rows[-1]), flush=True)
+            with open(out / "speed_rows.jsonl", "a") as handle:  # kept if a device call's timeout cuts the run
+                handle.write(json.dumps(rows[-1]) + "\n")
     for row in rows:
         base = next((r for r in rows if r["way"] == "whole" and r["batch_size"] == row["batch_size"]
                      and r["status"] == "ok"), None)
