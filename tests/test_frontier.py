@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from attnswap import plots
 from attnswap.errors import AttnswapError
 from attnswap.plots import frontier_plot
 from attnswap.report import FRONTIER_KEYS, ReportConfig, read_frontier, report
@@ -100,3 +101,14 @@ def test_results_doc_tables_each_layer_plan_with_the_plan_of_every_size(results,
     assert "/plan_tiny: window:w=4 in tiny\n" in text
     assert "| 1 | 0.1 | 0.95 |" in text
     assert "| none | 1 | 0 |" in text and "| 1 | 0.625 | 0.1 |" in text and "| 0, 1 | 0.25 | 0.4 |" in text
+
+
+def test_frontier_plot_draws_a_groups_best_run_at_each_cost(monkeypatch, tmp_path):
+    drawn = {}
+    monkeypatch.setattr(plots, "line_plot", lambda panel, path, title="": drawn.setdefault("panel", panel) and path)
+    points = [_point("old recipe", 0.25, 250.0, "hedgehog"), _point("new recipe", 0.25, 113.0, "hedgehog"),
+              _point("wider", 0.5, 100.0, "hedgehog")]
+    frontier_plot(points, tmp_path / "f.png")
+    hedgehog = next(s for s in drawn["panel"].series if s.label == "hedgehog")
+    assert list(hedgehog.xs) == [0.25, 0.5]
+    assert list(hedgehog.ys) == pytest.approx([113.0 / 84.5, 100.0 / 84.5])

@@ -83,11 +83,15 @@ def line_plot(panels: "Panel | list[Panel]", path: str | Path, title: str = "", 
 def frontier_plot(points: Sequence[dict], path: str | Path, title: str = "") -> Path:
     """Perplexity ratio (swapped / teacher) against attention cost, one line per ``group`` (a variant's routing
     budgets, a window sweep) or a lone marker per label; dotted at 1, the teacher. ``points`` are frontier
-    records (``attn_cost``, ``ppl``, ``teacher_ppl``, ``label``, optional ``group``)."""
-    groups: dict[str, list[tuple[float, float]]] = {}
+    records (``attn_cost``, ``ppl``, ``teacher_ppl``, ``label``, optional ``group``). Where a group has several runs at
+    one cost (recipes tried one after another), only its best is drawn: the line is what the group can reach."""
+    best: dict[str, dict[float, float]] = {}
     for p in points:
-        groups.setdefault(p.get("group") or p["label"], []).append((p["attn_cost"], p["ppl"] / p["teacher_ppl"]))
-    series = [Series(name, [x for x, _ in sorted(xy)], [y for _, y in sorted(xy)]) for name, xy in groups.items()]
+        costs_of_group = best.setdefault(p.get("group") or p["label"], {})
+        ratio = p["ppl"] / p["teacher_ppl"]
+        costs_of_group[p["attn_cost"]] = min(ratio, costs_of_group.get(p["attn_cost"], ratio))
+    groups = {name: sorted(by_cost.items()) for name, by_cost in best.items()}
+    series = [Series(name, [x for x, _ in xy], [y for _, y in xy]) for name, xy in groups.items()]
     costs = [x for xy in groups.values() for x, _ in xy]
     ratios = [y for xy in groups.values() for _, y in xy]
     series.append(Series("teacher", [min(costs + [0.0]), max(costs + [1.0])], [1.0, 1.0], dashed=True))
