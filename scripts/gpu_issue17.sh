@@ -2,7 +2,7 @@
 # Issue 17's (and 16's) measurements in one device call (H200; torch 2.11, transformers 5.17 preinstalled; no network).
 # Usage, from the repository root:  ATTNSWAP_COMMIT=<sha> scripts/gpu_issue17.sh [RUN_CONFIG.yaml ...]
 #   1. the CUDA tests (pytest -m cuda; CUDA_TESTS names files, default all)  -> runs/cuda_tests.txt
-#   2. bench-kernel to 64k (configs/experiments/bench_kernel_64k.yaml)   -> runs/bench_kernel_64k/
+#   2. bench-kernel to 64k (BENCH_CONFIG, default configs/experiments/bench_kernel_64k.yaml) -> runs/bench_kernel_64k/
 #   3. scripts/distill_speed.py (whole / checkpointed / fused KL, compiled model) -> runs/distill_speed/
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
 # SPEED_ARGS replaces step 3's arguments (default --batch-sizes 8,32,64 --curve-steps 150), SPEED_TIMEOUT its 240 s.
@@ -31,7 +31,7 @@ OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 } | tee runs/gpu.txt
 want tests && timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda ${CUDA_TESTS:-tests/} 2>&1 | tee runs/cuda_tests.txt | tail -n 25
 if want bench; then
-timeout "${BENCH_TIMEOUT:-300}" python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_64k.yaml --device cuda \
+timeout "${BENCH_TIMEOUT:-300}" python3 -m attnswap.cli bench-kernel --config "${BENCH_CONFIG:-configs/experiments/bench_kernel_64k.yaml}" --device cuda \
   > runs/log-bench_kernel_64k.txt 2>&1; echo "bench rc=$?"
 python3 - <<'PY'
 import json

@@ -80,14 +80,27 @@ def test_bench_kernel_runs_on_cpu_and_writes_results(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
 def test_bench_kernel_times_cuda_graph_replays_beside_calls(tmp_path):
     config = KernelBenchConfig(lengths=[512], heads=4, variants=["window:w=64"], repeats=3, warmup=1,
-                               out=str(tmp_path), device="cuda")
+                               out=str(tmp_path), device="cuda", profile_kernels=2)
     rows = [json.loads(line) for line in (bench_kernel(config) / "kernel_results.jsonl").read_text().splitlines()]
     for row in rows:
         assert row["status"] == "ok" and "graph_error" not in row, row
         assert 0 < row["graph_median_s"] and len(row["graph_times_s"]) == 3
         assert row["graph_speedup"] is not None
+        assert row["kernels"] and all(k["us"] > 0 for k in row["kernels"]), row["kernels"]
     dense = next(r for r in rows if r["variant"] == DENSE and r["mode"] == "forward+backward")
     assert dense["graph_median_s"] < dense["median_s"], "a replay skips the Python and autograd work of a call"
+
+
+def test_bench_kernel_profiles_where_each_case_spends_its_time(tmp_path):
+    config = KernelBenchConfig(lengths=[64], heads=2, head_dim=8, dtype="float32", device="cpu", repeats=1, warmup=1,
+                               variants=["window:w=16"], modes=["forward+backward"], profile_kernels=3,
+                               out=str(tmp_path))
+    rows = [json.loads(line) for line in (bench_kernel(config) / "kernel_results.jsonl").read_text().splitlines()]
+    for row in rows:
+        kernels = row["kernels"]
+        assert 0 < len(kernels) <= 3, row
+        assert [k["us"] for k in kernels] == sorted((k["us"] for k in kernels), reverse=True)
+        assert all(k["name"].startswith("aten::") and k["calls"] >= 1 for k in kernels), kernels
 
 
 def test_bench_kernel_refuses_an_unknown_mode(tmp_path):

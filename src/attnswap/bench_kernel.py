@@ -69,6 +69,9 @@ class KernelBenchConfig:
     # Also time each case replayed from a CUDA graph (CUDA only): the kernels' own time, without the per-call
     # launch and autograd overhead that bounds a short kernel called from Python (the dense baseline too).
     cuda_graphs: bool = True
+    # > 0: profile one more call per case and keep its this many most expensive kernels (CUDA; operators on the CPU),
+    # to see where a case's time goes (which kernel a mask slows down) beside its timing.
+    profile_kernels: int = 0
     seed: int = 0
     out: str = "runs/bench-kernel"
 
@@ -308,8 +311,31 @@ def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchCon
         config.warmup, parameters=state.parameters() if state is not None else (),
         cuda_graphs=config.cuda_graphs, baseline_mb=baseline_mb)
     flops, flops_source, density = case_flops(variant, q, k, ctx, state, config.block, mode == "forward+backward", run)
+    if config.profile_kernels:
+        result["kernels"] = top_kernels(run, device, config.profile_kernels)
     return {**result, "flops": flops, "flops_source": flops_source, "mask_density": density,
             "tflops_per_s": flops / result["median_s"] / 1e12 if flops else None}
+
+
+def top_kernels(run: Callable[[Any], None], device: torch.device, count: int) -> list[dict[str, Any]]:
+    """The ``count`` kernels (CUDA) or operators (CPU, self time) that one ``run`` spends most time in, largest first:
+    name (cut to 120 characters), total microseconds over the call and how many launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as profiler:
+        run(None)
+        synchronize(device)
+    totals: dict[str, list[float]] = {}
+    for event in profiler.events():
+        us = event.device_time if on_cuda else event.self_cpu_time_total
+        if us <= 0 or (on_cuda and event.device_type != torch.autograd.DeviceType.CUDA):
+            continue
+        total = totals.setdefault(event.name[:120], [0.0, 0])
+        total[0] += us
+        total[1] += 1
+    ranked = sorted(totals.items(), key=lambda item: -item[1][0])[:count]
+    return [{"name": name, "us": round(us, 1), "calls": calls} for name, (us, calls) in ranked]
 
 
 def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
