@@ -76,7 +76,8 @@ def test_fused_kl_on_cuda_in_bf16_matches_the_fp32_whole_logits_kl():
 
 
 @pytest.mark.slow
-def test_a_compiled_model_distils_as_the_eager_one(assets, tmp_path):
+@pytest.mark.parametrize("spec", ["window:w=2", "hedgehog"])  # hedgehog: a variant that cannot apply a packing mask
+def test_a_compiled_model_distils_as_the_eager_one(assets, tmp_path, spec):
     """distill.compile: teacher and student through one compiled module give the eager run's losses, step by step."""
     from torch._dynamo.utils import counters
 
@@ -84,7 +85,7 @@ def test_a_compiled_model_distils_as_the_eager_one(assets, tmp_path):
     for compiled in (False, True):
         out = tmp_path / f"compiled_{compiled}"
         before = counters["stats"]["unique_graphs"]
-        distill(make_config(assets, out, steps=3, compile=compiled))
+        distill(make_config(assets, out, variant=spec, trainable="variant+attn", steps=3, compile=compiled))
         runs[compiled], graphs[compiled] = train_losses(out), counters["stats"]["unique_graphs"] - before
     assert graphs[False] == 0 and graphs[True] >= 2, f"graphs compiled: {graphs} (teacher and student expected)"
     assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-6)

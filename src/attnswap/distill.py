@@ -219,8 +219,10 @@ class Pair:
         """Final hidden states (B, T, D): the model without its LM head, so that no whole logits are made.
         ``compiled``: through the compiled base model where there is one."""
         base = self.compiled if compiled and self.compiled is not None else _unwrapped(self.model).base_model
+        # Without a cache or a mask, transformers looks for packed rows in position_ids; traced it cannot rule them out
+        # and composes a packing mask, which only mask-honouring variants can apply. The mask says the rows are whole.
         with self.autocast():
-            return base(input_ids=ids, use_cache=False).last_hidden_state
+            return base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
 
     @torch.no_grad()
     def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:

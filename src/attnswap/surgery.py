@@ -135,9 +135,10 @@ def attention_context(module: nn.Module, variant: Variant, attention_mask, scali
                                 "mask (sliding window, 4-D mask); generate with the default cache instead")
         return cache_slots.context(ctx)
     if ctx.model_mask is not None and not variant.honours_model_mask:
+        traced = " (under torch.compile with use_cache=False, transformers assumes packed rows unless it gets one)"
         raise AttnswapError(f"variant {variant.spec!r} cannot apply this model's own mask (the config's sliding window, "
                             "packed sequences or a 4-D attention mask); run it on unpacked, padded batches with a "
-                            "2-D attention_mask")
+                            f"2-D attention_mask{traced if torch.compiler.is_compiling() else ''}")
     if ctx.q_positions is not None and not variant.honours_query_positions:
         raise AttnswapError(f"variant {variant.spec!r} needs the queries to be the last keys of the cache; generate "
                             "with the default DynamicCache (or attnswap.cache.bounded_cache), not a StaticCache")
