@@ -18,7 +18,7 @@ class LongformerParams:
     w: int = 64  # each query sees itself and the w-1 tokens before it
     global_tokens: int = 1  # the first `global_tokens` real tokens of each row are global
     global_stride: int = 0  # > 0: so is every token at a multiple of it (counted from the first real token)
-    fold: int = field(default=0, metadata=OPTIONAL)  # without a stride: the window's query folds (window:…,fold=N)
+    fold: int = field(default=0, metadata=OPTIONAL)  # without a stride: the window's folds (window:…,fold=N)
 
     def __post_init__(self):
         check(self.w >= 1, f"window w must be >= 1, got w={self.w}")

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from attnswap.kernels.flex import BLOCK_SIZE, masked_attention
 from attnswap.kernels.masks import device_constant, draw, materialize, to_index_mask
@@ -59,71 +57,51 @@ class Window(MaskedVariant):
 
     # --- sinks and FlexAttention's backward ----------------------------------------------------------
     # In one block mask the sinks' key block is live for every query block, and FlexAttention's backward walks that
-    # column in a single program: window 256 + 4 sinks forward+backward was 4.7x flash at 16k against 12.7x without
-    # sinks (H100, bench_kernel_graphs_h100). Attending the sink keys as a branch of their own, merged by log-sum-exp
-    # (5cf6b96), was exact but slower still (3.17 ms against 0.41 ms for the window alone at 16k, H200,
-    # benchmarks/results/bench_kernel_64k_h200), and was reverted. ``fold`` spreads that column instead: the queries
-    # are cut into folds of ``fold`` positions, stacked along the batch, and each fold attends to its own copy of the
-    # keys it can see (the sinks' block, then its window's keys), so the sink block's backward is shared by T/fold
-    # programs. The copies cost (fold + window + 128)/fold of the keys' memory. Its speed on a GPU is not measured
-    # yet, so fold=0 (one block mask) stays the default.
+    # column in a single program: window 256 + 4 sinks forward+backward was 4.7x flash at 16k against 13x without
+    # sinks (H200, benchmarks/results/bench_kernel_64k_h200/session6). Attending the sink keys as a branch of their
+    # own, merged by log-sum-exp (5cf6b96), was exact but slower still (3.17 ms at 16k) and was reverted; so was a
+    # first ``fold`` that stacked query folds along the batch, each with its own copy of its keys (1.35 ms against the
+    # single mask's 1.13 ms at 16k, 56fb6d7). ``fold`` now spreads the column without moving the queries: the keys get
+    # one copy of the sinks' block per ``fold`` queries in front of them, and the queries of fold g see only copy g,
+    # so each copy's backward walks fold/128 query blocks. The copies cost 128 keys per fold. Off by default until
+    # measured.
     def attend(self, q, k, v, ctx: AttnContext, state, return_lse: bool = False):
         if not self._folds(q, k, ctx):
             return super().attend(q, k, v, ctx, state, return_lse)
-        return self._folded_attend(q, k, v, ctx, return_lse)
+        length = q.shape[-2]
+        copies = -(-length // self.params.fold)
+
+        def with_sink_copies(x: torch.Tensor) -> torch.Tensor:  # (B, H, S, D) -> (B, H, copies·P + S, D)
+            return torch.cat([x[:, :, :BLOCK_SIZE]] * copies + [x], dim=2)
+
+        return masked_attention(q, with_sink_copies(k), with_sink_copies(v), self._fold_mask(copies, q.device),
+                                ctx.scaling, cache_key=(self.spec, "folds", length), per_batch=False,
+                                per_head=False, return_lse=return_lse)
 
     def _folds(self, q, k, ctx: AttnContext) -> bool:
         """Whether the folded path serves: sinks, keys that are the queries' own sequence in order, no padding and no
-        model mask (sink i is then position i), and at least two whole folds."""
+        model mask (sink i is then position i), and at least two folds."""
         p = self.params
         plain = (ctx.model_mask is None and ctx.q_positions is None and ctx.kv_positions is None
                  and ctx.key_valid is None and ctx.first_real is None)
         length = q.shape[-2]
-        return (p.fold > 0 and p.sinks > 0 and plain and length == k.shape[-2] and length % p.fold == 0
-                and length >= 2 * p.fold)
+        return p.fold > 0 and p.sinks > 0 and plain and length == k.shape[-2] and length > p.fold
 
-    def _folded_attend(self, q, k, v, ctx: AttnContext, return_lse: bool):
-        batch, _, length, _ = q.shape
-        fold, folds, lookback = self.params.fold, length // self.params.fold, self._lookback
-
-        def by_fold(x: torch.Tensor) -> torch.Tensor:  # (B, H, G·L, ·) -> (B·G, H, L, ·)
-            return x.unflatten(2, (folds, fold)).transpose(1, 2).flatten(0, 1)
-
-        def fold_keys(x: torch.Tensor) -> torch.Tensor:  # (B, H, S, D) -> (B·G, H, P + W' + L, D)
-            windows = F.pad(x, (0, 0, lookback, 0)).unfold(2, lookback + fold, fold)  # (B, H, G, D, W' + L)
-            windows = windows.permute(0, 2, 1, 4, 3)  # (B, G, H, W' + L, D)
-            sink_block = x[:, None, :, :BLOCK_SIZE].expand(-1, folds, -1, -1, -1)
-            return torch.cat([sink_block, windows], dim=3).flatten(0, 1)
-
-        def unfold(x: torch.Tensor) -> torch.Tensor:  # (B·G, H, L[, ·]) -> (B, H, G·L[, ·]): outputs and LSEs
-            return x.unflatten(0, (batch, folds)).transpose(1, 2).flatten(2, 3)
-
-        result = masked_attention(by_fold(q), fold_keys(k), fold_keys(v), self._fold_mask(folds, q.device),
-                                  ctx.scaling, cache_key=(self.spec, "folds", length), per_batch=True,
-                                  per_head=False, return_lse=return_lse)
-        return tuple(map(unfold, result)) if return_lse else unfold(result)
-
-    @functools.cached_property
-    def _lookback(self) -> int:
-        """W': the window's keys before a fold's first query, rounded up to whole blocks so the window stays aligned."""
-        return -(-(self.params.w - 1) // BLOCK_SIZE) * BLOCK_SIZE
-
-    def _fold_mask(self, folds: int, device):
-        """Index mask of a fold (batch index b = row·G + g): key slot j < P is sink block position j, slot j >= P is
-        position g·L - W' + (j - P). A sink is taken from the sink block only beyond the query's window, where the
-        window part does not hold it."""
+    def _fold_mask(self, copies: int, device):
+        """Index mask over the folded keys: slot j < copies·P is position j % P of sink copy j // P, seen only by the
+        queries of fold j // P and only beyond their window (the window part holds the sinks within it); slot
+        j >= copies·P is position j - copies·P, seen within the window."""
         p = self.params
-        n_folds, fold, lookback, sink_block, width, sinks = (
-            device_constant(value, device) for value in (folds, p.fold, self._lookback, BLOCK_SIZE, p.w, p.sinks))
+        copied, fold, sink_block, width, sinks = (
+            device_constant(value, device) for value in (copies * BLOCK_SIZE, p.fold, BLOCK_SIZE, p.w, p.sinks))
 
         def mask(b, h, q_idx, kv_idx):
-            start = (b % n_folds) * fold
-            q_pos = start + q_idx
-            in_sinks = kv_idx < sink_block
-            kv_pos = torch.where(in_sinks, kv_idx, start - lookback + kv_idx - sink_block)
-            distance = q_pos - kv_pos
-            window = ~in_sinks & (kv_pos >= 0) & (distance >= 0) & (distance < width)
-            return window | (in_sinks & (kv_pos < sinks) & (distance >= width))
+            in_copies = kv_idx < copied
+            sink = kv_idx % sink_block
+            from_copy = (in_copies & (kv_idx // sink_block == q_idx // fold) & (sink < sinks)
+                         & (q_idx - sink >= width))
+            distance = q_idx - (kv_idx - copied)
+            return from_copy | (~in_copies & (distance >= 0) & (distance < width))
 
         mask.__name__ = f"window{p.w}_sinks{p.sinks}_fold{p.fold}"
         return mask
