@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -54,14 +55,29 @@ class HedgehogMap(nn.Module):
         self.weight = nn.Parameter(torch.eye(head_dim, feature_dim).repeat(2, num_heads, 1, 1))
         self.bias = nn.Parameter(torch.zeros(2, num_heads, feature_dim))
 
-    def forward(self, x: torch.Tensor, side: int = QUERIES) -> torch.Tensor:
-        """phi(x) = [softmax(x W + b), softmax(-(x W + b))], each half mixed with ``floor`` of the uniform
-        distribution: x (B, H, N, D) -> (B, H, N, 2f) fp32, computed in fp32 even under autocast."""
-        floor = self.floor
+    def forward(self, x: torch.Tensor, side: int = QUERIES, scale: float = 1.0) -> torch.Tensor:
+        """phi(scale·x): x (B, H, N, D) -> (B, H, N, 2f) fp32, computed in fp32 even under autocast (see
+        ``softmax_features``). On CUDA the map is one compiled function: eager, its half-dozen elementwise passes
+        over (B, H, N, 2f) fp32 tensors, forward and backward, rival the linear-attention kernel itself at long n."""
+        features = softmax_features
+        if x.is_cuda and not torch.compiler.is_compiling():
+            features = compiled_softmax_features()
         with torch.autocast(x.device.type, enabled=False):
-            logits = torch.einsum("bhnd,hdf->bhnf", x.float(), self.weight[side]) + self.bias[side, :, None, :]
-            phi = torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
-            return (1 - floor) * phi + floor / logits.shape[-1]
+            return features(x, self.weight[side], self.bias[side], scale, self.floor)
+
+
+def softmax_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: float,
+                     floor: float) -> torch.Tensor:
+    """[softmax(l), softmax(-l)] for l = scale·x W + b, each half mixed with ``floor`` of the uniform distribution:
+    x (B, H, N, D), weight (H, D, f), bias (H, f) -> (B, H, N, 2f) fp32."""
+    logits = torch.einsum("bhnd,hdf->bhnf", x.float() * scale, weight) + bias[:, None, :]
+    phi = torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
+    return (1 - floor) * phi + floor / logits.shape[-1]
+
+
+@functools.cache
+def compiled_softmax_features():
+    return torch.compile(softmax_features)
 
 
 def floor_label(floor: float) -> str:
@@ -85,7 +101,7 @@ class Hedgehog(LinearVariant):
         assert state is not None, "hedgehog needs its state (make_state); swap() creates it"
         # The model's scaling, split between q and k, keeps the logits at the scale softmax attention saw.
         half = ctx.scaling**0.5
-        return LinearFeatures(state(q.float() * half, state.QUERIES), state(k.float() * half, state.KEYS))
+        return LinearFeatures(state(q, state.QUERIES, half), state(k, state.KEYS, half))
 
 
 def main() -> None:
