@@ -328,8 +328,10 @@ def top_kernels(run: Callable[[Any], None], device: torch.device, count: int) ->
         synchronize(device)
     totals: dict[str, list[float]] = {}
     for event in profiler.events():
-        us = event.device_time if on_cuda else event.self_cpu_time_total
-        if us <= 0 or (on_cuda and event.device_type != torch.autograd.DeviceType.CUDA):
+        if on_cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue  # CPU-side launches and runtime calls
+        us = event.time_range.elapsed_us() if on_cuda else event.self_cpu_time_total
+        if us <= 0:
             continue
         total = totals.setdefault(event.name[:120], [0.0, 0])
         total[0] += us
