@@ -94,7 +94,8 @@ class DistillConfig:
     kl_chunk: int = DEFAULT_CHUNK  # positions whose logits exist at once in the KL (see attnswap.losses)
     # torch.compile the model for the KL passes (teacher and student: two graphs), to cut the host work per step, which
     # bounds a fused-KL step on the H200 (82-83 ms at batch 8 and 32, benchmarks/results/distill_speed_h200). Equal
-    # losses on the CPU (tests/test_recipe.py); its speed on a GPU is not measured yet, so it is off by default.
+    # losses on the CPU (tests/test_recipe.py); 982 k tokens/s against 400 k eager for the window at batch 32 (H200,
+    # distill_speed_h200/compiled), not measured with fla-core's kernels inside, so it is off by default.
     compile: bool = False
     # variant (its own parameters only) | variant+mlp or variant+attn (also the MLPs or the attention projections
     # of the swapped layers; the default, as a window has no parameters) | variant+lora (LoRA on those projections)
@@ -218,11 +219,14 @@ class Pair:
     def hidden_states(self, ids: torch.Tensor, compiled: bool = True) -> torch.Tensor:
         """Final hidden states (B, T, D): the model without its LM head, so that no whole logits are made.
         ``compiled``: through the compiled base model where there is one."""
-        base = self.compiled if compiled and self.compiled is not None else _unwrapped(self.model).base_model
+        traced = compiled and self.compiled is not None
+        base = self.compiled if traced else _unwrapped(self.model).base_model
         # Without a cache or a mask, transformers looks for packed rows in position_ids; traced it cannot rule them out
-        # and composes a packing mask, which only mask-honouring variants can apply. The mask says the rows are whole.
+        # and composes a packing mask, which only mask-honouring variants can apply. A mask says the rows are whole.
+        # Eager it can rule them out, and a mask there would cost a host sync per pass (attnswap's all-real check).
+        mask = torch.ones_like(ids) if traced else None
         with self.autocast():
-            return base(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).last_hidden_state
+            return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
     @torch.no_grad()
     def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:

@@ -36,8 +36,6 @@ class HedgehogParams:
               f"floor must be in [0, 1) (a share of the uniform distribution), got floor={self.floor}")
 
 
-
-
 class HedgehogMap(nn.Module):
     """One layer's learned maps x -> x W + b, one per head and per side (queries, keys), as Hedgehog and LoLCATs
     learn them: W (2, H, D, f) and b (2, H, f) in fp32, index 0 for queries and 1 for keys.
