@@ -93,3 +93,12 @@ def assert_attend_matches_reference(variant, dtype, kv_len: int = 23, q_lens=(23
         for name, g_fast, g_ref in zip("qkv", grads_fast, grads_ref):
             torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 10,
                                        msg=f"d{name}")
+
+
+@pytest.fixture
+def sinks_apart_on_cpu(monkeypatch):
+    """Windows with sinks take their CUDA route (the pure window merged with a sink branch) on the CPU, where flex's
+    place is taken by the materialised window with its log-sum-exp."""
+    import attnswap.variants.window as window_module
+
+    monkeypatch.setattr(window_module, "flex_serves", lambda q: True)

@@ -100,7 +100,9 @@ def test_bench_kernel_profiles_where_each_case_spends_its_time(tmp_path):
         kernels = row["kernels"]
         assert 0 < len(kernels) <= 3, row
         assert [k["us"] for k in kernels] == sorted((k["us"] for k in kernels), reverse=True)
-        assert all(k["name"].startswith("aten::") and k["calls"] >= 1 for k in kernels), kernels
+        assert all(k["name"] and k["calls"] >= 1 for k in kernels), kernels
+        # CPU self times: mostly operators, though autograd's own bookkeeping may rank among them on a busy machine
+        assert any(k["name"].startswith("aten::") for k in kernels), kernels
 
 
 def test_bench_kernel_refuses_an_unknown_mode(tmp_path):

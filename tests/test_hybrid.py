@@ -117,14 +117,13 @@ def test_hybrid_matches_reference_with_padding(q_len, kv_len, w, sinks, chunk, d
         torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 5, msg=f"d{name}")
 
 
-def test_hybrid_with_a_folded_window_matches_reference():
-    """The window part through query folds (window:…,fold=N) with its log-sum-exp, merged with the far part."""
-    variant = Hybrid(HybridParams(w=40, sinks=4, feature_dim=12, fold=128))
-    assert variant.label == "hybrid40_sinks4_f12_fold128"
+def test_hybrid_with_its_sinks_apart_matches_reference(sinks_apart_on_cpu):
+    """The window part as a pure window merged with its sinks (the CUDA route), then with the far part."""
+    variant = Hybrid(HybridParams(w=40, sinks=4, feature_dim=12))
     state = _trained_state(variant, 2, 16)
     q, k, v = random_qkv(batch=2, heads=2, q_len=384, requires_grad=True)
     ctx = AttnContext(scaling=0.3)
-    assert variant.window._folds(q, k, ctx)
+    assert variant.window._sinks_apart(q, ctx)
     _assert_attend_matches_reference(variant, q, k, v, ctx, state)
 
 

@@ -92,8 +92,9 @@ def test_swapped_gpt2_with_covering_window_reproduces_original():
     assert (_logits(model, ids, mask) - original)[real].abs().max().item() <= 1e-5
 
 
-def test_without_stride_longformer_folds_as_the_window_with_sinks():
-    """Stride-free Longformer is a window with sinks, so it can take the window's folded path: same mask, same result."""
+def test_without_stride_longformer_is_the_window_with_sinks(sinks_apart_on_cpu):
+    """Stride-free Longformer is a window with sinks, so it takes the window's route, sinks apart where flex serves:
+    same mask, same result."""
     from attnswap.variants.window import Window, WindowParams
 
     q, k, v = random_qkv(batch=2, heads=2, q_len=512, requires_grad=True)
@@ -104,15 +105,11 @@ def test_without_stride_longformer_folds_as_the_window_with_sinks():
         masks = [variant.index_mask(q[..., :23, :], k[..., :23, :], small, None)[0]
                  for variant in (longformer(w=w, global_tokens=g), Window(WindowParams(w=w, sinks=g)))]
         assert torch.equal(*(materialize(m, 2, 1, 23, 23, "cpu") for m in masks))
-    folded = longformer(w=200, global_tokens=4, fold=128)
-    assert folded.label == "longformer_w200_g4_fold128" and folded._as_window._folds(q, k, AttnContext(scaling=0.3))
+    variant = longformer(w=200, global_tokens=4)
     ctx = AttnContext(scaling=0.3)
-    out, ref = folded.attend(q, k, v, ctx, None), folded.reference(q, k, v, ctx, None)
+    assert variant._as_window._sinks_apart(q, ctx)
+    out, ref = variant.attend(q, k, v, ctx, None), variant.reference(q, k, v, ctx, None)
     torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE[torch.float32])
     grads = [torch.autograd.grad(x.square().sum(), (q, k, v)) for x in (out, ref)]
-    for name, g_fold, g_ref in zip("qkv", *grads):
-        torch.testing.assert_close(g_fold, g_ref, rtol=0, atol=1e-4, msg=f"d{name}")
-    with pytest.raises(AttnswapError, match="fold needs global_stride=0"):
-        LongformerParams(global_stride=8, fold=128)
-    with pytest.raises(AttnswapError, match="fold must be 0 or a multiple of 128"):
-        LongformerParams(fold=100)
+    for name, g_apart, g_ref in zip("qkv", *grads):
+        torch.testing.assert_close(g_apart, g_ref, rtol=0, atol=1e-4, msg=f"d{name}")

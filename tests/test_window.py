@@ -78,47 +78,50 @@ def test_slots_in_order_need_no_position_lookup(q_len, kv_len):
     assert expected[0, 0, -1].sum() == min(kv_len, 5)  # the last query: its window of 3 and 2 sinks
 
 
-@pytest.mark.parametrize("w, length", [(5, 512), (200, 512), (200, 300)])  # windows in one block and across two;
-def test_folded_sinks_equal_the_reference_in_outputs_and_gradients(w, length):  # a last fold of 44 queries
-    variant = get_variant(f"window:w={w},sinks=4,fold=128")
-    q, k, v = random_qkv(batch=2, heads=2, q_len=length, requires_grad=True)
-    ctx = AttnContext(scaling=0.3)
-    assert variant._folds(q, k, ctx)
-    for return_lse in (False, True):
-        fast = variant.attend(q, k, v, ctx, None, return_lse=return_lse)
-        single = get_variant(f"window:w={w},sinks=4").attend(q, k, v, ctx, None, return_lse=return_lse)
-        if return_lse:
-            torch.testing.assert_close(fast[1], single[1], rtol=0, atol=1e-5, msg="log-sum-exp")
-            fast, single = fast[0], single[0]
-        torch.testing.assert_close(fast, variant.reference(q, k, v, ctx, None), rtol=0, atol=1e-5)
-        torch.testing.assert_close(fast, single, rtol=0, atol=1e-5)
-    ref = variant.reference(q, k, v, ctx, None)
-    fast = variant.attend(q, k, v, ctx, None)
-    weights = torch.randn_like(ref)  # a gradient that weighs every output differently
-    for name, g_fast, g_ref in zip("qkv", torch.autograd.grad((fast * weights).sum(), (q, k, v)),
-                                   torch.autograd.grad((ref * weights).sum(), (q, k, v))):
-        torch.testing.assert_close(g_fast, g_ref, rtol=0, atol=1e-4, msg=f"d{name}")
+@pytest.mark.parametrize("w", [1, 4, 30], ids=["w1", "w4", "w_beyond_sequence"])
+def test_sinks_apart_equal_one_mask_of_window_and_sinks(w, sinks_apart_on_cpu):
+    """The pure window merged with the sink branch equals the single window+sinks mask and the dense reference, in
+    outputs, log-sum-exps and gradients: with a left-padded row, sinks inside some queries' windows (counted once)
+    and a decode-sized block of queries against a longer cache."""
+    from attnswap.variants.masked import MaskedVariant
+
+    variant = get_variant(f"window:w={w},sinks=3")
+    key_valid = torch.ones(2, 19, dtype=torch.bool)
+    key_valid[0, :5] = False
+    for q_len in (19, 4):
+        q, k, v = random_qkv(q_len=q_len, kv_len=19, requires_grad=True)
+        ctx = AttnContext(scaling=0.3, key_valid=key_valid)
+        assert variant._sinks_apart(q, ctx)
+        apart, apart_lse = variant.attend(q, k, v, ctx, None, return_lse=True)
+        together, together_lse = MaskedVariant.attend(variant, q, k, v, ctx, None, return_lse=True)
+        torch.testing.assert_close(apart, together, rtol=0, atol=1e-6)
+        torch.testing.assert_close(apart, variant.reference(q, k, v, ctx, None), rtol=0, atol=1e-6)
+        torch.testing.assert_close(apart_lse, together_lse, rtol=0, atol=1e-5, msg="log-sum-exp")
+        weights = torch.randn_like(apart)  # a gradient that weighs every output differently
+        for name, g_apart, g_together in zip("qkv", torch.autograd.grad((apart * weights).sum(), (q, k, v)),
+                                             torch.autograd.grad((together * weights).sum(), (q, k, v))):
+            torch.testing.assert_close(g_apart, g_together, rtol=0, atol=1e-5, msg=f"d{name}")
 
 
-def test_folds_serve_only_plain_sequences_of_two_folds_or_more():
-    variant = get_variant("window:w=16,sinks=4,fold=128")
-    q, k, _ = random_qkv(batch=1, heads=1, q_len=384)
-    assert variant._folds(q, k, AttnContext(scaling=1.0))
-    assert variant._folds(q[:, :, :300], k[:, :, :300], AttnContext(scaling=1.0)), "a last fold of 44 queries"
-    assert not variant._folds(q[:, :, :128], k[:, :, :128], AttnContext(scaling=1.0)), "a single fold"
-    assert not variant._folds(q[:, :, -1:], k, AttnContext(scaling=1.0)), "a decode step"
-    padded = AttnContext(scaling=1.0, key_valid=torch.ones(1, 384, dtype=torch.bool))
-    assert not variant._folds(q, k, padded), "padding"
-    for bad in ("window:w=16,sinks=4,fold=100", "window:w=16,sinks=200,fold=128"):
-        with pytest.raises(Exception, match="fold"):
-            get_variant(bad)
+def test_sinks_go_apart_only_for_flex_and_keys_in_order(monkeypatch):
+    import attnswap.variants.window as window_module
+
+    q, _, _ = random_qkv(q_len=19)
+    plain = AttnContext(scaling=0.3)
+    assert not get_variant("window:w=4,sinks=3")._sinks_apart(q, plain), "on the CPU the scores are materialised"
+    monkeypatch.setattr(window_module, "flex_serves", lambda q: True)
+    assert get_variant("window:w=4,sinks=3")._sinks_apart(q, plain)
+    assert not get_variant("window:w=4")._sinks_apart(q, plain), "no sinks"
+    assert not get_variant("window:w=4,sinks=3")._sinks_apart(q, AttnContext(scaling=0.3, kv_positions=torch.arange(19)))
+    assert not get_variant("window:w=4,sinks=3")._sinks_apart(q, AttnContext(scaling=0.3, model_mask=lambda *a: True))
 
 
-def test_folded_sinks_through_flex_forward_on_the_cpu(monkeypatch):
-    """The folds' block mask and FlexAttention (uncompiled, forward only on the CPU): what runs on CUDA."""
+def test_sinks_apart_through_flex_forward_on_the_cpu(monkeypatch, sinks_apart_on_cpu):
+    """The pure window through FlexAttention (uncompiled, forward only on the CPU) hands the merge its natural-log
+    log-sum-exp: what runs on CUDA."""
     import warnings
 
-    import attnswap.variants.window as window_module
+    import attnswap.variants.masked as masked_module
     from attnswap.kernels import flex
 
     def flex_attention(q, k, v, index_mask, scaling, score_bias=None, *, cache_key, per_batch, per_head, return_lse):
@@ -126,8 +129,8 @@ def test_folded_sinks_through_flex_forward_on_the_cpu(monkeypatch):
                                          cache_key=cache_key, per_batch=per_batch, per_head=per_head)
         return flex.flex_masked_attention(q, k, v, block_mask, scaling, backend=None, return_lse=return_lse)
 
-    monkeypatch.setattr(window_module, "masked_attention", flex_attention)
-    variant = get_variant("window:w=200,sinks=4,fold=128")
+    monkeypatch.setattr(masked_module, "masked_attention", flex_attention)
+    variant = get_variant("window:w=200,sinks=4")
     q, k, v = random_qkv(batch=2, heads=2, q_len=512)
     ctx = AttnContext(scaling=0.3)
     with torch.no_grad(), warnings.catch_warnings():
@@ -140,24 +143,19 @@ def test_folded_sinks_through_flex_forward_on_the_cpu(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled FlexAttention with backward needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_folded_sinks_on_cuda_equal_the_single_mask(dtype):
+def test_sinks_apart_on_cuda_equal_the_single_mask(dtype):
+    from attnswap.variants.masked import MaskedVariant
+
     q, k, v = (x.cuda() for x in random_qkv(batch=1, heads=4, q_len=2048, dim=64, dtype=dtype))
     for x in (q, k, v):
         x.requires_grad_(True)
     ctx = AttnContext(scaling=0.125)
-    folded, single = get_variant("window:w=256,sinks=4,fold=512"), get_variant("window:w=256,sinks=4")
-    assert folded._folds(q, k, ctx)
-    out_f, out_s = folded.attend(q, k, v, ctx, None), single.attend(q, k, v, ctx, None)
+    variant = get_variant("window:w=256,sinks=4")
+    assert variant._sinks_apart(q, ctx)
+    apart, single = variant.attend(q, k, v, ctx, None), MaskedVariant.attend(variant, q, k, v, ctx, None)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(out_f.float(), out_s.float(), rtol=0, atol=tol)
-    weights = torch.randn_like(out_f, dtype=torch.float32)
-    for name, g_f, g_s in zip("qkv", torch.autograd.grad((out_f.float() * weights).sum(), (q, k, v)),
-                              torch.autograd.grad((out_s.float() * weights).sum(), (q, k, v))):
-        torch.testing.assert_close(g_f.float(), g_s.float(), rtol=0, atol=tol * 10, msg=f"d{name}")
-
-
-def test_a_parameter_added_later_leaves_earlier_specs_as_they_were():
-    assert get_variant("window:w=5,sinks=2").spec == "window:w=5,sinks=2"  # as runs before `fold` saved it
-    folded = get_variant("window:w=5,sinks=2,fold=256")
-    assert folded.spec == "window:w=5,sinks=2,fold=256" and get_variant(folded.spec).params == folded.params
-    assert folded.label == "window5_sinks2_fold256"
+    torch.testing.assert_close(apart.float(), single.float(), rtol=0, atol=tol)
+    weights = torch.randn_like(apart, dtype=torch.float32)
+    for name, g_a, g_s in zip("qkv", torch.autograd.grad((apart.float() * weights).sum(), (q, k, v)),
+                              torch.autograd.grad((single.float() * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(g_a.float(), g_s.float(), rtol=0, atol=tol * 10, msg=f"d{name}")

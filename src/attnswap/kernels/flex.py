@@ -66,11 +66,16 @@ def masked_attention(
     # created while lowering a pointwise subgraph"), so a learnable bias trains through the materialising path;
     # inference with a bias (a hardened mixture) still runs fused.
     trains_bias = score_bias is not None and torch.is_grad_enabled()
-    if q.is_cuda and q_len >= FLEX_MIN_QUERIES and head_dim >= FLEX_MIN_HEAD_DIM and not trains_bias:
+    if flex_serves(q) and not trains_bias:
         block_mask = block_mask_for(index_mask, batch, heads, q_len, k.shape[-2], q.device,
                                     cache_key=cache_key, per_batch=per_batch, per_head=per_head)
         return flex_masked_attention(q, k, v, block_mask, scaling, score_bias, return_lse=return_lse)
     return materialised_attention(q, k, v, index_mask, scaling, score_bias, return_lse=return_lse)
+
+
+def flex_serves(q: torch.Tensor) -> bool:
+    """Whether FlexAttention's fused kernel serves queries q (B, H, T, D); otherwise scores are materialised."""
+    return q.is_cuda and q.shape[-2] >= FLEX_MIN_QUERIES and q.shape[-1] >= FLEX_MIN_HEAD_DIM
 
 
 def materialised_attention(q, k, v, index_mask: MaskFn, scaling: float, score_bias: MaskFn | None = None,

@@ -63,7 +63,6 @@ class HybridParams:
     feature_dim: int = 0  # f, the width of each softmax half of the Hedgehog map; 0 = the head dimension
     chunk: int = 64  # chunk length of the linear-attention kernel
     floor: float = field(default=FEATURE_FLOOR, metadata=OPTIONAL)  # the Hedgehog map's share of the uniform
-    fold: int = field(default=0, metadata=OPTIONAL)  # the window part's query folds (window:…,fold=N), 0 = none
     # The layers in wide_layers (e.g. wide_layers=1+7) take an exact window of wide_w tokens instead of w: where the
     # original's long-range attention lives, a wider exact part, still linear time and a bounded cache.
     wide_w: int = field(default=0, metadata=OPTIONAL)
@@ -102,8 +101,8 @@ class Hybrid(Variant):
         super().__init__(params)
         # The two parts are the existing variants: the window's mask and kernel, Hedgehog's feature map.
         p = self.params
-        self.window = Window(WindowParams(w=p.w, sinks=p.sinks, fold=p.fold))
-        self.wide_window = Window(WindowParams(w=p.wide_w, sinks=p.sinks, fold=p.fold)) if p.wide_w else None
+        self.window = Window(WindowParams(w=p.w, sinks=p.sinks))
+        self.wide_window = Window(WindowParams(w=p.wide_w, sinks=p.sinks)) if p.wide_w else None
         self.hedgehog = Hedgehog(HedgehogParams(feature_dim=self.params.feature_dim, chunk=self.params.chunk,
                                                 floor=self.params.floor))
 
@@ -112,7 +111,6 @@ class Hybrid(Variant):
         p = self.params
         return (f"hybrid{p.w}" + (f"_sinks{p.sinks}" if p.sinks else "")
                 + (f"_f{p.feature_dim}" if p.feature_dim else "") + floor_label(p.floor)
-                + (f"_fold{p.fold}" if p.fold else "")
                 + (f"_wide{p.wide_w}_l{'_'.join(map(str, p.wide_layers))}" if p.wide_w else ""))
 
     def check_layers(self, n_layers: int) -> None:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from attnswap.kernels.masks import draw, materialize, or_masks, to_index_mask
-from attnswap.variants.base import OPTIONAL, AttnContext, check
+from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
 from attnswap.variants.window import Window, WindowParams, sliding_window_mask
 
@@ -18,15 +18,11 @@ class LongformerParams:
     w: int = 64  # each query sees itself and the w-1 tokens before it
     global_tokens: int = 1  # the first `global_tokens` real tokens of each row are global
     global_stride: int = 0  # > 0: so is every token at a multiple of it (counted from the first real token)
-    fold: int = field(default=0, metadata=OPTIONAL)  # without a stride: the window's folds (window:…,fold=N)
 
     def __post_init__(self):
         check(self.w >= 1, f"window w must be >= 1, got w={self.w}")
         check(self.global_tokens >= 0, f"global_tokens must be >= 0, got global_tokens={self.global_tokens}")
         check(self.global_stride >= 0, f"global_stride must be >= 0 (0 = none), got global_stride={self.global_stride}")
-        check(self.fold == 0 or self.global_stride == 0, "fold needs global_stride=0 (a window with sinks)")
-        if self.fold:
-            WindowParams(w=self.w, sinks=self.global_tokens, fold=self.fold)  # the window's own checks of the fold
 
 
 def global_token_mask(global_tokens: int, global_stride: int, first_real: torch.Tensor):
@@ -64,25 +60,24 @@ class Longformer(MaskedVariant):
     @property
     def label(self) -> str:
         p = self.params
-        return (f"longformer_w{p.w}_g{p.global_tokens}" + (f"_s{p.global_stride}" if p.global_stride else "")
-                + (f"_fold{p.fold}" if p.fold else ""))
+        return (f"longformer_w{p.w}_g{p.global_tokens}" + (f"_s{p.global_stride}" if p.global_stride else ""))
 
     def positional_mask(self, ctx: AttnContext, batch: int, device, state):
         p = self.params
         return longformer_mask(p.w, p.global_tokens, p.global_stride, ctx.first_real_token(batch, device))
 
     # Causal and without strided globals, Longformer is a window with sinks: a global query (one of the first
-    # global_tokens real tokens) may only look back, at keys that are global themselves. With ``fold`` it takes the
-    # window's folded path, whose backward does not walk the global block in one program (variants/window.py).
+    # global_tokens real tokens) may only look back, at keys that are global themselves. So it takes the window's
+    # path, whose sinks branch keeps flex's backward from walking the global block in one program (variants/window.py).
     def attend(self, q, k, v, ctx: AttnContext, state, return_lse: bool = False):
-        if not self.params.fold:
+        if self.params.global_stride:
             return super().attend(q, k, v, ctx, state, return_lse)
         return self._as_window.attend(q, k, v, ctx, state, return_lse)
 
     @functools.cached_property
     def _as_window(self) -> Window:
         p = self.params
-        return Window(WindowParams(w=p.w, sinks=p.global_tokens, fold=p.fold))
+        return Window(WindowParams(w=p.w, sinks=p.global_tokens))
 
 
 def main() -> None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import functools
+from dataclasses import dataclass
 
 import torch
 
-from attnswap.kernels.flex import BLOCK_SIZE, masked_attention
+from attnswap.kernels.flex import flex_serves
 from attnswap.kernels.masks import device_constant, draw, materialize, to_index_mask
-from attnswap.variants.base import OPTIONAL, AttnContext, check
+from attnswap.kernels.merge import attend_few_more_keys, compiled_attend_few_more_keys
+from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
 
 
@@ -16,15 +18,10 @@ from attnswap.variants.masked import MaskedVariant
 class WindowParams:
     w: int = 64  # each query sees itself and the w-1 tokens before it
     sinks: int = 0  # ... plus the first `sinks` real tokens of its row
-    # > 0: with sinks, queries in folds of this many, each with its own copy of the sinks (see Window.attend)
-    fold: int = field(default=0, metadata=OPTIONAL)
 
     def __post_init__(self):
         check(self.w >= 1, f"window w must be >= 1, got w={self.w}")
         check(self.sinks >= 0, f"sinks must be >= 0, got sinks={self.sinks}")
-        check(self.fold == 0 or (self.fold >= BLOCK_SIZE and self.fold % BLOCK_SIZE == 0),
-              f"fold must be 0 or a multiple of {BLOCK_SIZE}, got fold={self.fold}")
-        check(self.sinks <= BLOCK_SIZE or self.fold == 0, f"fold needs sinks <= {BLOCK_SIZE}, got sinks={self.sinks}")
 
 
 def sliding_window_mask(w: int, sinks: int, first_real: torch.Tensor):
@@ -50,61 +47,59 @@ class Window(MaskedVariant):
     @property
     def label(self) -> str:
         p = self.params
-        return f"window{p.w}" + (f"_sinks{p.sinks}" if p.sinks else "") + (f"_fold{p.fold}" if p.fold else "")
+        return f"window{p.w}" + (f"_sinks{p.sinks}" if p.sinks else "")
 
     def positional_mask(self, ctx: AttnContext, batch: int, device, state):
         return sliding_window_mask(self.params.w, self.params.sinks, ctx.first_real_token(batch, device))
 
-    # --- sinks and FlexAttention's backward ----------------------------------------------------------
+    # --- sinks as a branch of their own ----------------------------------------------------------------
     # In one block mask the sinks' key block is live for every query block, and FlexAttention's backward walks that
-    # column in a single program: window 256 + 4 sinks forward+backward was 4.7x flash at 16k against 13x without
-    # sinks (H200, benchmarks/results/bench_kernel_64k_h200/session6). Attending the sink keys as a branch of their
-    # own, merged by log-sum-exp (5cf6b96), was exact but slower still (3.17 ms at 16k) and was reverted; so was a
-    # first ``fold`` that stacked query folds along the batch, each with its own copy of its keys (1.35 ms against the
-    # single mask's 1.13 ms at 16k, 56fb6d7). ``fold`` now spreads the column without moving the queries: the keys get
-    # one copy of the sinks' block per ``fold`` queries in front of them, and the queries of fold g see only copy g,
-    # so each copy's backward walks fold/128 query blocks. The copies cost 128 keys per fold. Off by default until
-    # measured.
+    # column in a single program: window 256 + 4 sinks forward+backward took 1.14 ms at 16k against the plain
+    # window's 0.42 (H200; its backward kernel 937 us against 284 us). So where flex serves and the keys are the
+    # sequence in order, the block mask stays a pure window and the sink keys beyond each query's window are attended
+    # as a few extra keys, merged by log-sum-exp in one compiled function (kernels/merge.py). Two earlier tries were
+    # slower and are gone: the same branch through a materialised SDPA and an eager fp32 merge (3.17 ms at 16k), and
+    # copies of the sinks' block per fold of queries (2.45 ms at 16k: benchmarks/results/bench_kernel_64k_h200/session7).
     def attend(self, q, k, v, ctx: AttnContext, state, return_lse: bool = False):
-        if not self._folds(q, k, ctx):
+        if not self._sinks_apart(q, ctx):
             return super().attend(q, k, v, ctx, state, return_lse)
-        length = q.shape[-2]
-        copies = -(-length // self.params.fold)
+        return self.attend_sinks_apart(q, k, v, ctx, return_lse)
 
-        def with_sink_copies(x: torch.Tensor) -> torch.Tensor:  # (B, H, S, D) -> (B, H, copies·P + S, D)
-            return torch.cat([x[:, :, :BLOCK_SIZE]] * copies + [x], dim=2)
+    def _sinks_apart(self, q, ctx: AttnContext) -> bool:
+        """Sinks go their own way where flex serves (elsewhere scores are materialised anyway) and the keys are the
+        sequence in order (no rolling cache, no model mask, which may restart sinks per packed document): sink i is
+        then key slot first_real + i."""
+        plain = ctx.model_mask is None and ctx.q_positions is None and ctx.kv_positions is None
+        return self.params.sinks > 0 and plain and flex_serves(q)
 
-        return masked_attention(q, with_sink_copies(k), with_sink_copies(v), self._fold_mask(copies, q.device),
-                                ctx.scaling, cache_key=(self.spec, "folds", length), per_batch=False,
-                                per_head=False, return_lse=return_lse)
+    def attend_sinks_apart(self, q, k, v, ctx: AttnContext, return_lse: bool = False):
+        """``attend`` as the pure window merged with the sinks outside it; equal to the single mask."""
+        out, lse = self._window_alone.attend(q, k, v, ctx, None, return_lse=True)
+        sink_k, sink_v, allowed = self._sinks_beyond_window(q, k, v, ctx)
+        merge = attend_few_more_keys
+        if q.is_cuda and not torch.compiler.is_compiling():
+            merge = compiled_attend_few_more_keys()
+        out, lse = merge(q, out, lse, sink_k, sink_v, allowed, ctx.scaling)
+        return (out, lse) if return_lse else out
 
-    def _folds(self, q, k, ctx: AttnContext) -> bool:
-        """Whether the folded path serves: sinks, keys that are the queries' own sequence in order, no padding and no
-        model mask (sink i is then position i), and at least two folds."""
-        p = self.params
-        plain = (ctx.model_mask is None and ctx.q_positions is None and ctx.kv_positions is None
-                 and ctx.key_valid is None and ctx.first_real is None)
-        length = q.shape[-2]
-        return p.fold > 0 and p.sinks > 0 and plain and length == k.shape[-2] and length > p.fold
+    @functools.cached_property
+    def _window_alone(self) -> Window:
+        return Window(WindowParams(w=self.params.w))
 
-    def _fold_mask(self, copies: int, device):
-        """Index mask over the folded keys: slot j < copies·P is position j % P of sink copy j // P, seen only by the
-        queries of fold j // P and only beyond their window (the window part holds the sinks within it); slot
-        j >= copies·P is position j - copies·P, seen within the window."""
-        p = self.params
-        copied, fold, sink_block, width, sinks = (
-            device_constant(value, device) for value in (copies * BLOCK_SIZE, p.fold, BLOCK_SIZE, p.w, p.sinks))
-
-        def mask(b, h, q_idx, kv_idx):
-            in_copies = kv_idx < copied
-            sink = kv_idx % sink_block
-            from_copy = (in_copies & (kv_idx // sink_block == q_idx // fold) & (sink < sinks)
-                         & (q_idx - sink >= width))
-            distance = q_idx - (kv_idx - copied)
-            return from_copy | (~in_copies & (distance >= 0) & (distance < width))
-
-        mask.__name__ = f"window{p.w}_sinks{p.sinks}_fold{p.fold}"
-        return mask
+    def _sinks_beyond_window(self, q, k, v, ctx: AttnContext):
+        """The sink keys and values (B, H, sinks, D) and which query sees which of them beyond its window (B, 1, T,
+        sinks): the window part has those within it, and w >= 1 makes this causal too."""
+        batch, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[-2]
+        slots = ctx.first_real_token(batch, q.device)[:, None] + torch.arange(self.params.sinks, device=q.device)
+        exists = slots < kv_len
+        slots = slots.clamp(max=kv_len - 1)  # (B, sinks)
+        if ctx.key_valid is not None:
+            exists = exists & ctx.key_valid.gather(1, slots)
+        rows = slots[:, None, :, None].expand(batch, heads, self.params.sinks, head_dim)
+        q_pos, _ = ctx.positions(q_len, kv_len, q.device)
+        allowed = exists[:, None, None, :] & (q_pos[None, None, :, None] - slots[:, None, None, :] >= self.params.w)
+        return k.gather(2, rows), v.gather(2, rows), allowed
 
 
 def main() -> None:
