@@ -80,6 +80,32 @@ def test_fla_gate_and_layout_match_the_pytorch_scan(scaled):
         assert_close_to_scale(gr, ex, 1e-5, name)
 
 
+@pytest.mark.parametrize("scaled", [False, True], ids=["running_normaliser", "key_log_scale"])
+@pytest.mark.parametrize("prefix", [0, 7], ids=["own_keys", "after_a_prefix"])
+def test_the_whole_fla_route_matches_the_pytorch_scan(scaled, prefix, monkeypatch):
+    """causal_linear_attention as it runs with fla: without a key log-scale the values go alone (64 columns, not 65)
+    and the normaliser is a running sum of the keys' features; with one, the ones column carries it. Outputs,
+    normalisers and gradients equal the PyTorch scan's, after a prefix of cached keys too."""
+    g = torch.Generator().manual_seed(2)
+    phi_q = torch.rand(2, 3, 30, 6, generator=g, requires_grad=True)
+    phi_k = torch.rand(2, 3, 30 + prefix, 6, generator=g, requires_grad=True)
+    v = torch.randn(2, 3, 30 + prefix, 5, generator=g, requires_grad=True)
+    log_scale = climbing_log_scale(2, 3, 30 + prefix, g) if scaled else None
+    calls = []
+    monkeypatch.setattr(linear, "_fla_serving", lambda phi_q, v: fake_fla(calls=calls))
+    got = causal_linear_attention(phi_q, phi_k, v, chunk=8, key_log_scale=log_scale, return_normaliser=True)
+    assert calls == ["chunk"]
+    monkeypatch.setattr(linear, "_fla_serving", lambda phi_q, v: None)
+    want = causal_linear_attention(phi_q, phi_k, v, chunk=8, key_log_scale=log_scale, return_normaliser=True)
+    weights = torch.randn(want[0].shape, generator=g)
+    for name, x, y in zip(("out", "normaliser"), got, want):
+        assert_close_to_scale(x, y, 1e-5, name)
+    loss = [(out * weights).sum() + normaliser.sum() for out, normaliser in (got, want)]
+    for name, gr, ex in zip(("dphi_q", "dphi_k", "dv"), torch.autograd.grad(loss[0], (phi_q, phi_k, v)),
+                            torch.autograd.grad(loss[1], (phi_q, phi_k, v))):
+        assert_close_to_scale(gr, ex, 1e-5, name)
+
+
 @pytest.mark.parametrize("sound, grad, expected", [(True, True, "chunk"), (False, False, "chunk"),
                                                    (False, True, "fused_chunk")],
                          ids=["sound_backward", "unsound_no_grad", "unsound_with_grad"])

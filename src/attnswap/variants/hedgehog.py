@@ -90,9 +90,15 @@ def project_by_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.matmul(pieces, weight[:, None]).flatten(-3, -2)[..., :length, :]
 
 
+def softmax_features_in_fla_layout(*args) -> torch.Tensor:
+    """``softmax_features``, the same (B, H, N, 2f) tensor stored as (B, N, H, 2f): fla-core's layout, so that its
+    kernels take the features, and hand back their gradients, without a copy each way (kernels/linear.py)."""
+    return softmax_features(*args).transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @functools.cache
 def compiled_softmax_features():
-    return torch.compile(softmax_features)
+    return torch.compile(softmax_features_in_fla_layout)
 
 
 def floor_label(floor: float) -> str:
