@@ -160,17 +160,3 @@ def test_a_parameter_added_later_leaves_earlier_specs_as_they_were():
     floored = get_variant("hedgehog:floor=1e-6")
     assert floored.spec == "hedgehog:feature_dim=0,chunk=64,floor=1e-06"
     assert get_variant(floored.spec).params == floored.params and floored.label == "hedgehog_floor1e-06"
-
-
-@pytest.mark.parametrize("length", [5, 8, 20, 24], ids=["one_short_piece", "one_piece", "ragged", "whole_pieces"])
-def test_projection_in_pieces_equals_one_projection(length, monkeypatch):
-    """Positions taken in pieces (so the weight's gradient is a batch of GEMMs) give the same values and gradients."""
-    monkeypatch.setattr(hedgehog, "POSITIONS_PER_PIECE", 8)
-    x = torch.randn(2, 3, length, 16, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(3, 16, 6, dtype=torch.float64, requires_grad=True)
-    pieces, whole = hedgehog.project_by_head(x, weight), torch.einsum("bhnd,hdf->bhnf", x, weight)
-    torch.testing.assert_close(pieces, whole)
-    grad = torch.randn_like(whole)
-    for name, g_pieces, g_whole in zip("xW", torch.autograd.grad(pieces, (x, weight), grad),
-                                       torch.autograd.grad(whole, (x, weight), grad)):
-        torch.testing.assert_close(g_pieces, g_whole, msg=f"d{name}")

@@ -80,12 +80,11 @@ def test_fla_gate_and_layout_match_the_pytorch_scan(scaled):
         assert_close_to_scale(gr, ex, 1e-5, name)
 
 
-@pytest.mark.parametrize("scaled", [False, True], ids=["running_normaliser", "key_log_scale"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "key_log_scale"])
 @pytest.mark.parametrize("prefix", [0, 7], ids=["own_keys", "after_a_prefix"])
 def test_the_whole_fla_route_matches_the_pytorch_scan(scaled, prefix, monkeypatch):
-    """causal_linear_attention as it runs with fla: without a key log-scale the values go alone (64 columns, not 65)
-    and the normaliser is a running sum of the keys' features; with one, the ones column carries it. Outputs,
-    normalisers and gradients equal the PyTorch scan's, after a prefix of cached keys too."""
+    """causal_linear_attention as it runs with fla (fla's layout and gate around it): outputs, normalisers and
+    gradients equal the PyTorch scan's, after a prefix of cached keys too."""
     g = torch.Generator().manual_seed(2)
     phi_q = torch.rand(2, 3, 30, 6, generator=g, requires_grad=True)
     phi_k = torch.rand(2, 3, 30 + prefix, 6, generator=g, requires_grad=True)

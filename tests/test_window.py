@@ -79,11 +79,14 @@ def test_slots_in_order_need_no_position_lookup(q_len, kv_len):
 
 
 @pytest.mark.parametrize("w", [1, 4, 30], ids=["w1", "w4", "w_beyond_sequence"])
-def test_sinks_apart_equal_one_mask_of_window_and_sinks(w, sinks_apart_on_cpu):
+def test_sinks_apart_equal_one_mask_of_window_and_sinks(w, sinks_apart_on_cpu, monkeypatch):
     """The pure window merged with the sink branch equals the single window+sinks mask and the dense reference, in
     outputs, log-sum-exps and gradients: with a left-padded row, sinks inside some queries' windows (counted once)
-    and a decode-sized block of queries against a longer cache."""
+    and a decode-sized block of queries against a longer cache; the sinks' products in pieces of 8 queries."""
+    from attnswap.kernels import pieces
     from attnswap.variants.masked import MaskedVariant
+
+    monkeypatch.setattr(pieces, "POSITIONS_PER_PIECE", 8)
 
     variant = get_variant(f"window:w={w},sinks=3")
     key_valid = torch.ones(2, 19, dtype=torch.bool)

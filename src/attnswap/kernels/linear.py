@@ -83,18 +83,15 @@ def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, ret
     prefix = kv_len - q_len  # keys every query sees: folded into one state up front
     log_scale = None if key_log_scale is None else key_log_scale.detach().float()
     keys, own_scale = phi_k[..., prefix:, :], None if log_scale is None else log_scale[..., prefix:]
-    fla = _fla_serving(phi_q, v)
-    if fla is not None and log_scale is None:
-        # fla tiles the value width by 32 or 64, so D+1 = 65 columns would cost it a second, all but empty tile:
-        # the normaliser is a running sum of the keys' features instead, fused by the compiler.
-        num = _fla_causal_product(fla, phi_q, keys, v32[..., prefix:, :], None)
-        eager = not phi_q.is_cuda or torch.compiler.is_compiling()
-        den = (running_normaliser if eager else compiled_running_normaliser())(phi_q, keys)
+    v_ones = torch.cat([v32[..., prefix:, :], v32.new_ones(*v32.shape[:-2], q_len, 1)], dim=-1)  # (B, H, T, D+1)
+    # With fla, the ones column costs a second, all but empty tile of values (fla tiles them by 32 or 64). A running
+    # sum of the keys' features as the normaliser instead cost more than that tile: the compiler's cumsum took 2.4 ms
+    # forward and 2.2 ms backward at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session7).
+    if (fla := _fla_serving(phi_q, v)) is not None:
+        num_den = _fla_causal_product(fla, phi_q, keys, v_ones, own_scale)  # (B, H, T, D+1)
     else:
-        v_ones = torch.cat([v32[..., prefix:, :], v32.new_ones(*v32.shape[:-2], q_len, 1)], dim=-1)  # (B, H, T, D+1)
-        num_den = (_fla_causal_product(fla, phi_q, keys, v_ones, own_scale) if fla is not None
-                   else _CausalProduct.apply(phi_q, keys, v_ones, chunk, segment, own_scale))
-        num, den = num_den[..., :-1], num_den[..., -1:]
+        num_den = _CausalProduct.apply(phi_q, keys, v_ones, chunk, segment, own_scale)
+    num, den = num_den[..., :-1], num_den[..., -1:]
     if prefix:
         prefix_k, q_factor = phi_k[..., :prefix, :], 1.0
         if log_scale is not None:  # the prefix state at the scale of its last key, then to each query's own
@@ -106,16 +103,6 @@ def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, ret
         den = den + torch.matmul(phi_q, z.unsqueeze(-1)) * q_factor
     out = _normalise(num, den).to(v.dtype)
     return (out, den[..., 0]) if return_normaliser else out
-
-
-def running_normaliser(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
-    """sum_{j<=i} phi_q_i·phi_k_j for queries and keys at the same T positions: (B, H, T, M) x2 -> (B, H, T, 1)."""
-    return (phi_q * phi_k.cumsum(dim=-2)).sum(dim=-1, keepdim=True)
-
-
-@functools.cache
-def compiled_running_normaliser():
-    return torch.compile(running_normaliser, dynamic=True)  # one compile for every length
 
 
 def linear_attention_state(phi_k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from attnswap.kernels.pieces import matmul_by_pieces
+
 
 def merge_attention(outputs: Sequence[torch.Tensor], log_normalisers: Sequence[torch.Tensor]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,12 +55,9 @@ def attend_few_more_keys(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     sinks); allowed (B, 1 or H, T, S) bool, which new key each query sees. Returns (out (B, H, T, D) in q's dtype,
     lse (B, H, T) fp32). Scores and sums are fp32. On CUDA, outside a compiled model, this runs as one compiled
     function (``compiled_attend_few_more_keys``): eager, its passes over (B, H, T, D) would cost as much as the
-    window's kernel. The products are written as broadcasts and sums, not matmuls: the keys' and values' gradients
-    sum over all T queries into a (S, D) output, which cuBLAS ran as one GEMM on a few dozen tiles (1.1 ms each at
-    16k, 12 heads, H200: five times the window's kernel), while the compiler splits such a sum across the GPU.
-    Eager, the broadcasts hold (B, H, T, S, D): fine for the CPU tests, which are all that run it there.
+    window's kernel. The keys' and values' gradients sum over all T queries: ``matmul_by_pieces``.
     """
-    scores = (q.float().unsqueeze(-2) * keys.float().unsqueeze(-3)).sum(dim=-1) * scaling  # (B, H, T, S)
+    scores = matmul_by_pieces(q.float(), keys.float().transpose(-1, -2)) * scaling  # (B, H, T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = torch.maximum(lse, scores.amax(dim=-1)).detach()  # cancels below, so it needs no gradient
     top = torch.where(torch.isfinite(top), top, 0.0)
@@ -66,8 +65,7 @@ def attend_few_more_keys(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, 
     weight_keys = torch.exp(scores - top.unsqueeze(-1))  # (B, H, T, S)
     total = weight_before + weight_keys.sum(dim=-1)
     empty = total == 0
-    from_keys = (weight_keys.unsqueeze(-1) * values.float().unsqueeze(-3)).sum(dim=-2)  # (B, H, T, D)
-    merged = weight_before.unsqueeze(-1) * out.float() + from_keys
+    merged = weight_before.unsqueeze(-1) * out.float() + matmul_by_pieces(weight_keys, values.float())
     merged = merged / torch.where(empty, 1.0, total).unsqueeze(-1)
     merged_lse = torch.where(empty, float("-inf"), torch.log(torch.where(empty, 1.0, total)) + top)
     return merged.to(q.dtype), merged_lse

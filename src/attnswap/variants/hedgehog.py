@@ -6,9 +6,9 @@ import functools
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from attnswap.kernels.pieces import matmul_by_pieces
 from attnswap.variants.base import OPTIONAL, AttnContext, check
 from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pattern
 
@@ -69,25 +69,9 @@ def softmax_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
                      floor: float) -> torch.Tensor:
     """[softmax(l), softmax(-l)] for l = scale·x W + b, each half mixed with ``floor`` of the uniform distribution:
     x (B, H, N, D), weight (H, D, f), bias (H, f) -> (B, H, N, 2f) fp32."""
-    logits = project_by_head(x.float() * scale, weight) + bias[:, None, :]
+    logits = matmul_by_pieces(x.float() * scale, weight) + bias[:, None, :]  # weight (H, D, f) per head
     phi = torch.cat([torch.softmax(logits, dim=-1), torch.softmax(-logits, dim=-1)], dim=-1)
     return (1 - floor) * phi + floor / logits.shape[-1]
-
-
-# The weight's gradient sums over every position. As one GEMM per head, with a (D, f) output and N-long sums, cuBLAS
-# ran it on a few dozen tiles: 4.5 ms per side at 64k, 12 heads of 64 (H200, fp32), 40 % of Hedgehog's whole
-# forward+backward (benchmarks/results/bench_kernel_64k_h200/session7). Positions taken in pieces of this many make
-# it a batch of GEMMs, one per piece, and a sum.
-POSITIONS_PER_PIECE = 1024
-
-
-def project_by_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W per head: x (B, H, N, D), weight (H, D, f) -> (B, H, N, f)."""
-    length = x.shape[-2]
-    if length <= POSITIONS_PER_PIECE:
-        return torch.matmul(x, weight)
-    pieces = F.pad(x, (0, 0, 0, -length % POSITIONS_PER_PIECE)).unflatten(-2, (-1, POSITIONS_PER_PIECE))
-    return torch.matmul(pieces, weight[:, None]).flatten(-3, -2)[..., :length, :]
 
 
 def softmax_features_in_fla_layout(*args) -> torch.Tensor:
