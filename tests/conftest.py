@@ -94,11 +94,3 @@ def assert_attend_matches_reference(variant, dtype, kv_len: int = 23, q_lens=(23
             torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 10,
                                        msg=f"d{name}")
 
-
-@pytest.fixture
-def sinks_apart_on_cpu(monkeypatch):
-    """Windows with sinks take their CUDA route (the pure window merged with a sink branch) on the CPU, where flex's
-    place is taken by the materialised window with its log-sum-exp."""
-    import attnswap.variants.window as window_module
-
-    monkeypatch.setattr(window_module, "flex_serves", lambda q: True)

@@ -117,16 +117,6 @@ def test_hybrid_matches_reference_with_padding(q_len, kv_len, w, sinks, chunk, d
         torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 5, msg=f"d{name}")
 
 
-def test_hybrid_with_its_sinks_apart_matches_reference(sinks_apart_on_cpu):
-    """The window part as a pure window merged with its sinks (the CUDA route), then with the far part."""
-    variant = Hybrid(HybridParams(w=40, sinks=4, feature_dim=12))
-    state = _trained_state(variant, 2, 16)
-    q, k, v = random_qkv(batch=2, heads=2, q_len=384, requires_grad=True)
-    ctx = AttnContext(scaling=0.3)
-    assert variant.window._sinks_apart(q, ctx)
-    _assert_attend_matches_reference(variant, q, k, v, ctx, state)
-
-
 def _assert_attend_matches_reference(variant, q, k, v, ctx, state) -> torch.Tensor:
     """fp32: the efficient path equals the reference in outputs and q/k/v gradients; returns the output."""
     fast, ref = variant.attend(q, k, v, ctx, state), variant.reference(q, k, v, ctx, state)

@@ -92,24 +92,15 @@ def test_swapped_gpt2_with_covering_window_reproduces_original():
     assert (_logits(model, ids, mask) - original)[real].abs().max().item() <= 1e-5
 
 
-def test_without_stride_longformer_is_the_window_with_sinks(sinks_apart_on_cpu):
-    """Stride-free Longformer is a window with sinks, so it takes the window's route, sinks apart where flex serves:
-    same mask, same result."""
+def test_without_stride_longformer_is_the_window_with_sinks():
+    """Causal and stride-free, a global query may only look back at global keys: the window-with-sinks mask."""
     from attnswap.variants.window import Window, WindowParams
 
-    q, k, v = random_qkv(batch=2, heads=2, q_len=512, requires_grad=True)
+    q, k, _ = random_qkv(batch=2, heads=2, q_len=23)
     key_valid = torch.ones(2, 23, dtype=torch.bool)
     key_valid[0, :4] = False
     small = AttnContext(scaling=1.0, key_valid=key_valid)
     for w, g in ((5, 3), (2, 6)):  # a window narrower than the global tokens too
-        masks = [variant.index_mask(q[..., :23, :], k[..., :23, :], small, None)[0]
+        masks = [variant.index_mask(q, k, small, None)[0]
                  for variant in (longformer(w=w, global_tokens=g), Window(WindowParams(w=w, sinks=g)))]
         assert torch.equal(*(materialize(m, 2, 1, 23, 23, "cpu") for m in masks))
-    variant = longformer(w=200, global_tokens=4)
-    ctx = AttnContext(scaling=0.3)
-    assert variant._as_window._sinks_apart(q, ctx)
-    out, ref = variant.attend(q, k, v, ctx, None), variant.reference(q, k, v, ctx, None)
-    torch.testing.assert_close(out, ref, rtol=0, atol=TOLERANCE[torch.float32])
-    grads = [torch.autograd.grad(x.square().sum(), (q, k, v)) for x in (out, ref)]
-    for name, g_apart, g_ref in zip("qkv", *grads):
-        torch.testing.assert_close(g_apart, g_ref, rtol=0, atol=1e-4, msg=f"d{name}")

@@ -10,12 +10,9 @@ normaliser F and a learned scale exp(beta) relative to a softmax part enters as 
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
-
-from attnswap.kernels.pieces import matmul_by_pieces
 
 
 def merge_attention(outputs: Sequence[torch.Tensor], log_normalisers: Sequence[torch.Tensor]
@@ -44,34 +41,3 @@ def safe_log(x: torch.Tensor) -> torch.Tensor:
     positive = x > 0
     return torch.where(positive, torch.log(torch.where(positive, x, 1.0)), float("-inf"))
 
-
-def attend_few_more_keys(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor,
-                         values: torch.Tensor, allowed: torch.Tensor, scaling: float
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over a few more keys, merged into an attention already done: ``merge_attention`` of (out, lse)
-    and the new keys' part, without building that part's output on its own.
-
-    q, out (B, H, T, D); lse (B, H, T) fp32, -inf where no key was seen; keys, values (B, H, S, D) with S small (the
-    sinks); allowed (B, 1 or H, T, S) bool, which new key each query sees. Returns (out (B, H, T, D) in q's dtype,
-    lse (B, H, T) fp32). Scores and sums are fp32. On CUDA, outside a compiled model, this runs as one compiled
-    function (``compiled_attend_few_more_keys``): eager, its passes over (B, H, T, D) would cost as much as the
-    window's kernel. The keys' and values' gradients sum over all T queries: ``matmul_by_pieces``.
-    """
-    scores = matmul_by_pieces(q.float(), keys.float().transpose(-1, -2)) * scaling  # (B, H, T, S)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    top = torch.maximum(lse, scores.amax(dim=-1)).detach()  # cancels below, so it needs no gradient
-    top = torch.where(torch.isfinite(top), top, 0.0)
-    weight_before = torch.exp(lse - top)  # (B, H, T)
-    weight_keys = torch.exp(scores - top.unsqueeze(-1))  # (B, H, T, S)
-    total = weight_before + weight_keys.sum(dim=-1)
-    empty = total == 0
-    merged = weight_before.unsqueeze(-1) * out.float() + matmul_by_pieces(weight_keys, values.float())
-    merged = merged / torch.where(empty, 1.0, total).unsqueeze(-1)
-    merged_lse = torch.where(empty, float("-inf"), torch.log(torch.where(empty, 1.0, total)) + top)
-    return merged.to(q.dtype), merged_lse
-
-
-@functools.cache
-def compiled_attend_few_more_keys():
-    # dynamic: training and evaluation lengths differ, and each length would otherwise be another compile
-    return torch.compile(attend_few_more_keys, dynamic=True)

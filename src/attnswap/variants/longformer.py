@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from attnswap.kernels.masks import draw, materialize, or_masks, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
-from attnswap.variants.window import Window, WindowParams, sliding_window_mask
+from attnswap.variants.window import sliding_window_mask
 
 
 @dataclass(frozen=True)
@@ -60,24 +59,11 @@ class Longformer(MaskedVariant):
     @property
     def label(self) -> str:
         p = self.params
-        return (f"longformer_w{p.w}_g{p.global_tokens}" + (f"_s{p.global_stride}" if p.global_stride else ""))
+        return f"longformer_w{p.w}_g{p.global_tokens}" + (f"_s{p.global_stride}" if p.global_stride else "")
 
     def positional_mask(self, ctx: AttnContext, batch: int, device, state):
         p = self.params
         return longformer_mask(p.w, p.global_tokens, p.global_stride, ctx.first_real_token(batch, device))
-
-    # Causal and without strided globals, Longformer is a window with sinks: a global query (one of the first
-    # global_tokens real tokens) may only look back, at keys that are global themselves. So it takes the window's
-    # path, whose sinks branch keeps flex's backward from walking the global block in one program (variants/window.py).
-    def attend(self, q, k, v, ctx: AttnContext, state, return_lse: bool = False):
-        if self.params.global_stride:
-            return super().attend(q, k, v, ctx, state, return_lse)
-        return self._as_window.attend(q, k, v, ctx, state, return_lse)
-
-    @functools.cached_property
-    def _as_window(self) -> Window:
-        p = self.params
-        return Window(WindowParams(w=p.w, sinks=p.global_tokens))
 
 
 def main() -> None:
