@@ -12,6 +12,7 @@ from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_probs
 from attnswap.kernels.nsa import (block_importance, flex_nsa_branches, flex_route, nsa_branches, num_blocks,
                                   select_blocks, selection_table)
+from attnswap.kernels.pieces import matmul_by_pieces
 from attnswap.variants.base import AttnContext, Variant, check
 from attnswap.variants.window import Window, WindowParams
 
@@ -45,7 +46,9 @@ class NSAGates(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, D) -> gates (B, H, T, 3) fp32."""
-        logits = torch.einsum("bhtd,hdg->bhtg", q.float(), self.weight) + self.bias[:, None, :]
+        # The weight's gradient is (D, 3) summed over every position: as one GEMM, 2.15 ms at 64k on the H200
+        # (benchmarks/results/bench_kernel_64k_h200/session7, call 2), so in pieces (kernels/pieces.py).
+        logits = matmul_by_pieces(q.float(), self.weight) + self.bias[:, None, :]
         return torch.sigmoid(logits)
 
 
