@@ -85,6 +85,55 @@ def test_packed_sequences_equal_each_sequence_alone(arch, spec):
         start += n
 
 
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@pytest.mark.parametrize("spec", ["full", WINDOW, "hedgehog"])
+def test_packed_sequences_under_a_config_window_that_does_not_bind(arch, spec):
+    """A config window wider than the row: the model's mask is still more than causal, it holds the documents. (It
+    was once taken for plain causal attention, and every variant attended across documents.)"""
+    model = build(arch, sliding_window=32)
+    ids, position_ids, lengths = packed_inputs()
+    attnswap.swap(model, spec)
+    packed = model(ids, position_ids=position_ids, use_cache=False).logits
+    start = 0
+    for n in lengths:
+        alone = model(ids[:, start:start + n], use_cache=False).logits
+        torch.testing.assert_close(packed[:, start:start + n], alone, atol=TOL, rtol=TOL)
+        start += n
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_hedgehog_packed_equals_each_sequence_alone_and_its_reference(arch, attend_matches_reference):
+    """Linear attention takes packed rows as documents (the model's mask says no more than them): each document
+    alone, and the efficient path equals the dense reference at every call."""
+    model = build(arch)
+    ids, position_ids, lengths = packed_inputs()
+    attnswap.swap(model, "hedgehog")
+    check, calls = attend_matches_reference
+    with observe_attention(model, check):
+        packed = model(ids, position_ids=position_ids, use_cache=False).logits
+    assert calls and all(ctx.documents is not None and ctx.documents.tolist() == [[0] * 7 + [1] * 5 + [2] * 6]
+                         and ctx.model_mask is None for ctx in calls)
+    start = 0
+    for n in lengths:
+        alone = model(ids[:, start:start + n], use_cache=False).logits
+        torch.testing.assert_close(packed[:, start:start + n], alone, atol=TOL, rtol=TOL)
+        start += n
+
+
+def test_hedgehog_refuses_packed_rows_it_cannot_take_as_documents():
+    """A config window that binds within a document, or positions that do not restart at 0: the model's mask says
+    more than documents, so it is refused rather than read as them."""
+    ids, position_ids, _ = packed_inputs()
+    model = build("mistral", sliding_window=5)  # binds within the 7-token document
+    attnswap.swap(model, "hedgehog")
+    with pytest.raises(AttnswapError, match="cannot apply this model's own mask"):
+        model(ids, position_ids=position_ids, use_cache=False)
+    model = build("llama")
+    attnswap.swap(model, "hedgehog")
+    with pytest.raises(AttnswapError, match="cannot apply this model's own mask"):
+        model(ids, position_ids=position_ids + 3, use_cache=False)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_full_packed_equals_stock_sdpa(arch):
     model = build(arch)
@@ -264,3 +313,21 @@ def test_window_flex_kernel_under_the_models_mask_equals_its_reference(case):
         else:
             greedy(model, "static")
     assert checked and (case == "static_cache" or all(ctx.model_mask is not None for ctx in checked))
+
+
+def test_packed_documents_are_read_only_from_a_mask_that_says_exactly_them():
+    from attnswap.surgery import packed_documents
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+
+    def within_documents(b, h, q, kv):
+        return (kv <= q) & (doc[b, q] == doc[b, kv])
+
+    assert packed_documents(within_documents, positions).tolist() == doc.tolist()
+    assert packed_documents(lambda b, h, q, kv: kv <= q, positions) is None, "attends across documents"
+    windowed = lambda b, h, q, kv: within_documents(b, h, q, kv) & (q - kv < 3)  # noqa: E731
+    assert packed_documents(windowed, positions) is None, "a window that binds in the last document"
+    ahead = lambda b, h, q, kv: (doc[b, q] == doc[b, kv]) & (kv <= q + 1)  # noqa: E731
+    assert packed_documents(ahead, positions) is None, "sees the next token"
+    assert packed_documents(within_documents, positions + 1) is None, "positions that do not start at 0"

@@ -206,3 +206,30 @@ def test_key_log_scale_is_a_running_rescale_not_a_change_of_weights(q_len, kv_le
     for got, want in zip(torch.autograd.grad(out, (phi_q, phi_k, v), grad),
                          torch.autograd.grad(ref, (phi_q, phi_k, v), grad)):
         torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("segment", [8, 32], ids=["segments_of_one_chunk", "one_segment"])
+def test_packed_documents_equal_each_document_alone(segment):
+    """Documents across chunk and segment boundaries, one of them shorter than a chunk: outputs, normalisers and
+    gradients equal running each document on its own (to fp32 rounding: the scan sums in fp32)."""
+    lengths = [11, 3, 18]
+    g = torch.Generator().manual_seed(7)
+    phi_q, phi_k = (torch.rand(2, 3, 32, 5, generator=g, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 32, 4, generator=g, requires_grad=True)
+    documents = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).expand(2, -1)
+    packed, normaliser = causal_linear_attention(phi_q, phi_k, v, chunk=8, segment=segment, documents=documents,
+                                                 return_normaliser=True)
+    parts, start = [], 0
+    for n in lengths:
+        part = slice(start, start + n)
+        parts.append(causal_linear_attention(phi_q[..., part, :], phi_k[..., part, :], v[..., part, :], chunk=8,
+                                             return_normaliser=True))
+        start += n
+    torch.testing.assert_close(packed, torch.cat([p[0] for p in parts], dim=-2))
+    torch.testing.assert_close(normaliser, torch.cat([p[1] for p in parts], dim=-1))
+    weights = torch.randn(packed.shape, generator=g)
+    for name, got, want in zip(("dphi_q", "dphi_k", "dv"),
+                               torch.autograd.grad((packed * weights).sum(), (phi_q, phi_k, v)),
+                               torch.autograd.grad((torch.cat([p[0] for p in parts], dim=-2) * weights).sum(),
+                                                   (phi_q, phi_k, v))):
+        torch.testing.assert_close(got, want, msg=name)

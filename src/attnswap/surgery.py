@@ -65,14 +65,51 @@ class ModelMask:
     q_offset: "int | torch.Tensor"
     kv_offset: int
     shape: tuple[int, int, int, int]  # (B, 1, T, S), read by model code that checks a prepared mask's rank
+    # packed_documents' answer, worked out at the forward's first attention call and kept for the other layers
+    documents: "torch.Tensor | None | bool" = field(default=False, repr=False)
 
     # generate() prepares the mask of a StaticCache step before the forward; model code passes a 4-D mask through.
     ndim = 4
 
+    def packed_documents(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """``packed_documents(self.function, positions)``, once per forward."""
+        if self.documents is False:
+            self.documents = packed_documents(self.function, positions)
+        return self.documents
+
+
+def packed_documents(function: Callable, positions: torch.Tensor) -> torch.Tensor | None:
+    """Each slot's document index (B, T) where the mask ``function`` over one row's own T slots (queries and keys
+    alike) says exactly causal attention within documents whose positions count 0, 1, 2, … (``positions`` (B, T));
+    None where it says anything else (the config's sliding window binding, a bidirectional span, positions that do
+    not restart at 0) or under torch.compile, where the check would be a graph break.
+
+    transformers composes its mask from intervals (causal, window, chunk, document), so a query's allowed keys are one
+    run of slots ending at itself; its first key, its own slot, the slot before the first and the one after itself
+    settle that run.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    batch, length = positions.shape
+    slot = torch.arange(length, device=positions.device).expand(batch, -1)
+    previous = torch.cat([positions.new_full((batch, 1), -1), positions[:, :-1]], dim=1)
+    restarts = positions == 0
+    if not bool((restarts | (positions == previous + 1)).all()):
+        return None
+    first = slot - positions  # (B, T): the slot of each token's document's first token
+    row, head = torch.arange(batch, device=positions.device)[:, None], torch.zeros((), dtype=torch.long)
+
+    def allows(kv: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(function(row, head, slot, kv), device=positions.device).expand(batch, length)
+
+    exact = (allows(first) & allows(slot) & (~allows((first - 1).clamp_min(0)) | (first == 0))
+             & (~allows((slot + 1).clamp_max(length - 1)) | (slot == length - 1)))
+    return torch.cumsum(restarts, dim=1) - 1 if bool(exact.all()) else None
+
 
 def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: "int | torch.Tensor" = 0, kv_offset: int = 0,
                mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
-               local_size: int | None = None, **kwargs) -> ModelMask:
+               local_size: int | None = None, allow_is_causal_skip: bool = True, **kwargs) -> ModelMask:
     """AttentionMaskInterface entry: transformers' mask for this forward, composed the way its flex backend does."""
     if isinstance(attention_mask, ModelMask):  # prepared by generate() for this step already
         return attention_mask
@@ -83,8 +120,10 @@ def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: "int | 
         q_offset = q_offset.clone()
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # (B, kv_offset + kv_length); unfilled: False
     function = mask_function or causal_mask_function
-    # The config's sliding window binds only once queries reach that far past the first key.
-    window_unused = (local_size is not None and isinstance(q_offset, int)
+    # The config's sliding window binds only once queries reach that far past the first key. Where the function holds
+    # more than causality and that window (packed documents), transformers forbids skipping it (allow_is_causal_skip);
+    # dropping it anyway let every variant, full included, attend across packed documents (tests/test_dropin.py).
+    window_unused = (allow_is_causal_skip and local_size is not None and isinstance(q_offset, int)
                      and q_offset + q_length - kv_offset <= local_size)
     plain = function is causal_mask_function or window_unused
     if padding is not None and not plain:
@@ -106,6 +145,7 @@ def attention_context(module: nn.Module, variant: Variant, attention_mask, scali
     a bounded cache (attnswap.cache) says its keys hold; it places the queries itself."""
     batch, q_len, kv_len, device = query.shape[0], query.shape[-2], key.shape[-2], query.device
     ctx = AttnContext(scaling=scaling, layer_idx=getattr(module, "layer_idx", 0) or 0)
+    documents = None
     if attention_mask is None:  # transformers made no mask (e.g. a paged cache): plain causal attention
         return ctx
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
@@ -123,6 +163,8 @@ def attention_context(module: nn.Module, variant: Variant, attention_mask, scali
             positions = position_ids.expand(batch, -1)
             first = torch.zeros(batch, dtype=torch.long, device=device)
             ctx = dataclasses.replace(ctx, q_positions=positions, kv_positions=positions, first_real=first)
+            if variant.honours_packed_documents and not variant.honours_model_mask:
+                documents = attention_mask.packed_documents(positions)
         elif cache_slots is None and not (isinstance(q_start, int) and q_start == kv_len - q_len):
             # Not the last T slots: a StaticCache, whose slots are preallocated.
             ctx = dataclasses.replace(ctx, q_positions=device_arange(0, q_len, device) + q_start)
@@ -134,6 +176,8 @@ def attention_context(module: nn.Module, variant: Variant, attention_mask, scali
             raise AttnswapError("the bounded cache serves causal attention with padding only, not this model's own "
                                 "mask (sliding window, 4-D mask); generate with the default cache instead")
         return cache_slots.context(ctx)
+    if documents is not None:  # the model's mask said no more than the documents, which the variant applies itself
+        return AttnContext(scaling=scaling, layer_idx=ctx.layer_idx, documents=documents)
     if ctx.model_mask is not None and not variant.honours_model_mask:
         traced = " (under torch.compile with use_cache=False, transformers assumes packed rows unless it gets one)"
         raise AttnswapError(f"variant {variant.spec!r} cannot apply this model's own mask (the config's sliding window, "

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # forward+backward call at 16k 3x faster on the H100 (58.9 -> 18.1 ms) for 6-15 % more peak memory at 32k
 # (benchmarks/results/linear_scan_h100/segment_sizes.json).
 _SEGMENT_FLOATS = 2**22
+# Steps of the key log-scale between packed documents: exp(-200) underflows to 0 in fp32, so no weight crosses one.
+DOCUMENT_GAP = 200.0
 
 
 def _segment_length(chunk: int, m: int, e: int) -> int:
@@ -51,7 +53,7 @@ def _segment_length(chunk: int, m: int, e: int) -> int:
 
 def causal_linear_attention(
     phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, chunk: int = 64, segment: int | None = None,
-    key_log_scale: torch.Tensor | None = None, return_normaliser: bool = False,
+    key_log_scale: torch.Tensor | None = None, return_normaliser: bool = False, documents: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal linear attention: phi_q (B, H, T, M), phi_k (B, H, S, M), v (B, H, S, D) -> (B, H, T, D) in v's dtype.
 
@@ -67,12 +69,22 @@ def causal_linear_attention(
     ``return_normaliser`` also returns each query's normaliser sum_{j<=i} phi_q_i·phi_k_j, (B, H, T) fp32 (with
     ``key_log_scale``, divided by exp of the query's own slot's scale): the total weight the output averages over,
     which a hybrid needs to weigh this attention against another (kernels/merge.py). Gradients flow through it.
+    ``documents`` (B, S), with T = S: sequences packed into rows, each slot's document index (non-decreasing); a
+    query sees only its own document's keys. They enter as a key log-scale that steps by ``DOCUMENT_GAP`` at each
+    new document, so exp(s_j - s_i) is exactly 0 in fp32 across documents and 1 within one; so they cannot join a
+    feature map's own key log-scale (its precision would drown in the steps). They take the PyTorch scan: fla's
+    gated kernels are not yet checked on such steps.
     """
+    if documents is not None:
+        assert key_log_scale is None, "packed documents take the key log-scale; a feature map's own cannot join them"
+        assert phi_q.shape[-2] == phi_k.shape[-2] == documents.shape[-1], "documents need queries and keys in one row"
+        key_log_scale = (documents.float() * DOCUMENT_GAP)[:, None, :].expand(*phi_k.shape[:-1])
     with torch.autocast(phi_q.device.type, enabled=False):  # fp32 sums and products, whatever autocast says
-        return _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, return_normaliser)
+        return _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, return_normaliser,
+                                        use_fla=documents is None)
 
 
-def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, return_normaliser):
+def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, return_normaliser, use_fla=True):
     q_len, kv_len = phi_q.shape[-2], phi_k.shape[-2]
     assert q_len <= kv_len, f"queries are the last T of S keys, got T={q_len} > S={kv_len}"
     assert chunk >= 1, f"chunk must be >= 1, got {chunk}"
@@ -87,7 +99,7 @@ def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, ret
     # With fla, the ones column costs a second, all but empty tile of values (fla tiles them by 32 or 64). A running
     # sum of the keys' features as the normaliser instead cost more than that tile: the compiler's cumsum took 2.4 ms
     # forward and 2.2 ms backward at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session7).
-    if (fla := _fla_serving(phi_q, v)) is not None:
+    if use_fla and (fla := _fla_serving(phi_q, v)) is not None:
         num_den = _fla_causal_product(fla, phi_q, keys, v_ones, own_scale)  # (B, H, T, D+1)
     else:
         num_den = _CausalProduct.apply(phi_q, keys, v_ones, chunk, segment, own_scale)

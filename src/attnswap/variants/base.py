@@ -35,6 +35,10 @@ class AttnContext:
     mask: the config's sliding window, packed documents, a 4-D mask), None when it adds nothing; a variant ANDs
     it with its own pattern. ``dense_mask`` is a caller's 4-D mask as given (bool, or float added to the scores),
     which ``full`` hands to SDPA unchanged.
+
+    ``documents`` (B, T), for a variant that honours packed documents but no other model mask: each slot's document
+    index in its row, non-decreasing, queries and keys the same T slots; a token attends within its own document
+    only. It stands in for a model mask found to say exactly that (surgery.packed_documents).
     """
 
     scaling: float
@@ -46,6 +50,7 @@ class AttnContext:
     first_real: torch.Tensor | None = None
     model_mask: MaskFn | None = None
     dense_mask: torch.Tensor | None = None
+    documents: torch.Tensor | None = None
 
     def positions(self, q_len: int, kv_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Absolute positions (T,), (S,) of queries and keys."""
@@ -79,6 +84,8 @@ class Variant:
     # last T slots).
     honours_model_mask: ClassVar[bool] = False
     honours_query_positions: ClassVar[bool] = False
+    # ``ctx.documents``: sequences packed into rows, where the model's mask says no more than that.
+    honours_packed_documents: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()

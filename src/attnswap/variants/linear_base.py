@@ -24,9 +24,11 @@ class LinearFeatures(NamedTuple):
 class LinearVariant(Variant):
     """Attention weights proportional to phi(q)·phi(k) for a non-negative feature map phi.
 
-    Subclasses implement ``feature_map``; causality and key padding are added here, once.
+    Subclasses implement ``feature_map``; causality, key padding and packed documents are added here, once.
     Their Params carry ``chunk``, the chunk length of the linear-attention kernel.
     """
+
+    honours_packed_documents = True  # where the feature map has no key log-scale of its own (Performer's has)
 
     def feature_map(self, q, k, ctx: AttnContext, state: nn.Module | None,
                     running_scale: torch.Tensor | None = None) -> LinearFeatures:
@@ -48,6 +50,8 @@ class LinearVariant(Variant):
         q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
         index_mask = to_index_mask(causal, q_pos, kv_pos, ctx.key_valid)
         allowed = materialize(index_mask, q.shape[0], 1, q.shape[-2], k.shape[-2], q.device)
+        if ctx.documents is not None:
+            allowed = allowed & (ctx.documents[:, None, :, None] == ctx.documents[:, None, None, :])
         weights = torch.matmul(features.q, features.k.transpose(-1, -2)) * allowed  # (B, H, T, S)
         if features.key_log_scale is not None:  # key j counts exp(s_j - s_i) for query i (slot i + S - T)
             s = features.key_log_scale.float()
@@ -62,7 +66,7 @@ class LinearVariant(Variant):
             return super().attend(q, k, v, ctx, state)
         features = self.features(q, k, ctx, state)
         return causal_linear_attention(features.q, features.k, v, chunk=self.params.chunk,
-                                       key_log_scale=features.key_log_scale).to(q.dtype)
+                                       key_log_scale=features.key_log_scale, documents=ctx.documents).to(q.dtype)
 
 
 def draw_probs(probs: torch.Tensor) -> str:

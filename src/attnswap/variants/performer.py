@@ -81,6 +81,7 @@ class Performer(LinearVariant):
     name = "performer"
     Params = PerformerParams
     summary = "FAVOR+ positive orthogonal random features approximating softmax (linear time)"
+    honours_packed_documents = False  # its running key log-scale leaves none for the documents (kernels/linear.py)
 
     @property
     def label(self) -> str:
