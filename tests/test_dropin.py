@@ -71,18 +71,21 @@ def packed_inputs():
     return ids, position_ids, lengths
 
 
+def assert_each_document_alone(model, packed_logits, ids, lengths):
+    start = 0
+    for n in lengths:
+        alone = model(ids[:, start:start + n], use_cache=False).logits
+        torch.testing.assert_close(packed_logits[:, start:start + n], alone, atol=TOL, rtol=TOL)
+        start += n
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", ["full", WINDOW, "longformer:w=4,global_tokens=1"])
 def test_packed_sequences_equal_each_sequence_alone(arch, spec):
     model = build(arch)
     ids, position_ids, lengths = packed_inputs()
     attnswap.swap(model, spec)
-    packed = model(ids, position_ids=position_ids, use_cache=False).logits
-    start = 0
-    for n in lengths:
-        alone = model(ids[:, start:start + n], use_cache=False).logits
-        torch.testing.assert_close(packed[:, start:start + n], alone, atol=TOL, rtol=TOL)
-        start += n
+    assert_each_document_alone(model, model(ids, position_ids=position_ids, use_cache=False).logits, ids, lengths)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
@@ -93,12 +96,7 @@ def test_packed_sequences_under_a_config_window_that_does_not_bind(arch, spec):
     model = build(arch, sliding_window=32)
     ids, position_ids, lengths = packed_inputs()
     attnswap.swap(model, spec)
-    packed = model(ids, position_ids=position_ids, use_cache=False).logits
-    start = 0
-    for n in lengths:
-        alone = model(ids[:, start:start + n], use_cache=False).logits
-        torch.testing.assert_close(packed[:, start:start + n], alone, atol=TOL, rtol=TOL)
-        start += n
+    assert_each_document_alone(model, model(ids, position_ids=position_ids, use_cache=False).logits, ids, lengths)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
@@ -113,11 +111,7 @@ def test_hedgehog_packed_equals_each_sequence_alone_and_its_reference(arch, atte
         packed = model(ids, position_ids=position_ids, use_cache=False).logits
     assert calls and all(ctx.documents is not None and ctx.documents.tolist() == [[0] * 7 + [1] * 5 + [2] * 6]
                          and ctx.model_mask is None for ctx in calls)
-    start = 0
-    for n in lengths:
-        alone = model(ids[:, start:start + n], use_cache=False).logits
-        torch.testing.assert_close(packed[:, start:start + n], alone, atol=TOL, rtol=TOL)
-        start += n
+    assert_each_document_alone(model, packed, ids, lengths)
 
 
 def test_hedgehog_refuses_packed_rows_it_cannot_take_as_documents():
