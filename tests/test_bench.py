@@ -91,6 +91,19 @@ def test_bench_kernel_times_cuda_graph_replays_beside_calls(tmp_path):
     assert dense["graph_median_s"] < dense["median_s"], "a replay skips the Python and autograd work of a call"
 
 
+def test_bench_kernel_times_each_variant_compiled_beside_eager(tmp_path):
+    from torch._dynamo.utils import counters
+
+    config = KernelBenchConfig(lengths=[64], heads=2, head_dim=8, dtype="float32", device="cpu", repeats=1, warmup=1,
+                               variants=["window:w=16", "hedgehog"], modes=["forward+backward"],
+                               compiled_variants=True, compile_backend="eager", out=str(tmp_path))
+    rows = [json.loads(line) for line in (bench_kernel(config) / "kernel_results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["sdpa_flash", "window16", "window16_compiled", "hedgehog",
+                                            "hedgehog_compiled"]
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert counters["stats"]["unique_graphs"] >= 1, "the last compiled case was traced (reset() clears the count)"
+
+
 def test_bench_kernel_profiles_where_each_case_spends_its_time(tmp_path):
     config = KernelBenchConfig(lengths=[64], heads=2, head_dim=8, dtype="float32", device="cpu", repeats=1, warmup=1,
                                variants=["window:w=16"], modes=["forward+backward"], profile_kernels=3,

@@ -73,6 +73,10 @@ class KernelBenchConfig:
     # > 0: profile one more call per case and keep its this many most expensive kernels (CUDA; operators on the CPU),
     # to see where a case's time goes (which kernel a mask slows down) beside its timing.
     profile_kernels: int = 0
+    # Also time each variant inside torch.compile, as a compiled model runs it (`distill --compile true`): the
+    # compiler may fuse the elementwise work around a variant's kernels. Rows labelled "<variant>_compiled".
+    compiled_variants: bool = False
+    compile_backend: str = "inductor"  # tests use "eager": the same tracing, no code generation
     seed: int = 0
     out: str = "runs/bench-kernel"
 
@@ -237,13 +241,15 @@ def bench_kernel(config: KernelBenchConfig) -> Path:
     log.info("bench-kernel config: %s", json.dumps(config_to_dict(config)))
     variants, skipped = available_variants(config.variants)
     env = environment(device)
-    contenders: list[tuple[str, Variant | None]] = [(DENSE, None)] + [(v.label, v) for v in variants]
+    contenders: list[tuple[str, Variant | None, bool]] = [(DENSE, None, False)] + [
+        (v.label + suffix, v, compiled) for v in variants
+        for suffix, compiled in (("", False), ("_compiled", True))[: 2 if config.compiled_variants else 1]]
     cases = [(mode, n, c) for mode in config.modes for n in config.lengths for c in contenders]
     out_of_memory_at: dict[tuple[str, str], int] = {}
     rows = []
     out = Path(config.out)
     with open_rows(out, "kernel") as stream, tqdm(cases, desc="bench-kernel", dynamic_ncols=True) as bar:
-        for mode, n, (label, variant) in bar:
+        for mode, n, (label, variant, compiled) in bar:
             bar.set_postfix_str(f"{label} {mode} n={n}")
             row = {**env, "dtype": dtype_name(dtype),
                    "shape": f"({config.batch},{config.heads},{n},{config.head_dim})", "variant": label,
@@ -252,7 +258,7 @@ def bench_kernel(config: KernelBenchConfig) -> Path:
             if (label, mode) in out_of_memory_at:
                 row.update(status="skipped", error=f"out of memory at length {out_of_memory_at[label, mode]}")
             else:
-                row.update(guarded(lambda: _run_case(variant, mode, n, config, device, dtype), device))
+                row.update(guarded(lambda: _run_case(variant, mode, n, config, device, dtype, compiled), device))
                 if row["status"] == "oom":
                     out_of_memory_at[label, mode] = n
             rows.append(row)
@@ -298,7 +304,7 @@ def available_variants(specs: Sequence[str]) -> tuple[list[Variant], list[str]]:
 
 
 def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchConfig, device: torch.device,
-              dtype: torch.dtype) -> dict[str, Any]:
+              dtype: torch.dtype, compiled: bool = False) -> dict[str, Any]:
     # Whatever earlier cases left allocated (the allocator's cuBLAS workspaces, say) is not this case's memory.
     baseline_mb = allocated_mb(device)
     ctx = AttnContext(scaling=config.head_dim**-0.5)
@@ -307,6 +313,10 @@ def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchCon
         state = state.to(device=device, dtype=torch.float32)
     attend = (functools.partial(dense_causal_attention, scaling=ctx.scaling) if variant is None
               else lambda q, k, v: variant.attend(q, k, v, ctx, state))
+    if compiled:
+        # Each case is a new function to dynamo; past its recompile limit it would silently run the rest eagerly.
+        torch._dynamo.reset()
+        attend = torch.compile(attend, backend=config.compile_backend)
     result, run, (q, k, _) = time_attention_case(
         attend, (config.batch, config.heads, n, config.head_dim), mode, device, dtype, config.seed, config.repeats,
         config.warmup, parameters=state.parameters() if state is not None else (),
