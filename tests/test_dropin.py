@@ -100,17 +100,24 @@ def test_packed_sequences_under_a_config_window_that_does_not_bind(arch, spec):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
-def test_hedgehog_packed_equals_each_sequence_alone_and_its_reference(arch, attend_matches_reference):
-    """Linear attention takes packed rows as documents (the model's mask says no more than them): each document
-    alone, and the efficient path equals the dense reference at every call."""
+@pytest.mark.parametrize("spec", ["hedgehog", "hybrid:w=3,sinks=2", "hybrid:w=2,sinks=1,wide_w=6,wide_layers=1"])
+def test_linear_variants_take_packed_rows_as_documents(arch, spec, attend_matches_reference):
+    """Hedgehog and the hybrid take packed rows as documents (the model's mask says no more than them): each
+    document alone, and the efficient path equals the dense reference at every call. The learned maps and balance
+    are moved off their start, so that the hybrid's far part weighs in (its delayed keys cross documents)."""
     model = build(arch)
     ids, position_ids, lengths = packed_inputs()
-    attnswap.swap(model, "hedgehog")
+    attnswap.swap(model, spec)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if ".attnswap." in name:
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=generator))
     check, calls = attend_matches_reference
     with observe_attention(model, check):
         packed = model(ids, position_ids=position_ids, use_cache=False).logits
     assert calls and all(ctx.documents is not None and ctx.documents.tolist() == [[0] * 7 + [1] * 5 + [2] * 6]
-                         and ctx.model_mask is None for ctx in calls)
+                         for ctx in calls)
     assert_each_document_alone(model, packed, ids, lengths)
 
 

@@ -177,7 +177,7 @@ def attention_context(module: nn.Module, variant: Variant, attention_mask, scali
                                 "mask (sliding window, 4-D mask); generate with the default cache instead")
         return cache_slots.context(ctx)
     if documents is not None:  # the model's mask said no more than the documents, which the variant applies itself
-        return AttnContext(scaling=scaling, layer_idx=ctx.layer_idx, documents=documents)
+        return dataclasses.replace(ctx, documents=documents)
     if ctx.model_mask is not None and not variant.honours_model_mask:
         traced = " (under torch.compile with use_cache=False, transformers assumes packed rows unless it gets one)"
         raise AttnswapError(f"variant {variant.spec!r} cannot apply this model's own mask (the config's sliding window, "

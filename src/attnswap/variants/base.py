@@ -38,7 +38,9 @@ class AttnContext:
 
     ``documents`` (B, T), for a variant that honours packed documents but no other model mask: each slot's document
     index in its row, non-decreasing, queries and keys the same T slots; a token attends within its own document
-    only. It stands in for a model mask found to say exactly that (surgery.packed_documents).
+    only. It is set beside a model mask found to say exactly that (surgery.packed_documents), whose positions
+    (``q_positions``, ``kv_positions``: each token's position in its document) stay for an exact window part; the
+    keys are still in slot order.
     """
 
     scaling: float

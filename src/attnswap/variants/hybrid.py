@@ -96,6 +96,7 @@ class Hybrid(Variant):
     summary = ("exact softmax over the last w tokens (+ sinks), learned-feature-map linear attention over every "
                "earlier token, one shared normaliser, a learned per-head balance")
     honours_query_positions = True  # attend() hands queries placed by position (a StaticCache) to the reference
+    honours_packed_documents = True  # the window part applies the packed mask, the far part the documents
 
     def __init__(self, params: HybridParams | None = None):
         super().__init__(params)
@@ -136,7 +137,8 @@ class Hybrid(Variant):
         window_probs = window.probs(q, k, ctx, None)  # (B, H, T, S): softmax over W_i
         window_mask, q_pos, kv_pos = window.index_mask(q, k, ctx, None)
         in_window = materialize(window_mask, batch, 1, q_len, kv_len, q.device)
-        visible = materialize(to_index_mask(causal, q_pos, kv_pos, ctx.key_valid), batch, 1, q_len, kv_len, q.device)
+        visible = materialize(to_index_mask(causal, q_pos, kv_pos, ctx.key_valid, ctx.model_mask), batch, 1, q_len,
+                              kv_len, q.device)
         features = self.hedgehog.feature_map(q, k, ctx, state.feature_map)
         far = torch.matmul(features.q, features.k.transpose(-1, -2)) * (visible & ~in_window)  # (B, H, T, S)
         far = far * torch.exp(state.balance)[:, None, None] * in_window.any(dim=-1, keepdim=True)
@@ -144,20 +146,25 @@ class Hybrid(Variant):
 
     # --- the efficient path -----------------------------------------------------------------------
     def attend(self, q, k, v, ctx: AttnContext, state: HybridState) -> torch.Tensor:
-        if ctx.q_positions is not None or ctx.kv_positions is not None:
+        if ctx.documents is None and (ctx.q_positions is not None or ctx.kv_positions is not None):
             # Key slots out of position order cannot be delayed by a shift; only the reference reads positions.
             return super().attend(q, k, v, ctx, state)
         window = self.window_for(ctx.layer_idx)
         out_window, lse_window = window.attend(q, k, v, ctx, None, return_lse=True)
         phi_q, phi_k = self.far_features(q, k, ctx, state, self.far_keys(ctx, k.shape[0], k.shape[-2], k.device))
         delayed_k, delayed_v = (F.pad(x, (0, 0, window.params.w, 0))[..., : k.shape[-2], :] for x in (phi_k, v))
+        if ctx.documents is not None:
+            # A key delayed past the end of its document would reach the next one's queries: none of its own queries
+            # sits that far on. Inside its document, the documents' log-scale keeps it from every later document.
+            delayed_from = F.pad(ctx.documents, (window.params.w, 0), value=-1)[:, : k.shape[-2]]
+            delayed_k = delayed_k * (delayed_from == ctx.documents)[:, None, :, None]
         out_far, normaliser = causal_linear_attention(phi_q, delayed_k, delayed_v, chunk=self.params.chunk,
-                                                      return_normaliser=True)
+                                                      return_normaliser=True, documents=ctx.documents)
         return self.merge(out_window, lse_window, out_far, normaliser, state).to(q.dtype)
 
     def far_keys(self, ctx: AttnContext, batch: int, kv_len: int, device) -> torch.Tensor:
-        """(B, S) bool: which keys in position order 0..S-1 may enter a far part: real, and not a sink."""
-        positions = torch.arange(kv_len, device=device)
+        """(B, S) bool: which keys may enter a far part: real, and not a sink (of their document, in packed rows)."""
+        positions = torch.arange(kv_len, device=device) if ctx.documents is None else ctx.kv_positions
         offset = positions - ctx.first_real_token(batch, device)[:, None]  # (B, S)
         keep = offset >= self.params.sinks
         return keep if ctx.key_valid is None else keep & ctx.key_valid

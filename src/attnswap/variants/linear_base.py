@@ -61,8 +61,8 @@ class LinearVariant(Variant):
         return weights / torch.where(total == 0, 1.0, total)
 
     def attend(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
-        if ctx.q_positions is not None or ctx.kv_positions is not None:
-            # A rolling cache reorders key slots; the chunked kernel needs keys in position order.
+        if ctx.documents is None and (ctx.q_positions is not None or ctx.kv_positions is not None):
+            # A rolling cache reorders key slots; the chunked kernel needs keys in slot order (packed rows keep it).
             return super().attend(q, k, v, ctx, state)
         features = self.features(q, k, ctx, state)
         return causal_linear_attention(features.q, features.k, v, chunk=self.params.chunk,
