@@ -241,9 +241,9 @@ def bench_kernel(config: KernelBenchConfig) -> Path:
     log.info("bench-kernel config: %s", json.dumps(config_to_dict(config)))
     variants, skipped = available_variants(config.variants)
     env = environment(device)
+    ways = [("", False), ("_compiled", True)] if config.compiled_variants else [("", False)]
     contenders: list[tuple[str, Variant | None, bool]] = [(DENSE, None, False)] + [
-        (v.label + suffix, v, compiled) for v in variants
-        for suffix, compiled in (("", False), ("_compiled", True))[: 2 if config.compiled_variants else 1]]
+        (v.label + suffix, v, compiled) for v in variants for suffix, compiled in ways]
     cases = [(mode, n, c) for mode in config.modes for n in config.lengths for c in contenders]
     out_of_memory_at: dict[tuple[str, str], int] = {}
     rows = []

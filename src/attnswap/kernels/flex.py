@@ -61,7 +61,7 @@ def masked_attention(
     ``return_lse`` also returns each row's log-sum-exp of its allowed (biased) scaled scores, (B, H, T) fp32,
     -inf for a row with no allowed key: what merges this attention with one over other keys (kernels/merge.py).
     """
-    batch, heads, q_len, head_dim = q.shape
+    batch, heads, q_len, _ = q.shape
     # Inductor (torch 2.11, H100) fails to lower the backward of the mixture's score_mod ("Buffers cannot be
     # created while lowering a pointwise subgraph"), so a learnable bias trains through the materialising path;
     # inference with a bias (a hardened mixture) still runs fused.

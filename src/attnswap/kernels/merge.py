@@ -40,4 +40,3 @@ def safe_log(x: torch.Tensor) -> torch.Tensor:
     """log x for x >= 0, -inf at 0 without an infinite gradient there (a normaliser of a part with no keys)."""
     positive = x > 0
     return torch.where(positive, torch.log(torch.where(positive, x, 1.0)), float("-inf"))
-

@@ -65,6 +65,12 @@ class AttnContext:
         return (kv_len - q_len if self.q_positions is None else self.q_positions,
                 0 if self.kv_positions is None else self.kv_positions)
 
+    @property
+    def slots_out_of_order(self) -> bool:
+        """Whether positions place queries or keys other than in slot order (a StaticCache, a rolling cache); packed
+        documents' positions restart per document, but their slots stay in order."""
+        return self.documents is None and (self.q_positions is not None or self.kv_positions is not None)
+
     def first_real_token(self, batch: int, device: torch.device) -> torch.Tensor:
         """(B,) absolute position of each row's first non-padding token (0 without padding)."""
         if self.first_real is not None:

@@ -146,7 +146,7 @@ class Hybrid(Variant):
 
     # --- the efficient path -----------------------------------------------------------------------
     def attend(self, q, k, v, ctx: AttnContext, state: HybridState) -> torch.Tensor:
-        if ctx.documents is None and (ctx.q_positions is not None or ctx.kv_positions is not None):
+        if ctx.slots_out_of_order:
             # Key slots out of position order cannot be delayed by a shift; only the reference reads positions.
             return super().attend(q, k, v, ctx, state)
         window = self.window_for(ctx.layer_idx)

@@ -48,10 +48,8 @@ class LinearVariant(Variant):
         """The implied attention matrix (B, H, T, S) fp32: causal, padded keys excluded, rows summing to 1 (or 0)."""
         features = self.features(q, k, ctx, state)
         q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
-        index_mask = to_index_mask(causal, q_pos, kv_pos, ctx.key_valid)
+        index_mask = to_index_mask(causal, q_pos, kv_pos, ctx.key_valid, ctx.model_mask)  # packed documents' mask
         allowed = materialize(index_mask, q.shape[0], 1, q.shape[-2], k.shape[-2], q.device)
-        if ctx.documents is not None:
-            allowed = allowed & (ctx.documents[:, None, :, None] == ctx.documents[:, None, None, :])
         weights = torch.matmul(features.q, features.k.transpose(-1, -2)) * allowed  # (B, H, T, S)
         if features.key_log_scale is not None:  # key j counts exp(s_j - s_i) for query i (slot i + S - T)
             s = features.key_log_scale.float()
@@ -61,8 +59,7 @@ class LinearVariant(Variant):
         return weights / torch.where(total == 0, 1.0, total)
 
     def attend(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
-        if ctx.documents is None and (ctx.q_positions is not None or ctx.kv_positions is not None):
-            # A rolling cache reorders key slots; the chunked kernel needs keys in slot order (packed rows keep it).
+        if ctx.slots_out_of_order:  # the chunked kernel needs keys in slot order
             return super().attend(q, k, v, ctx, state)
         features = self.features(q, k, ctx, state)
         return causal_linear_attention(features.q, features.k, v, chunk=self.params.chunk,
