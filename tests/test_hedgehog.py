@@ -142,12 +142,13 @@ def test_the_spec_sets_the_floor():
 
 @pytest.mark.slow
 def test_the_compiled_feature_map_equals_the_eager_one_with_gradients():
-    """What CUDA runs (one compiled function), here compiled for the CPU: the same features and gradients."""
+    """What CUDA runs (one compiled function, in fla's layout), here compiled for the CPU: the same features and
+    gradients."""
     state = _perturbed_state(Hedgehog(), heads=3, head_dim=8)
     x = torch.randn(2, 3, 37, 8, dtype=torch.bfloat16, requires_grad=True)
     weights = torch.randn(2, 3, 37, 16)
     results = []
-    for features in (hedgehog.softmax_features, hedgehog.compiled_softmax_features()):
+    for features in (hedgehog.softmax_features, torch.compile(hedgehog.softmax_features_in_fla_layout)):
         phi = features(x, state.weight[state.KEYS], state.bias[state.KEYS], 0.5, 1e-4)
         results.append((phi, *torch.autograd.grad((phi * weights).sum(), (x, state.weight, state.bias))))
     for name, eager, compiled in zip(("phi", "dx", "dW", "db"), *results):

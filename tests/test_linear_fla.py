@@ -49,7 +49,7 @@ def naive_simple_gla(q, k, v, g=None, scale=1.0):
     if g is not None:
         cum = (g.float() / math.log(2)).transpose(1, 2).cumsum(dim=-1)  # (B, H, T)
         weights = weights * torch.exp2((cum[..., :, None] - cum[..., None, :]).masked_fill(future, float("-inf")))
-    return torch.einsum("bhij,bjhv->bihv", weights.masked_fill(future, 0.0), v), None
+    return torch.einsum("bhij,bjhv->bihv", weights.masked_fill(future, 0.0), v).contiguous(), None  # as fla allocates
 
 
 def fake_fla(gated_backward_sound=True, calls=None):
@@ -71,7 +71,7 @@ def test_fla_gate_and_layout_match_the_pytorch_scan(scaled):
     c = torch.randn(2, 3, 37, 5, generator=g, requires_grad=True)
     log_scale = climbing_log_scale(2, 3, 37, g, floor_until=4) if scaled else None
     grad_out = torch.randn(2, 3, 37, 5, generator=g)
-    got = _fla_causal_product(fake_fla(), a, b, c, log_scale)
+    got = _fla_causal_product(fake_fla(), a, b, c.transpose(1, 2), log_scale).transpose(1, 2)
     want = _CausalProduct.apply(a, b, c, 8, 16, log_scale)
     assert_close_to_scale(got, want, 1e-5, "out")
     for name, gr, ex in zip(("da", "db", "dc"), torch.autograd.grad(got, (a, b, c), grad_out),
@@ -81,10 +81,12 @@ def test_fla_gate_and_layout_match_the_pytorch_scan(scaled):
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "key_log_scale"])
-@pytest.mark.parametrize("prefix", [0, 7], ids=["own_keys", "after_a_prefix"])
-def test_the_whole_fla_route_matches_the_pytorch_scan(scaled, prefix, monkeypatch):
+@pytest.mark.parametrize("prefix, return_normaliser", [(0, True), (7, True), (0, False)],
+                         ids=["own_keys", "after_a_prefix", "own_keys_in_fla_layout"])
+def test_the_whole_fla_route_matches_the_pytorch_scan(scaled, prefix, return_normaliser, monkeypatch):
     """causal_linear_attention as it runs with fla (fla's layout and gate around it): outputs, normalisers and
-    gradients equal the PyTorch scan's, after a prefix of cached keys too."""
+    gradients equal the PyTorch scan's, after a prefix of cached keys too; without a normaliser asked for, training's
+    route, which stays in fla's layout throughout."""
     g = torch.Generator().manual_seed(2)
     phi_q = torch.rand(2, 3, 30, 6, generator=g, requires_grad=True)
     phi_k = torch.rand(2, 3, 30 + prefix, 6, generator=g, requires_grad=True)
@@ -92,10 +94,15 @@ def test_the_whole_fla_route_matches_the_pytorch_scan(scaled, prefix, monkeypatc
     log_scale = climbing_log_scale(2, 3, 30 + prefix, g) if scaled else None
     calls = []
     monkeypatch.setattr(linear, "_fla_serving", lambda phi_q, v: fake_fla(calls=calls))
-    got = causal_linear_attention(phi_q, phi_k, v, chunk=8, key_log_scale=log_scale, return_normaliser=True)
+    got = causal_linear_attention(phi_q, phi_k, v, chunk=8, key_log_scale=log_scale,
+                                  return_normaliser=return_normaliser)
     assert calls == ["chunk"]
     monkeypatch.setattr(linear, "_fla_serving", lambda phi_q, v: None)
-    want = causal_linear_attention(phi_q, phi_k, v, chunk=8, key_log_scale=log_scale, return_normaliser=True)
+    want = causal_linear_attention(phi_q, phi_k, v, chunk=8, key_log_scale=log_scale,
+                                   return_normaliser=return_normaliser)
+    if not return_normaliser:  # stand-ins with no gradient of their own, for the loss below
+        assert got.shape == want.shape and got.transpose(1, 2).is_contiguous(), "out is a view of fla's layout"
+        got, want = (got, got.new_zeros(got.shape[:-1])), (want, want.new_zeros(want.shape[:-1]))
     weights = torch.randn(want[0].shape, generator=g)
     for name, x, y in zip(("out", "normaliser"), got, want):
         assert_close_to_scale(x, y, 1e-5, name)
@@ -111,6 +118,7 @@ def test_the_whole_fla_route_matches_the_pytorch_scan(scaled, prefix, monkeypatc
 def test_gated_product_avoids_an_unsound_chunked_backward(sound, grad, expected):
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.rand(1, 2, 9, 4, generator=g, requires_grad=grad) for _ in range(3))
+    c = c.transpose(1, 2)  # values come in fla's layout
     calls = []
     _fla_causal_product(fake_fla(sound, calls), a, b, c, climbing_log_scale(1, 2, 9, g))
     assert calls == [expected]

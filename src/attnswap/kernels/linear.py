@@ -33,6 +33,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from attnswap.kernels.fusion import fused
+
 log = logging.getLogger(__name__)
 
 # Floats of scan work space per (batch, head) and segment. Each chunk of a segment holds its own state
@@ -91,16 +93,20 @@ def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, ret
     if segment is None:
         segment = _segment_length(chunk, phi_q.shape[-1], v.shape[-1] + 1)
     assert segment >= chunk and segment % chunk == 0, f"segment must be a multiple of chunk={chunk}, got {segment}"
-    phi_q, phi_k, v32 = phi_q.float(), phi_k.float(), v.float()
+    phi_q, phi_k = phi_q.float(), phi_k.float()
     prefix = kv_len - q_len  # keys every query sees: folded into one state up front
     log_scale = None if key_log_scale is None else key_log_scale.detach().float()
     keys, own_scale = phi_k[..., prefix:, :], None if log_scale is None else log_scale[..., prefix:]
-    v_ones = torch.cat([v32[..., prefix:, :], v32.new_ones(*v32.shape[:-2], q_len, 1)], dim=-1)  # (B, H, T, D+1)
     # With fla, the ones column costs a second, all but empty tile of values (fla tiles them by 32 or 64). A running
     # sum of the keys' features as the normaliser instead cost more than that tile: the compiler's cumsum took 2.4 ms
     # forward and 2.2 ms backward at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session7).
-    if use_fla and (fla := _fla_serving(phi_q, v)) is not None:
-        num_den = _fla_causal_product(fla, phi_q, keys, v_ones, own_scale)  # (B, H, T, D+1)
+    fla = _fla_serving(phi_q, v) if use_fla else None
+    if fla is not None and not prefix and not return_normaliser:  # training and prefill: all in fla's layout
+        values = fused(_values_with_ones, v)(v.transpose(1, 2))  # (B, T, H, D+1)
+        return fused(_normalised, v)(_fla_causal_product(fla, phi_q, keys, values, own_scale), v.dtype).transpose(1, 2)
+    v_ones = _values_with_ones(v[..., prefix:, :])  # (B, H, T, D+1)
+    if fla is not None:
+        num_den = _fla_causal_product(fla, phi_q, keys, v_ones.transpose(1, 2), own_scale).transpose(1, 2)
     else:
         num_den = _CausalProduct.apply(phi_q, keys, v_ones, chunk, segment, own_scale)
     num, den = num_den[..., :-1], num_den[..., -1:]
@@ -110,7 +116,7 @@ def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, ret
             last = log_scale[..., prefix - 1 : prefix]
             prefix_k = prefix_k * torch.exp(log_scale[..., :prefix] - last).unsqueeze(-1)
             q_factor = torch.exp(last - log_scale[..., prefix:]).unsqueeze(-1)
-        kv, z = linear_attention_state(prefix_k, v32[..., :prefix, :])
+        kv, z = linear_attention_state(prefix_k, v[..., :prefix, :])
         num = num + torch.matmul(phi_q, kv) * q_factor
         den = den + torch.matmul(phi_q, z.unsqueeze(-1)) * q_factor
     out = _normalise(num, den).to(v.dtype)
@@ -134,6 +140,17 @@ def linear_attention_step(phi_q: torch.Tensor, kv: torch.Tensor, z: torch.Tensor
     den = torch.matmul(phi_q, z.unsqueeze(-1))
     out = _normalise(torch.matmul(phi_q, kv), den)
     return (out, den[..., 0]) if return_normaliser else out
+
+
+def _values_with_ones(v: torch.Tensor) -> torch.Tensor:
+    """v (…, D) -> [v, 1] (…, D+1) fp32, contiguous: the ones column carries the normaliser through the scan."""
+    v = v.float()
+    return torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
+
+
+def _normalised(num_den: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[num, den] (..., D+1) fp32 -> num / den (..., D) in ``dtype``, 0 where den is 0."""
+    return _normalise(num_den[..., :-1], num_den[..., -1:]).to(dtype)
 
 
 def _normalise(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -276,7 +293,8 @@ def _import_fla() -> SimpleNamespace | None:
 
 def _fla_causal_product(fla: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
                         log_scale: torch.Tensor | None) -> torch.Tensor:
-    """``_CausalProduct`` on fla: a, b (B, H, T, M), c (B, H, T, E) fp32, log_scale (B, H, T) or None -> (B, H, T, E).
+    """``_CausalProduct`` on fla, in its layout: a, b (B, H, T, M), c (B, T, H, E) fp32, log_scale (B, H, T) or None
+    -> (B, T, H, E). a and b are taken as (B, T, H, M) views: stored that way (Hedgehog's map), they need no copy.
 
     fla's simple GLA carries its state as h_t = exp(g_t)·h_{t-1} + b_t c_t^T, so query i weighs key j by
     exp(g_{j+1} + … + g_i): with g_t = s_{t-1} - s_t that is the scan's exp(s_j - s_i) (g_0 would scale an
@@ -291,5 +309,5 @@ def _fla_causal_product(fla: SimpleNamespace, a: torch.Tensor, b: torch.Tensor, 
         wants_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (a, b, c))
         if wants_grad and not fla.gated_backward_sound:
             op = fla.fused_chunk
-    out, _ = op(*(x.transpose(1, 2) for x in (a, b, c)), g=log_gate, scale=1.0)  # fla's layout is (B, T, H, ·)
-    return out.transpose(1, 2)
+    out, _ = op(a.transpose(1, 2), b.transpose(1, 2), c, g=log_gate, scale=1.0)
+    return out

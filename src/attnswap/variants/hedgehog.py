@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from attnswap.kernels.fusion import fused
 from attnswap.kernels.pieces import matmul_by_pieces
 from attnswap.variants.base import OPTIONAL, AttnContext, check
 from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pattern
@@ -58,9 +58,9 @@ class HedgehogMap(nn.Module):
         """phi(scale·x): x (B, H, N, D) -> (B, H, N, 2f) fp32, computed in fp32 even under autocast (see
         ``softmax_features``). On CUDA the map is one compiled function: eager, its half-dozen elementwise passes
         over (B, H, N, 2f) fp32 tensors, forward and backward, rival the linear-attention kernel itself at long n."""
-        features = softmax_features
-        if x.is_cuda and not torch.compiler.is_compiling():
-            features = compiled_softmax_features()
+        # On CUDA, the features are stored in fla-core's layout (B, N, H, 2f), so that its kernels take them, and hand
+        # back their gradients, without a copy each way (kernels/linear.py).
+        features = fused(softmax_features_in_fla_layout, x) if x.is_cuda else softmax_features
         with torch.autocast(x.device.type, enabled=False):
             return features(x, self.weight[side], self.bias[side], scale, self.floor)
 
@@ -75,14 +75,8 @@ def softmax_features(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 
 def softmax_features_in_fla_layout(*args) -> torch.Tensor:
-    """``softmax_features``, the same (B, H, N, 2f) tensor stored as (B, N, H, 2f): fla-core's layout, so that its
-    kernels take the features, and hand back their gradients, without a copy each way (kernels/linear.py)."""
+    """``softmax_features``, the same (B, H, N, 2f) tensor stored as (B, N, H, 2f)."""
     return softmax_features(*args).transpose(1, 2).contiguous().transpose(1, 2)
-
-
-@functools.cache
-def compiled_softmax_features():
-    return torch.compile(softmax_features_in_fla_layout)
 
 
 def floor_label(floor: float) -> str:
