@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from attnswap.bench import BenchConfig, bench, fit_exponent, llama_surrogate
-from attnswap.bench_kernel import DENSE, KernelBenchConfig, allowed_fractions, bench_kernel
+from attnswap.bench_kernel import DENSE, KernelBenchConfig, allowed_fractions, bench_kernel, counted_flops
 from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, to_index_mask
 from tests.conftest import tiny_gpt2
@@ -180,3 +180,17 @@ def test_llama_surrogate_matches_the_model_size():
     assert mlp(surrogate) == pytest.approx(mlp(model), rel=0.02), "the same MLP weight count"
     with torch.no_grad():
         assert surrogate(torch.randint(0, 97, (1, 50))).logits.shape == (1, 50, 97)
+
+
+def test_counting_flops_leaves_a_compiled_function_compiled():
+    """Called once under FlopCounterMode, a compiled function ran eagerly from then on: every later case's timing and
+    profile would have measured the eager function."""
+    from torch.profiler import ProfilerActivity, profile
+
+    compiled = torch.compile(lambda x: torch.softmax(x @ x.transpose(-1, -2), dim=-1), backend="eager")
+    x = torch.randn(2, 8, 4)
+    compiled(x)
+    assert counted_flops(lambda _: compiled(x)) == 2 * 2 * 8 * 8 * 4
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        compiled(x)
+    assert any(event.name.startswith("Torch-Compiled Region") for event in profiler.events()), "ran eagerly"

@@ -324,9 +324,9 @@ def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchCon
         attend, (config.batch, config.heads, n, config.head_dim), mode, device, dtype, config.seed, config.repeats,
         config.warmup, parameters=state.parameters() if state is not None else (),
         cuda_graphs=config.cuda_graphs and not compiled, baseline_mb=baseline_mb)
-    flops, flops_source, density = case_flops(variant, q, k, ctx, state, config.block, mode == "forward+backward", run)
     if config.profile_kernels:
         result["kernels"], result["kernels_total_us"] = top_kernels(run, device, config.profile_kernels)
+    flops, flops_source, density = case_flops(variant, q, k, ctx, state, config.block, mode == "forward+backward", run)
     return {**result, "flops": flops, "flops_source": flops_source, "mask_density": density,
             "tflops_per_s": flops / result["median_s"] / 1e12 if flops else None}
 
@@ -451,12 +451,24 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
         # the failed trace left dynamo refusing every later flex call in the process ("Attempted to call function
         # marked as skipped": NSA, then every window case after it, H200, session 7). The timing stands alone.
         return None, "not counted", None
+    with pytorch_scan():
+        total = counted_flops(run)
+    return (float(total) if total else None), "counted (FlopCounterMode)", None
+
+
+def counted_flops(run: Callable[[Any], None]) -> int:
+    """The FLOPs ``FlopCounterMode`` sees in one ``run``, leaving compiled functions compiled.
+
+    A function compiled with ``torch.compile`` and called under the counter runs eagerly from then on, silently
+    (Hedgehog's compiled feature map, counted at 16k, ran eagerly at 64k: H200, benchmarks/results/
+    bench_kernel_64k_h200/session8); dynamo forgets that once reset, and compiles it again on the next call.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, pytorch_scan():
+    with FlopCounterMode(display=False) as counter:
         run(None)
-    total = counter.get_total_flops()
-    return (float(total) if total else None), "counted (FlopCounterMode)", None
+    torch._dynamo.reset()
+    return counter.get_total_flops()
 
 
 def allowed_fractions(index_mask, batch: int, heads: int, q_len: int, kv_len: int, block: int,
