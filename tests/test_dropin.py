@@ -12,7 +12,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 import attnswap
 from attnswap.errors import AttnswapError
-from attnswap.surgery import observe_attention
+from attnswap.surgery import ModelMask, observe_attention, whole_rows_mask
 
 TOL = 1e-5  # fp32
 VOCAB = 64
@@ -273,6 +273,24 @@ def test_compiled_fullgraph_forward_equals_eager(spec):
     eager = model(ids, attention_mask=mask).logits
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, eager, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_whole_rows_mask_equals_no_mask_eager_and_compiled(arch):
+    """distill hands the model a prepared mask saying its rows are whole: the same logits as no mask and as a mask of
+    ones, compiled with fullgraph too; refused (None) where the config's sliding window binds within the rows."""
+    model = build(arch, sliding_window=8)
+    attnswap.swap(model, WINDOW)
+    ids = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    mask = whole_rows_mask(model.config, ids)
+    assert isinstance(mask, ModelMask) and mask.function is None and mask.padding is None
+    windowed = arch in ("mistral", "qwen2")
+    assert (whole_rows_mask(model.config, torch.cat([ids, ids], dim=1)) is None) == windowed
+    want = model(ids).logits
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, atol=TOL, rtol=TOL)
+    torch.testing.assert_close(model(ids, attention_mask=torch.ones_like(ids)).logits, want, atol=TOL, rtol=TOL)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, want, atol=TOL, rtol=TOL)
 
 
 def test_mixture_refuses_packed_sequences():

@@ -138,6 +138,22 @@ def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: "int | 
                      shape=(batch_size, 1, q_length, kv_length))
 
 
+def whole_rows_mask(config, ids: torch.Tensor) -> ModelMask | None:
+    """A prepared mask for ``ids`` (B, T) whose rows are each one whole sequence without padding, as transformers
+    would compose it for them: plain causal attention. None where the config's own mask says more within T tokens
+    (a sliding window that binds, chunked attention), which transformers must compose itself.
+
+    Handed to the model as its ``attention_mask``, it spares transformers its search for packed rows in
+    ``position_ids``: eager that search is a host sync per forward, and traced it cannot rule them out, so it composes
+    a packing mask that every masked variant must then apply, and rebuild a block mask for, at every call.
+    """
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "attention_chunk_size", None) is not None or (window is not None and window < ids.shape[1]):
+        return None
+    batch, length = ids.shape
+    return ModelMask(padding=None, function=None, q_offset=0, kv_offset=0, shape=(batch, 1, length, length))
+
+
 def attention_context(module: nn.Module, variant: Variant, attention_mask, scaling: float, query: torch.Tensor,
                       key: torch.Tensor, position_ids: torch.Tensor | None = None, cache_slots=None) -> AttnContext:
     """The AttnContext of one attention call: transformers' mask (a ``ModelMask``, a caller's 4-D mask, a 2-D
