@@ -94,8 +94,9 @@ class DistillConfig:
     kl_chunk: int = DEFAULT_CHUNK  # positions whose logits exist at once in the KL (see attnswap.losses)
     # torch.compile the model for the KL passes (teacher and student: two graphs), to cut the host work per step, which
     # bounds a fused-KL step on the H200 (82-83 ms at batch 8 and 32, benchmarks/results/distill_speed_h200). Equal
-    # losses on the CPU (tests/test_recipe.py); 982 k tokens/s against 400 k eager for the window at batch 32 (H200,
-    # distill_speed_h200/compiled), not measured with fla-core's kernels inside, so it is off by default.
+    # losses on the CPU (tests/test_recipe.py); 971 k tokens/s against 400 k eager for the window at batch 32, its loss
+    # curve within 2.3 % of the eager one (H200, distill_speed_h200/session8); not measured with fla-core's kernels
+    # inside, so it is off by default.
     compile: bool = False
     # variant (its own parameters only) | variant+mlp or variant+attn (also the MLPs or the attention projections
     # of the swapped layers; the default, as a window has no parameters) | variant+lora (LoRA on those projections)
