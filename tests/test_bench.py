@@ -11,6 +11,7 @@ import torch
 
 from attnswap.bench import BenchConfig, bench, fit_exponent, llama_surrogate
 from attnswap.bench_kernel import DENSE, KernelBenchConfig, allowed_fractions, bench_kernel, counted_flops
+from attnswap.config import load_config
 from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, to_index_mask
 from tests.conftest import tiny_gpt2
@@ -102,6 +103,15 @@ def test_bench_kernel_times_each_variant_compiled_beside_eager(tmp_path):
                                             "hedgehog_compiled"]
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     assert counters["stats"]["unique_graphs"] >= 1, "the last compiled case was traced (reset() clears the count)"
+
+
+def test_bench_kernel_compiles_only_the_variants_named(tmp_path):
+    config = load_config(KernelBenchConfig, None, {
+        "lengths": "64", "heads": 2, "head_dim": 8, "dtype": "float32", "device": "cpu", "repeats": 1, "warmup": 1,
+        "variants": "window:w=16;hedgehog", "modes": "forward", "compile_backend": "eager", "out": str(tmp_path),
+        "compiled_variants": "[hedgehog:feature_dim=0]"})
+    rows = [json.loads(line) for line in (bench_kernel(config) / "kernel_results.jsonl").read_text().splitlines()]
+    assert [r["variant"] for r in rows] == ["sdpa_flash", "window16", "hedgehog", "hedgehog_compiled"]
 
 
 def test_bench_kernel_profiles_where_each_case_spends_its_time(tmp_path):

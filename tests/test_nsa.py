@@ -13,7 +13,7 @@ from attnswap.kernels.dense import dense_probs
 from attnswap.kernels.nsa import block_importance, compressed_attention, nsa_branches, select_blocks
 from attnswap.surgery import attention_modules, variant_state_dict
 from attnswap.variants import AttnContext, register
-from attnswap.variants.nsa import INITIAL_GATES, NSA, NSAParams
+from attnswap.variants.nsa import INITIAL_GATES, NSA, NSAParams, gated_sum
 from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2
 
 GRAD_TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
@@ -261,3 +261,21 @@ def test_compressed_branch_in_query_chunks_equals_one_pass(q_len, kv_len):
     torch.testing.assert_close(chunked_importance, whole_importance, rtol=0, atol=1e-6)
     for a, b in zip(grads_chunked, grads_whole):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_compiled_gated_sum_equals_the_eager_one_with_gradients():
+    """What CUDA runs (one compiled pass), here compiled for the CPU: the same mix and gradients, in bf16 branches."""
+    g = torch.Generator().manual_seed(0)
+    gates = torch.rand(2, 3, 37, 3, generator=g, requires_grad=True)
+    branches = [torch.randn(2, 3, 37, 8, generator=g).bfloat16().requires_grad_(True) for _ in range(3)]
+    weights = torch.randn(2, 3, 37, 8, generator=g)
+    results = []
+    for mix in (gated_sum, torch.compile(gated_sum)):
+        out = mix(gates, *branches)
+        results.append((out, *torch.autograd.grad((out.float() * weights).sum(), (gates, *branches))))
+    for name, eager, compiled in zip(("out", "dgates", "d0", "d1", "d2"), *results):
+        assert compiled.dtype == eager.dtype, name
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2, msg=name)
+    want = sum(gates[..., i, None].detach() * b.detach().float() for i, b in enumerate(branches))
+    torch.testing.assert_close(results[0][0].float(), want, rtol=1e-2, atol=1e-2)

@@ -73,9 +73,10 @@ class KernelBenchConfig:
     # > 0: profile one more call per case and keep its this many most expensive kernels (CUDA; operators on the CPU),
     # to see where a case's time goes (which kernel a mask slows down) beside its timing.
     profile_kernels: int = 0
-    # Also time each variant inside torch.compile, as a compiled model runs it (`distill --compile true`): the
+    # Also time variants inside torch.compile, as a compiled model runs them (`distill --compile true`): the
     # compiler may fuse the elementwise work around a variant's kernels. Rows labelled "<variant>_compiled".
-    compiled_variants: bool = False
+    # true: every variant; a list of specs: those (e.g. ["nsa:block=64,top_k=4,window=64"]).
+    compiled_variants: bool | list[str] = False
     compile_backend: str = "inductor"  # tests use "eager": the same tracing, no code generation
     seed: int = 0
     out: str = "runs/bench-kernel"
@@ -241,9 +242,11 @@ def bench_kernel(config: KernelBenchConfig) -> Path:
     log.info("bench-kernel config: %s", json.dumps(config_to_dict(config)))
     variants, skipped = available_variants(config.variants)
     env = environment(device)
-    ways = [("", False), ("_compiled", True)] if config.compiled_variants else [("", False)]
-    contenders: list[tuple[str, Variant | None, bool]] = [(DENSE, None, False)] + [
-        (v.label + suffix, v, compiled) for v in variants for suffix, compiled in ways]
+    contenders: list[tuple[str, Variant | None, bool]] = [(DENSE, None, False)]
+    for variant in variants:
+        contenders.append((variant.label, variant, False))
+        if compiled_too(config, variant):
+            contenders.append((variant.label + "_compiled", variant, True))
     cases = [(mode, n, c) for mode in config.modes for n in config.lengths for c in contenders]
     out_of_memory_at: dict[tuple[str, str], int] = {}
     rows = []
@@ -287,6 +290,14 @@ def kernel_plots(rows: list[dict], out: Path) -> list[Path]:
                                      ("peak_mem_mb", "peak memory (MiB)")],
                                     lambda r: (r["variant"], r["variant"], False)))
     return [p for p in plots if p is not None]
+
+
+def compiled_too(config: KernelBenchConfig, variant: Variant) -> bool:
+    """Whether ``config.compiled_variants`` asks for ``variant`` inside torch.compile too."""
+    wanted = config.compiled_variants
+    if isinstance(wanted, bool):
+        return wanted
+    return variant.spec in {get_variant(spec).spec for spec in wanted}
 
 
 def available_variants(specs: Sequence[str]) -> tuple[list[Variant], list[str]]:

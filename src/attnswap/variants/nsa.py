@@ -10,6 +10,7 @@ from torch import nn
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_probs
+from attnswap.kernels.fusion import fused
 from attnswap.kernels.nsa import (block_importance, flex_nsa_branches, flex_route, nsa_branches, num_blocks,
                                   select_blocks, selection_table)
 from attnswap.kernels.pieces import matmul_by_pieces
@@ -50,6 +51,17 @@ class NSAGates(nn.Module):
         # (benchmarks/results/bench_kernel_64k_h200/session7, call 2), so in pieces (kernels/pieces.py).
         logits = matmul_by_pieces(q.float(), self.weight) + self.bias[:, None, :]
         return torch.sigmoid(logits)
+
+
+def gated_sum(gates: torch.Tensor, *branches: torch.Tensor) -> torch.Tensor:
+    """sum_i gates[..., i] · branch_i in fp32, in the first branch's dtype: gates (B, H, T, 3), branches (B, H, T, D).
+
+    One compiled pass on CUDA (kernels/fusion.py): eager, each gate is a strided slice, and elementwise kernels over
+    strided operands run unvectorised, likely the 14 such kernels, 1.6 ms, of NSA's forward+backward at 64k (H200,
+    benchmarks/results/bench_kernel_64k_h200/session8, call 2; the fused sum is not measured yet).
+    """
+    total = sum(gates[..., i, None] * branch.float() for i, branch in enumerate(branches))
+    return total.to(branches[0].dtype)
 
 
 class NSA(Variant):
@@ -131,8 +143,7 @@ class NSA(Variant):
             branches = (o_cmp, o_sel, self._window.attend(q, k, v, ctx, None))
         else:
             branches = nsa_branches(q, k, v, ctx.scaling, p.block, p.top_k, p.window, ctx.key_valid, first_real)
-        gates = self.gates(q, state)[..., None]  # (B, H, T, 3, 1)
-        return sum(gates[..., i, :] * out.float() for i, out in enumerate(branches)).to(q.dtype)
+        return fused(gated_sum, q)(self.gates(q, state), *branches).to(q.dtype)
 
 
     @functools.cached_property
