@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_probs
-from attnswap.kernels.nsa import block_importance, compressed_attention, nsa_branches, select_blocks
+from attnswap.kernels.nsa import block_importance, compressed_attention, nsa_branches, pool_blocks, select_blocks
 from attnswap.surgery import attention_modules, variant_state_dict
 from attnswap.variants import AttnContext, register
 from attnswap.variants.nsa import INITIAL_GATES, NSA, NSAParams, gated_sum
@@ -279,3 +279,21 @@ def test_the_compiled_gated_sum_equals_the_eager_one_with_gradients():
         torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2, msg=name)
     want = sum(gates[..., i, None].detach() * b.detach().float() for i, b in enumerate(branches))
     torch.testing.assert_close(results[0][0].float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_the_compiled_block_pooling_equals_the_eager_one_with_gradients(padded):
+    """What the flex route runs on CUDA (one compiled pass per tensor), here compiled for the CPU: the same pooled keys,
+    counts and gradient, for a length that is not whole blocks."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 37, 8, generator=g).bfloat16().requires_grad_(True)
+    key_valid = (torch.arange(37) >= torch.tensor([[0], [9]])) if padded else None
+    weights = torch.randn(2, 3, 5, 8, generator=g)
+    results = []
+    for pool in (pool_blocks, torch.compile(pool_blocks)):
+        pooled, counts = pool(x, key_valid, 8)
+        results.append((pooled, counts, *torch.autograd.grad((pooled * weights).sum(), x)))
+    for name, eager, compiled in zip(("pooled", "counts", "dx"), *results):
+        assert compiled.dtype == eager.dtype, name
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-5, atol=1e-5, msg=name)

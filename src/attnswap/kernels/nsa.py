@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, block_mask_for,
                                    flex_masked_attention, ordered_blocks)
+from attnswap.kernels.fusion import fused
 from attnswap.kernels.masks import MaskFn, device_constant
 
 PositionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -287,8 +288,9 @@ def flex_compressed_attention(q, k, v, scaling: float, block: int, key_valid: to
     q_offset = k.shape[-2] - q_len
     folds = -(-q_len // fold)
     rows = -(-q_len // folds)  # queries per fold; the last fold is padded with rows that are dropped
-    k_cmp, counts = pool_blocks(k, key_valid, block)  # (B, H, nKB, D) fp32, (B|1, nKB)
-    v_cmp, _ = pool_blocks(v, key_valid, block)
+    # One compiled pass each on CUDA (kernels/fusion.py): eager, the fp32 copy, padding, masking and sum were four.
+    k_cmp, counts = fused(pool_blocks, k)(k, key_valid, block)  # (B, H, nKB, D) fp32, (B|1, nKB)
+    v_cmp, _ = fused(pool_blocks, v)(v, key_valid, block)
     has_key = counts > 0
     mask = ended_blocks_mask(block, q_offset, rows, folds, None if key_valid is None else has_key, q.device)
     block_mask = block_mask_for(mask, batch * folds, heads, rows, k_cmp.shape[-2], q.device,
