@@ -293,6 +293,25 @@ def test_a_whole_rows_mask_equals_no_mask_eager_and_compiled(arch):
     torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, want, atol=TOL, rtol=TOL)
 
 
+@pytest.mark.parametrize("spec", ["full", WINDOW, "hedgehog", "hybrid:w=4,sinks=1"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_compiled_call_with_tokens_alone_equals_eager(arch, spec):
+    """model(ids, use_cache=False) under torch.compile(fullgraph=True): traced, transformers cannot rule out packed rows
+    and composes a packing mask, which Hedgehog and the hybrid refused; the swap now says the rows are whole."""
+    torch._dynamo.reset()  # each case compiles a new model through the same code objects: keep under the limit
+    model = build(arch)
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(6))
+    stock = model(ids, use_cache=False).logits
+    attnswap.swap(model, spec)
+    eager = model(ids, use_cache=False).logits
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(ids, use_cache=False).logits, eager, atol=TOL, rtol=TOL)
+    if spec == "full":
+        torch.testing.assert_close(eager, stock, atol=TOL, rtol=TOL)
+    attnswap.unswap(model)
+    assert not model.base_model._forward_pre_hooks, "unswap removes the hook"
+
+
 def test_mixture_refuses_packed_sequences():
     model = build("llama")
     attnswap.swap(model, "mixture:candidates=win4+sink2")

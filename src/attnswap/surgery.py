@@ -46,6 +46,7 @@ class SwapRecord:
     layers: list[int]
     original_impl: str
     requires_grad: dict[str, bool] = field(repr=False)
+    hook: "torch.utils.hooks.RemovableHandle | None" = field(default=None, repr=False)  # removed by unswap
 
 
 # --- the registered attention function ---------------------------------------------------------
@@ -139,19 +140,39 @@ def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: "int | 
 
 
 def whole_rows_mask(config, ids: torch.Tensor) -> ModelMask | None:
-    """A prepared mask for ``ids`` (B, T) whose rows are each one whole sequence without padding, as transformers
+    """A prepared mask for ``ids`` (B, T, …) whose rows are each one whole sequence without padding, as transformers
     would compose it for them: plain causal attention. None where the config's own mask says more within T tokens
     (a sliding window that binds, chunked attention), which transformers must compose itself.
 
     Handed to the model as its ``attention_mask``, it spares transformers its search for packed rows in
     ``position_ids``: eager that search is a host sync per forward, and traced it cannot rule them out, so it composes
-    a packing mask that every masked variant must then apply, and rebuild a block mask for, at every call.
+    a packing mask that only mask-honouring variants can apply (the others refuse it), and that every masked variant
+    must rebuild a block mask for at every call.
     """
+    batch, length = ids.shape[:2]
     window = getattr(config, "sliding_window", None)
-    if getattr(config, "attention_chunk_size", None) is not None or (window is not None and window < ids.shape[1]):
+    if getattr(config, "attention_chunk_size", None) is not None or (window is not None and window < length):
         return None
-    batch, length = ids.shape
     return ModelMask(padding=None, function=None, q_offset=0, kv_offset=0, shape=(batch, 1, length, length))
+
+
+# A forward given only these (others None) is of whole rows: no mask, no positions, no cache, no token types.
+_PLAIN_CALL_INPUTS = frozenset({"input_ids", "inputs_embeds", "use_cache", "output_attentions", "output_hidden_states",
+                                "return_dict"})
+
+
+def _whole_rows_unless_told_otherwise(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on a swapped model's base: a call with tokens alone (``_PLAIN_CALL_INPUTS``) gets
+    ``whole_rows_mask`` as its attention mask, which is what transformers would conclude eagerly. Without it a
+    compiled ``model(ids, use_cache=False)`` got a packing mask, which Hedgehog, Performer, NSA, the mixture and the
+    hybrid refused (tests/test_dropin.py)."""
+    given = {name for name, value in kwargs.items() if value is not None}
+    if len(args) > 1 or not given <= _PLAIN_CALL_INPUTS:
+        return None
+    tokens = args[0] if args else kwargs.get("input_ids")
+    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+    mask = None if tokens is None else whole_rows_mask(module.config, tokens)
+    return None if mask is None else (args, {**kwargs, "attention_mask": mask})
 
 
 def attention_context(module: nn.Module, variant: Variant, attention_mask, scaling: float, query: torch.Tensor,
@@ -333,6 +354,7 @@ def swap(model: nn.Module, variant: "str | Variant", layers: Sequence[int] | Non
     for name, param in model.named_parameters():
         param.requires_grad_(trainable == "all" or (trainable == "variant" and f".{STATE_ATTR}." in f".{name}"))
     model.set_attn_implementation(IMPL_NAME)
+    record.hook = model.base_model.register_forward_pre_hook(_whole_rows_unless_told_otherwise, with_kwargs=True)
     model.attnswap_record = record
     model.save_pretrained = functools.partial(save, model)  # so save_pretrained / push_to_hub keep the variant
     model.config.attnswap = {"variant": variant.spec, "layers": chosen, "original_attn_implementation": record.original_impl}
@@ -351,6 +373,7 @@ def unswap(model: nn.Module) -> nn.Module:
     for name, param in model.named_parameters():
         param.requires_grad_(record.requires_grad.get(name, param.requires_grad))
     model.set_attn_implementation(record.original_impl)
+    record.hook.remove()
     del model.attnswap_record
     del model.save_pretrained
     if hasattr(model.config, "attnswap"):

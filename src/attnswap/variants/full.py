@@ -43,9 +43,13 @@ class Full(MaskedVariant):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=given, scale=ctx.scaling)
         plain = (ctx.key_valid is None and ctx.model_mask is None and ctx.q_positions is None
                  and ctx.kv_positions is None)
-        if plain and q_len in (1, kv_len):
-            # SDPA's is_causal aligns the top-left corner, so it is only right when T == S (or T == 1).
-            return F.scaled_dot_product_attention(q, k, v, is_causal=q_len > 1, scale=ctx.scaling)
+        # SDPA's is_causal aligns the top-left corner, so it is only right when T == S; one query sees every key.
+        # Two branches rather than is_causal=q_len > 1: under torch.compile with dynamic shapes that is a symbolic
+        # bool, which SDPA refuses.
+        if plain and q_len == 1:
+            return F.scaled_dot_product_attention(q, k, v, scale=ctx.scaling)
+        if plain and q_len == kv_len:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=ctx.scaling)
         index_mask, _, _ = self.index_mask(q, k, ctx, state)
         allowed = materialize(index_mask, q.shape[0], 1, q_len, kv_len, q.device)
         return sdpa_masked(q, k, v, allowed, ctx.scaling)
