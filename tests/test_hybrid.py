@@ -17,7 +17,7 @@ from attnswap.kernels.masks import causal, to_index_mask
 from attnswap.kernels.merge import merge_attention
 from attnswap.surgery import attention_modules, observe_attention, swap
 from attnswap.variants import AttnContext, get_variant
-from attnswap.variants.hybrid import Hybrid, HybridParams, HybridState
+from attnswap.variants.hybrid import Hybrid, HybridParams, HybridState, delayed
 from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2, tiny_llama
 
 
@@ -340,3 +340,11 @@ def test_a_wide_layer_costs_its_own_window():
     assert narrow == pytest.approx(float(head_costs("hybrid:w=64,sinks=4", 1024, "flops").mean()))
     assert wide == pytest.approx(float(head_costs("hybrid:w=256,sinks=4", 1024, "flops").mean()))
     assert wide > narrow
+
+
+@pytest.mark.parametrize("length, slots", [(10, 3), (3, 5), (7, 7)])
+def test_delayed_keys_are_shifted_and_stored_in_fla_layout(length, slots):
+    x = torch.randn(2, 3, length, 4)
+    got = delayed(x, slots)
+    torch.testing.assert_close(got, torch.nn.functional.pad(x, (0, 0, slots, 0))[..., :length, :], rtol=0, atol=0)
+    assert got.transpose(1, 2).is_contiguous(), "fla takes (B, S, H, ·) without a copy"

@@ -101,9 +101,11 @@ def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, ret
     # sum of the keys' features as the normaliser instead cost more than that tile: the compiler's cumsum took 2.4 ms
     # forward and 2.2 ms backward at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session7).
     fla = _fla_serving(phi_q, v) if use_fla else None
-    if fla is not None and not prefix and not return_normaliser:  # training and prefill: all in fla's layout
+    if fla is not None and not prefix:  # training and prefill: all in fla's layout
         values = fused(_values_with_ones, v)(v.transpose(1, 2))  # (B, T, H, D+1)
-        return fused(_normalised, v)(_fla_causal_product(fla, phi_q, keys, values, own_scale), v.dtype).transpose(1, 2)
+        num_den = _fla_causal_product(fla, phi_q, keys, values, own_scale)
+        out = fused(_normalised, v)(num_den, v.dtype).transpose(1, 2)
+        return (out, num_den[..., -1].transpose(1, 2)) if return_normaliser else out
     v_ones = _values_with_ones(v[..., prefix:, :])  # (B, H, T, D+1)
     if fla is not None:
         num_den = _fla_causal_product(fla, phi_q, keys, v_ones.transpose(1, 2), own_scale).transpose(1, 2)

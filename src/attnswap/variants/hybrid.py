@@ -90,6 +90,14 @@ class HybridState(nn.Module):
         self.balance = nn.Parameter(torch.full((num_heads,), BALANCE_INIT))
 
 
+def delayed(x: torch.Tensor, slots: int) -> torch.Tensor:
+    """x (B, H, S, ·) with each slot holding the row ``slots`` slots before it (zeros in the first ``slots``), stored
+    as (B, S, H, ·): fla-core's layout, which its kernels then take without a copy (kernels/linear.py)."""
+    length = x.shape[-2]
+    kept = max(length - slots, 0)
+    return F.pad(x.transpose(1, 2)[:, :kept], (0, 0, 0, 0, length - kept, 0)).transpose(1, 2)
+
+
 class Hybrid(Variant):
     name = "hybrid"
     Params = HybridParams
@@ -152,7 +160,7 @@ class Hybrid(Variant):
         window = self.window_for(ctx.layer_idx)
         out_window, lse_window = window.attend(q, k, v, ctx, None, return_lse=True)
         phi_q, phi_k = self.far_features(q, k, ctx, state, self.far_keys(ctx, k.shape[0], k.shape[-2], k.device))
-        delayed_k, delayed_v = (F.pad(x, (0, 0, window.params.w, 0))[..., : k.shape[-2], :] for x in (phi_k, v))
+        delayed_k, delayed_v = (delayed(x, window.params.w) for x in (phi_k, v))
         if ctx.documents is not None:
             # A key delayed past the end of its document would reach the next one's queries: none of its own queries
             # sits that far on. Inside its document, the documents' log-scale keeps it from every later document.
