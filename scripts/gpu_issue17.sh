@@ -6,6 +6,9 @@
 #   3. scripts/distill_speed.py (whole / checkpointed / fused KL, compiled model) -> runs/distill_speed/
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
 # SPEED_ARGS replaces step 3's arguments (default --batch-sizes 8,32,64 --curve-steps 150), SPEED_TIMEOUT its 240 s.
+# STEPS may also name "probe": scripts/probe_flex_tiles.py (PROBE_ARGS, PROBE_TIMEOUT default 240 s) -> runs/flex_tiles/.
+# Environment passes through: TORCHINDUCTOR_MAX_AUTOTUNE=1 STEPS=bench BENCH_CONFIG=configs/experiments/
+# bench_kernel_flex_autotune.yaml times flex with inductor's tile autotuning.
 # STEPS (default "tests bench speed runs") picks the steps: all four take longer than one device call's 10 minutes,
 # so split them, e.g. STEPS="tests bench" then STEPS="speed runs".
 # fla-core travels as a wheel in .whl/ (here: `pip download --no-deps fla-core==0.6.0 -d .whl`, .whl/ ignored by git;
@@ -31,16 +34,19 @@ OUT=${OUT:-runs/out}; mkdir -p "$OUT" runs
 } | tee runs/gpu.txt
 want tests && timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -m cuda ${CUDA_TESTS:-tests/} 2>&1 | tee runs/cuda_tests.txt | tail -n 25
 if want bench; then
-timeout "${BENCH_TIMEOUT:-300}" python3 -m attnswap.cli bench-kernel --config "${BENCH_CONFIG:-configs/experiments/bench_kernel_64k.yaml}" --device cuda \
+bench_config=${BENCH_CONFIG:-configs/experiments/bench_kernel_64k.yaml}
+timeout "${BENCH_TIMEOUT:-300}" python3 -m attnswap.cli bench-kernel --config "$bench_config" --device cuda \
   > runs/log-bench_kernel_64k.txt 2>&1; echo "bench rc=$?"
-python3 - <<'PY'
-import json
-for line in open("runs/bench_kernel_64k/kernel_results.jsonl"):
+BENCH_OUT=$(awk '/^out:/ {print $2}' "$bench_config") python3 - <<'PY'
+import json, os
+for line in open(os.path.join(os.environ["BENCH_OUT"], "kernel_results.jsonl")):
     r = json.loads(line)
     if r["mode"] == "forward+backward" and r["status"] == "ok":
         print(f'{r["variant"]:28s} {r["length"]:6d} {1e3 * (r.get("graph_median_s") or r["median_s"]):8.2f} ms  x{r.get("graph_speedup") or r.get("speedup") or 0:.2f}')
 PY
 fi
+want probe && timeout "${PROBE_TIMEOUT:-240}" python3 scripts/probe_flex_tiles.py ${PROBE_ARGS:-} --out runs/flex_tiles 2>&1 \
+  | grep -v -i warn | tail -n 20
 want speed && timeout "${SPEED_TIMEOUT:-240}" python3 scripts/distill_speed.py ${SPEED_ARGS:---batch-sizes 8,32,64 --curve-steps 150} --out runs/distill_speed 2>&1 \
   | grep -v -i warn | tail -n 10
 want runs && for config in "$@"; do
