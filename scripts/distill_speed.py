@@ -8,8 +8,9 @@ The KL of a step (attnswap.losses) is taken three ways, chosen here by patching 
     fused         chunked_kl's fused path for a frozen head: gradient made in the forward, a compiled kernel per chunk;
     compiled      fused, with the model itself compiled for the teacher's and the student's passes (distill.compile).
 For each way and batch size: the median step time of ``--steps`` steps after 3 warm-up steps, tokens/s and the peak
-memory of those steps. Then ``--curve-steps`` steps of the same run (same seed, data, batch) with whole and fused: the
-two loss curves and validation KLs, to show the fused path trains the same. Bundled teacher, bf16 autocast, as
+memory of those steps. Then ``--curve-steps`` steps of the same run (same seed, data, batch) with whole and fused
+(or compiled): the two loss curves and validation KLs, to show the fused path trains the same; ``--noise-seeds``
+adds the whole-logits curve from other seeds, the run-to-run spread to judge that difference against. Bundled teacher, bf16 autocast, as
 `attnswap distill` runs it. Writes OUT/speed.json, OUT/speed.csv, OUT/curves.json and OUT/distill_speed.png.
 """
 
@@ -94,14 +95,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case, after 3 warm-up steps")
     parser.add_argument("--curve-steps", type=int, default=200)
     parser.add_argument("--curve-batch-size", type=int, default=16)
+    parser.add_argument("--noise-seeds", default="",
+                        help="also the whole-logits curve from these seeds (e.g. 1,2): its run-to-run spread, which "
+                             "the ways' difference is judged against")
     parser.add_argument("--out", default="runs/distill_speed")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def config(batch_size: int, steps: int) -> DistillConfig:
+    def config(batch_size: int, steps: int, seed: int = 0) -> DistillConfig:
         return DistillConfig(variant=args.variant, trainable=args.trainable, batch_size=batch_size,
-                             seq_len=args.seq_len, steps=steps, warmup_steps=20, lr=5e-4, out=str(out / "unused"))
+                             seq_len=args.seq_len, steps=steps, warmup_steps=20, lr=5e-4, seed=seed,
+                             out=str(out / "unused"))
 
     rows = []
     for way in args.ways.split(","):
@@ -126,11 +131,14 @@ def main() -> None:
             row["memory_vs_whole"] = row["peak_memory_mib"] / base["peak_memory_mib"]
 
     curves = {}
-    for way in ("whole", "compiled" if "compiled" in args.ways else "fused") if args.curve_steps else ():
-        loss, times, _, val_kl = run_steps(config(args.curve_batch_size, args.curve_steps), way, args.curve_steps, 0,
-                                           timed=False)
-        curves[way] = {"loss": loss, "val_kl": val_kl, "seconds": sum(times)}
-        print(way, "final loss", loss[-1], "val KL", val_kl, flush=True)
+    compared = ("whole", "compiled" if "compiled" in args.ways else "fused")
+    seeds = [int(s) for s in args.noise_seeds.split(",") if s.strip()]
+    runs = [(way, 0, way) for way in compared] + [("whole", seed, f"whole_seed{seed}") for seed in seeds]
+    for way, seed, name in runs if args.curve_steps else ():
+        loss, times, _, val_kl = run_steps(config(args.curve_batch_size, args.curve_steps, seed), way,
+                                           args.curve_steps, 0, timed=False)
+        curves[name] = {"loss": loss, "val_kl": val_kl, "seconds": sum(times), "seed": seed}
+        print(name, "final loss", loss[-1], "val KL", val_kl, flush=True)
 
     env = environment(torch.device("cuda"))
     summary = {"environment": env, "variant": args.variant, "trainable": args.trainable, "seq_len": args.seq_len,
@@ -146,7 +154,7 @@ def main() -> None:
     steps = list(range(1, args.curve_steps + 1))
     if curves:
         line_plot([Panel(f"distillation loss, batch {args.curve_batch_size} x {args.seq_len}",
-                         [Series(way, steps, curves[way]["loss"]) for way in curves], "step", "KL")],
+                         [Series(name, steps, curves[name]["loss"]) for name in curves], "step", "KL")],
                   out / "distill_speed.png")
 
 
