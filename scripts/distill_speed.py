@@ -10,8 +10,8 @@ The KL of a step (attnswap.losses) is taken three ways, chosen here by patching 
 For each way and batch size: the median step time of ``--steps`` steps after 3 warm-up steps, tokens/s and the peak
 memory of those steps. Then ``--curve-steps`` steps of the same run (same seed, data, batch) with whole and fused
 (or compiled): the two loss curves and validation KLs, to show the fused path trains the same; ``--noise-seeds``
-adds the whole-logits curve from other seeds, the run-to-run spread to judge that difference against. Bundled teacher, bf16 autocast, as
-`attnswap distill` runs it. Writes OUT/speed.json, OUT/speed.csv, OUT/curves.json and OUT/distill_speed.png.
+adds the whole-logits curve from other seeds, the run-to-run spread to judge that difference against. Bundled
+teacher, bf16 autocast, as `attnswap distill` runs it. Writes OUT/speed.json, OUT/speed.csv, OUT/curves.json and OUT/distill_speed.png.
 """
 
 from __future__ import annotations
