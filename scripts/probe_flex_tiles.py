@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from attnswap.variants import AttnContext, get_variant
 
 HEADS, HEAD_DIM = 12, 64
 # (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2): flex's kernels need BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0,
-# and every tile must divide the block mask's 128. None: flex's own choice (64, 128, 128, 64 on Hopper, head_dim 64).
+# and every tile must divide the block mask's. None: flex's own choice (64, 128, 128, 64 on Hopper, head_dim 64).
 TILES = {
     "default": None,
     "m64_n64": (64, 64, 64, 64),
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--lengths", default="16384,65536")
     parser.add_argument("--tiles", default=",".join(TILES), help=f"of {', '.join(TILES)}")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--mask-block", type=int, default=128,
+                        help="the block mask's tile; below 128 Hopper's default backward tile does not fit it, so run "
+                             "with TORCHINDUCTOR_MAX_AUTOTUNE=1, whose candidates include narrower tiles")
     parser.add_argument("--out", default="runs/flex_tiles")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -67,12 +71,13 @@ def main() -> None:
             reference = None
             for name in args.tiles.split(","):
                 options = kernel_options(TILES[name])
-                row = {"spec": spec, "length": n, "tiles": name, "kernel_options": options}
+                row = {"spec": spec, "length": n, "tiles": name, "kernel_options": options,
+                       "mask_block": args.mask_block, "max_autotune": os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE")}
                 try:
                     def attend(q, k, v):
                         index_mask, _, _ = variant.index_mask(q, k, ctx, None)
                         block_mask = block_mask_for(index_mask, 1, HEADS, n, n, device, cache_key=(spec,),
-                                                    per_batch=False, per_head=False)
+                                                    per_batch=False, per_head=False, block_size=args.mask_block)
                         return flex(q, k, v, block_mask=block_mask, scale=ctx.scaling, kernel_options=options)
 
                     result, _, (q, k, v) = time_attention_case(attend, shape, "forward+backward", device, dtype, 0,
