@@ -127,6 +127,31 @@ def test_gated_product_avoids_an_unsound_chunked_backward(sound, grad, expected)
     assert calls == ["chunk"], "without a gate the chunked op always serves"
 
 
+@pytest.mark.parametrize("return_normaliser", [False, True], ids=["output", "with_normaliser"])
+def test_features_and_values_stored_in_fla_layout_reach_fla_without_a_copy(return_normaliser, monkeypatch):
+    """Training's route: features stored as (B, T, H, M) (Hedgehog's map on CUDA) and values as the model's own
+    (B, T, H, D) reach fla contiguous, so its input guard copies nothing; the output and normaliser are views of its
+    output, in the model's (B, H, T, ·) shape."""
+    g = torch.Generator().manual_seed(3)
+    phi_q, phi_k = (torch.rand(2, 19, 3, 6, generator=g).transpose(1, 2) for _ in range(2))  # (B, H, T, M) views
+    v = torch.randn(2, 19, 3, 5, generator=g).transpose(1, 2)
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append([x.is_contiguous() for x in args[:3]])
+        return naive_simple_gla(*args, **kwargs)
+
+    monkeypatch.setattr(linear, "_fla_serving", lambda phi_q, v: SimpleNamespace(chunk=recording))
+    got = causal_linear_attention(phi_q, phi_k, v, return_normaliser=return_normaliser)
+    assert seen == [[True, True, True]], seen
+    out = got[0] if return_normaliser else got
+    assert out.shape == v.shape and out.transpose(1, 2).is_contiguous()
+    monkeypatch.setattr(linear, "_fla_serving", lambda phi_q, v: None)
+    want = causal_linear_attention(phi_q, phi_k, v, return_normaliser=return_normaliser)
+    for x, y in zip(got if return_normaliser else [got], want if return_normaliser else [want]):
+        assert_close_to_scale(x, y, 1e-5, "through fla's layout")
+
+
 def test_pytorch_scan_switches_fla_off_and_back():
     assert linear._fla_enabled
     with pytorch_scan():
