@@ -17,7 +17,7 @@ from attnswap.kernels.masks import causal, to_index_mask
 from attnswap.kernels.merge import merge_attention
 from attnswap.surgery import attention_modules, observe_attention, swap
 from attnswap.variants import AttnContext, get_variant
-from attnswap.variants.hybrid import Hybrid, HybridParams, HybridState, delayed
+from attnswap.variants.hybrid import Hybrid, HybridParams, HybridState, delayed, merged_parts
 from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2, tiny_llama
 
 
@@ -348,3 +348,29 @@ def test_delayed_keys_are_shifted_and_stored_in_fla_layout(length, slots):
     got = delayed(x, slots)
     torch.testing.assert_close(got, torch.nn.functional.pad(x, (0, 0, slots, 0))[..., :length, :], rtol=0, atol=0)
     assert got.transpose(1, 2).is_contiguous(), "fla takes (B, S, H, ·) without a copy"
+
+
+@pytest.mark.slow
+def test_the_compiled_merge_equals_the_eager_one_with_gradients():
+    """What CUDA runs (one compiled pass), here compiled for the CPU: the same merged output and gradients, with a
+    query that no part saw (lse -inf, normaliser 0) and one whose far part is empty."""
+    g = torch.Generator().manual_seed(2)
+    out_window = torch.randn(2, 3, 9, 4, generator=g).bfloat16().requires_grad_(True)
+    out_far = torch.randn(2, 3, 9, 4, generator=g).requires_grad_(True)
+    lse_window = torch.randn(2, 3, 9, generator=g)
+    lse_window[0, 0, 0] = float("-inf")
+    lse_window.requires_grad_(True)
+    normaliser = torch.rand(2, 3, 9, generator=g)
+    normaliser[0, 0, :2] = 0.0
+    normaliser.requires_grad_(True)
+    balance = torch.randn(3, generator=g).requires_grad_(True)
+    inputs = (out_window, lse_window, out_far, normaliser, balance)
+    weights = torch.randn(2, 3, 9, 4, generator=g)
+    results = []
+    for merge in (merged_parts, torch.compile(merged_parts)):
+        out = merge(*inputs)
+        results.append((out, *torch.autograd.grad((out * weights).sum(), inputs)))
+    for name, eager, compiled in zip(("out", "d_out_window", "d_lse_window", "d_out_far", "d_normaliser",
+                                      "d_balance"), *results):
+        assert torch.isfinite(compiled).all(), f"{name}: NaN or inf"
+        torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-4, atol=1e-5, msg=name)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.kernels.fusion import fused
 from attnswap.kernels.linear import causal_linear_attention
 from attnswap.kernels.masks import causal, draw, materialize, to_index_mask
 from attnswap.kernels.merge import merge_attention, safe_log
@@ -88,6 +89,13 @@ class HybridState(nn.Module):
         super().__init__()
         self.feature_map = HedgehogMap(num_heads, head_dim, feature_dim, floor)
         self.balance = nn.Parameter(torch.full((num_heads,), BALANCE_INIT))
+
+
+def merged_parts(out_window: torch.Tensor, lse_window: torch.Tensor, out_far: torch.Tensor, normaliser: torch.Tensor,
+                 balance: torch.Tensor) -> torch.Tensor:
+    """``Hybrid.merge``'s arithmetic: the far part enters at log-normaliser lse_window + balance_h + log F."""
+    lse_far = lse_window + balance[:, None] + safe_log(normaliser)
+    return merge_attention([out_window, out_far], [lse_window, lse_far])[0]
 
 
 def delayed(x: torch.Tensor, slots: int) -> torch.Tensor:
@@ -184,9 +192,9 @@ class Hybrid(Variant):
 
     def merge(self, out_window, lse_window, out_far, normaliser, state: HybridState) -> torch.Tensor:
         """The window part (B, H, T, D) with its log-sum-exp (B, H, T) and the far part with its linear-attention
-        normaliser F (B, H, T), under one normaliser: (B, H, T, D) fp32 (see the module docstring)."""
-        lse_far = lse_window + state.balance[:, None] + safe_log(normaliser)
-        return merge_attention([out_window, out_far], [lse_window, lse_far])[0]
+        normaliser F (B, H, T), under one normaliser: (B, H, T, D) fp32 (see the module docstring). One compiled
+        pass on CUDA (kernels/fusion.py): eager, its dozen elementwise steps each pass over (B, H, T, D) fp32."""
+        return fused(merged_parts, out_window)(out_window, lse_window, out_far, normaliser, state.balance)
 
 
 def main() -> None:
