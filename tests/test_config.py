@@ -62,3 +62,38 @@ def test_cli_lists_variants(capsys):
     out = capsys.readouterr().out
     for name in ("full", "window", "longformer", "mixture", "performer", "hedgehog", "nsa"):
         assert f"\n{name} " in f"\n{out}"
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _config_class(path):
+    """The command a shipped config is for, by its name: bench-kernel, bench, distill or run."""
+    from attnswap.bench import BenchConfig
+    from attnswap.bench_kernel import KernelBenchConfig
+    from attnswap.distill import DistillConfig
+    from attnswap.pipeline import RunConfig
+
+    if path.name.startswith("bench_kernel_"):
+        return KernelBenchConfig
+    if path.name.startswith("bench_"):
+        return BenchConfig
+    import yaml
+
+    return RunConfig if "variants" in (yaml.safe_load(path.read_text()) or {}) else DistillConfig
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("configs/**/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_real_variants(path):
+    """A config that names a removed parameter (bench_kernel_64k.yaml kept `fold` specs after `fold` was gone) fails
+    here, not on a GPU."""
+    from attnswap.distill import DistillConfig
+    from attnswap.pipeline import RunConfig
+    from attnswap.variants import get_variant
+
+    config = load_config(_config_class(path), path)
+    specs = getattr(config, "variants", None) or [config.variant]
+    for spec in specs:
+        get_variant(spec)
+    if isinstance(config, RunConfig) and config.distill.get("steps", 1) > 0:  # steps 0: evaluation only
+        load_config(DistillConfig, None, {**config.distill, "variant": specs[0]})
