@@ -41,7 +41,7 @@ from attnswap.losses import DEFAULT_CHUNK, attention_cross_entropy, chunked_kl
 from attnswap.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, resolve_device
 from attnswap.runs import atomic_directory, remove_stale_temps, run_lock
 from attnswap.surgery import (STATE_ATTR, attention_modules, l1_penalty, observe_attention, original_attention, save,
-                              swap, variant_state_dict, whole_rows_mask)
+                              swap, variant_state_dict)
 from attnswap.variants import Variant, get_variant
 from attnswap.variants.base import check
 from attnswap.variants.full import Full
@@ -220,20 +220,13 @@ class Pair:
     def hidden_states(self, ids: torch.Tensor, compiled: bool = True) -> torch.Tensor:
         """Final hidden states (B, T, D): the model without its LM head, so that no whole logits are made.
         ``compiled``: through the compiled base model where there is one."""
-        traced = compiled and self.compiled is not None
-        base = self.compiled if traced else _unwrapped(self.model).base_model
-        # The rows are whole: said with a prepared mask, so that transformers does not search them for packed
-        # sequences. Where a config's own mask needs composing, traced, a mask of ones says it instead: without any
-        # mask, transformers cannot rule out packed rows while traced and composes a packing mask, which only
-        # mask-honouring variants can apply. The ones cost speed, though: a padding mask, even of ones, makes a masked
-        # variant's block mask per row and rebuilt at every call (variants/masked.py). With them, the compiled step of
-        # window 128 + 4 sinks at batch 32 took 164 ms; without any mask, in session 6, 33 ms (H200,
-        # benchmarks/results/distill_speed_h200).
-        mask = whole_rows_mask(_unwrapped(self.model).config, ids)
-        if mask is None and traced:
-            mask = torch.ones_like(ids)
+        base = self.compiled if compiled and self.compiled is not None else _unwrapped(self.model).base_model
+        # Tokens alone: the swap's hook on the base model hands them a prepared mask saying the rows are whole
+        # (surgery.whole_rows_mask). A mask of ones instead, as session 7 passed when compiled, made a masked
+        # variant's block mask per row and rebuilt at every call: 164 ms a compiled step of window 128 + 4 sinks at
+        # batch 32, against 33.7 ms with the prepared mask (H200, benchmarks/results/distill_speed_h200/session8).
         with self.autocast():
-            return base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            return base(input_ids=ids, use_cache=False).last_hidden_state
 
     @torch.no_grad()
     def teacher_hidden(self, ids: torch.Tensor) -> torch.Tensor:
