@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from typing import Hashable
+from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,8 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import sdpa_masked
-from attnswap.kernels.masks import MaskFn, mask_bands, materialize, materialize_bias
+from attnswap.kernels.far_keys import with_far_key_gradients
+from attnswap.kernels.masks import MaskFn, index_grid, mask_bands, materialize, materialize_bias
 
 BLOCK_SIZE = 128  # flex_attention's default tile
 # Shorter query blocks (decode steps, T=1) materialise: T×S is small there, and as S grows by one token
@@ -34,8 +36,22 @@ FLEX_MIN_HEAD_DIM = 16  # the Triton kernel's tl.dot needs head_dim >= 16
 RECOMPILE_LIMIT = 128  # compiled shapes × grad modes × mask constants per process; dynamo's default is 8
 MASK_CACHE_SIZE = 32
 MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a block mask (bounds memory at 16k)
+# Far keys' gradients are summed apart (kernels/far_keys.py) from this many queries on, where one key block's walk
+# over every query block outlasts the rest of FlexAttention's backward.
+FAR_KEYS_MIN_QUERIES = 2048
 
-_BLOCK_MASKS: OrderedDict[Hashable, tuple[BlockMask, list[torch.Tensor]]] = OrderedDict()
+_BLOCK_MASKS: OrderedDict[Hashable, tuple[object, list[torch.Tensor]]] = OrderedDict()
+
+
+@dataclass(frozen=True)
+class FarKeys:
+    """A few keys that every query may attend from afar (attention sinks): ``count`` key slots from ``first`` (B,) on,
+    and ``near_mask``, the index mask without them. Only the near mask's blocks bound each key block's backward
+    walk; the far keys' remaining gradients are summed apart (kernels/far_keys.py)."""
+
+    first: torch.Tensor
+    count: int
+    near_mask: MaskFn
 
 
 def masked_attention(
@@ -50,6 +66,7 @@ def masked_attention(
     per_batch: bool = True,
     per_head: bool = True,
     return_lse: bool = False,
+    far_keys: FarKeys | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention restricted to ``index_mask``: (B, H, T, D) from q (B, H, T, D), k/v (B, H, S, D).
 
@@ -60,6 +77,8 @@ def masked_attention(
     A query row with no allowed key outputs zeros.
     ``return_lse`` also returns each row's log-sum-exp of its allowed (biased) scaled scores, (B, H, T) fp32,
     -inf for a row with no allowed key: what merges this attention with one over other keys (kernels/merge.py).
+    ``far_keys`` says which few keys ``index_mask`` lets every query attend (they must cover every pair outside the
+    near mask's blocks); the result is the same, and a long training call's backward walks no key block end to end.
     """
     batch, heads, q_len, _ = q.shape
     # Inductor (torch 2.11, H100) fails to lower the backward of the mixture's score_mod ("Buffers cannot be
@@ -67,6 +86,13 @@ def masked_attention(
     # inference with a bias (a hardened mixture) still runs fused.
     trains_bias = score_bias is not None and torch.is_grad_enabled()
     if flex_serves(q) and not trains_bias:
+        if far_keys is not None and score_bias is None and q_len >= FAR_KEYS_MIN_QUERIES and torch.is_grad_enabled():
+            block_mask, slots, far_allowed = split_block_mask_for(
+                index_mask, far_keys, batch, heads, q_len, k.shape[-2], q.device,
+                cache_key=cache_key, per_batch=per_batch, per_head=per_head)
+            out, lse = flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True)
+            out, lse = with_far_key_gradients(out, lse, q, k, v, slots, far_allowed, scaling)
+            return (out, lse) if return_lse else out
         block_mask = block_mask_for(index_mask, batch, heads, q_len, k.shape[-2], q.device,
                                     cache_key=cache_key, per_batch=per_batch, per_head=per_head)
         return flex_masked_attention(q, k, v, block_mask, scaling, score_bias, return_lse=return_lse)
@@ -180,22 +206,47 @@ def block_mask_for(
     an unpadded mask keyed by its spec is built once per shape; one keyed by a batch's padding tensor is
     built once per forward and shared by all layers. None builds every call.
     """
-    if cache_key is None:
-        return build_block_mask(index_mask, batch if per_batch else None, heads if per_head else None,
-                                q_len, kv_len, device, block_size)
-    pinned: list[torch.Tensor] = []
+    build = functools.partial(build_block_mask, index_mask, batch if per_batch else None,
+                              heads if per_head else None, q_len, kv_len, device, block_size)
     # The shape stays in the key even when the block mask broadcasts: the cached mask_mod indexes
     # tensors captured at build time (first_real is (B,)), so they must fit this call.
-    key = (_freeze(cache_key, pinned), batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size)
+    return _cached(cache_key, (batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size), build)
+
+
+def split_block_mask_for(
+    index_mask: MaskFn,
+    far_keys: FarKeys,
+    batch: int,
+    heads: int,
+    q_len: int,
+    kv_len: int,
+    device,
+    *,
+    cache_key: Hashable = None,
+    per_batch: bool = True,
+    per_head: bool = True,
+    block_size: int = BLOCK_SIZE,
+) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
+    """``build_split_block_mask`` from the cache when it can be (``cache_key`` as for ``block_mask_for``)."""
+    build = functools.partial(build_split_block_mask, index_mask, far_keys, batch, heads if per_head else None,
+                              q_len, kv_len, device, per_batch, block_size)
+    shape = (batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size, "far", far_keys.count)
+    return _cached(cache_key, shape, build)
+
+
+def _cached(cache_key: Hashable, shape: tuple, build: Callable[[], object]):
+    if cache_key is None:
+        return build()
+    pinned: list[torch.Tensor] = []
+    key = (_freeze(cache_key, pinned), *shape)
     if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
         return _BLOCK_MASKS[key][0]
-    block_mask = build_block_mask(index_mask, batch if per_batch else None, heads if per_head else None,
-                                  q_len, kv_len, device, block_size)
-    _BLOCK_MASKS[key] = (block_mask, pinned)
+    built = build()
+    _BLOCK_MASKS[key] = (built, pinned)
     if len(_BLOCK_MASKS) > MASK_CACHE_SIZE:
         _BLOCK_MASKS.popitem(last=False)
-    return block_mask
+    return built
 
 
 def _freeze(key, pinned: list[torch.Tensor]) -> Hashable:
@@ -220,6 +271,48 @@ def build_block_mask(
     query blocks at a time (MASK_EVAL_BUDGET entries), so a 16k × 16k mask needs tens of MB, not GBs.
     ``batch``/``heads`` None: the mask does not vary along that axis and the block mask broadcasts.
     """
+    full, partial = _full_and_partial_blocks(index_mask, batch, heads, q_len, kv_len, device, block_size)
+    return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
+                                    mask_mod=index_mask, seq_lengths=(q_len, kv_len))
+
+
+def build_split_block_mask(
+    index_mask: MaskFn,
+    far_keys: FarKeys,
+    batch: int,
+    heads: int | None,
+    q_len: int,
+    kv_len: int,
+    device,
+    per_batch: bool = True,
+    block_size: int = BLOCK_SIZE,
+) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
+    """The block mask of ``index_mask`` whose key blocks' backward walks (its transposed half) keep only the query
+    blocks that ``far_keys.near_mask`` reaches; with it, the far keys' slots (B, n) and the pairs the walks leave out,
+    (B, 1 or H, T, n) bool, whose gradients kernels/far_keys.py sums. ``batch`` is the call's batch (the far keys are
+    per row); ``per_batch`` False: the masks do not vary by row, and the block mask broadcasts."""
+    mask_batch = batch if per_batch else None
+    full, partial = _full_and_partial_blocks(index_mask, mask_batch, heads, q_len, kv_len, device, block_size)
+    near_full, near_partial = _full_and_partial_blocks(far_keys.near_mask, mask_batch, heads, q_len, kv_len, device,
+                                                       block_size)
+    reached = near_full | near_partial  # (B or 1, H or 1, n_q, n_kv)
+    walks = [ordered_blocks((blocks & reached).transpose(-1, -2)) for blocks in (partial, full)]
+    block_mask = BlockMask((q_len, kv_len), *ordered_blocks(partial), *ordered_blocks(full), *walks[0], *walks[1],
+                           BLOCK_SIZE=(block_size, block_size), mask_mod=index_mask)
+
+    slots = far_keys.first.expand(batch)[:, None] + torch.arange(far_keys.count, device=device)  # (B, n)
+    inside = slots < kv_len
+    slots = slots.clamp(max=kv_len - 1)
+    b, h, q, _ = index_grid(batch, heads or 1, q_len, 0, device)
+    kv = slots[:, None, None, :]
+    left_out = ~reached[b if per_batch else 0, h, q // block_size, kv // block_size]
+    allowed = index_mask(b, h, q, kv) & inside[:, None, None, :] & left_out  # (B, H or 1, T, n)
+    return block_mask, slots, allowed
+
+
+def _full_and_partial_blocks(index_mask: MaskFn, batch: int | None, heads: int | None, q_len: int, kv_len: int,
+                             device, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which blocks of ``block_size``² scores the mask allows wholly and which in part, bool (B, H, n_q, n_kv)."""
     n_b, n_h = batch or 1, heads or 1
     n_kv = -(-kv_len // block_size)
     band = max(1, MASK_EVAL_BUDGET // (n_b * n_h * block_size * kv_len)) * block_size
@@ -231,9 +324,7 @@ def build_block_mask(
         counts.append(blocks.sum(dim=(3, 5), dtype=torch.int32))  # (B, H, blocks in band, n_kv)
     count = torch.cat(counts, dim=2)  # (B, H, n_q, n_kv)
     full = count == block_size * block_size  # flex skips mask_mod on these
-    partial = (count > 0) & ~full
-    return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
-                                    mask_mod=index_mask, seq_lengths=(q_len, kv_len))
+    return full, (count > 0) & ~full
 
 
 def ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,4 +332,6 @@ def ordered_blocks(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     indices first (B, H, n_q, n_kv), both int32: BlockMask's layout."""
     num = dense.sum(dim=-1, dtype=torch.int32)
     indices = torch.argsort(dense.to(torch.uint8), dim=-1, descending=True, stable=True).to(torch.int32)
-    return num, indices
+    # flex's kernels read these as contiguous rows; a transposed ``dense`` (a backward walk's list) sorts into
+    # transposed strides.
+    return num.contiguous(), indices.contiguous()

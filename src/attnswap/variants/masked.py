@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attnswap.kernels.dense import dense_probs
-from attnswap.kernels.flex import masked_attention
+from attnswap.kernels.flex import FarKeys, masked_attention
 from attnswap.kernels.masks import MaskFn, materialize, materialize_bias, to_index_mask
 from attnswap.variants.base import AttnContext, Variant
 
@@ -27,6 +27,13 @@ class MaskedVariant(Variant):
 
     def positional_mask(self, ctx: AttnContext, batch: int, device: torch.device, state: nn.Module | None) -> MaskFn:
         raise NotImplementedError
+
+    def far_keys(self, ctx: AttnContext, batch: int, device: torch.device) -> tuple[MaskFn, int] | None:
+        """The positional mask without the few keys every query may attend from afar (each row's first ``n`` real
+        tokens: attention sinks, global keys), and ``n``; None where the mask has none. A long training call sums
+        their gradients apart from FlexAttention's backward (kernels/far_keys.py): same result, no key block walked
+        end to end."""
+        return None
 
     def score_bias(self, state: nn.Module | None, ctx: AttnContext, q_pos, kv_pos) -> MaskFn | None:
         """Optional additive bias over (b, h, q_idx, kv_idx); the mixture uses it for its weights."""
@@ -69,5 +76,20 @@ class MaskedVariant(Variant):
             per_batch=ctx.key_valid is not None or ctx.first_real is not None or ctx.model_mask is not None,
             per_head=self.mask_varies_by_head or ctx.model_mask is not None,  # a caller's 4-D mask may vary by head
             return_lse=return_lse,
+            far_keys=self._far_keys(q, k, ctx),
         )
+
+    def _far_keys(self, q, k, ctx: AttnContext) -> FarKeys | None:
+        # The far keys are slots first_real .. first_real + n - 1: keys in slot order, one sequence per row, and no
+        # model mask that could reach a pair outside both the near mask and the far keys.
+        if ctx.kv_positions is not None or ctx.documents is not None or ctx.model_mask is not None:
+            return None
+        batch = q.shape[0]
+        split = self.far_keys(ctx, batch, q.device)
+        if split is None:
+            return None
+        near, count = split
+        q_map, kv_map = ctx.position_maps(q.shape[-2], k.shape[-2])
+        return FarKeys(ctx.first_real_token(batch, q.device), count,
+                       to_index_mask(near, q_map, kv_map, ctx.key_valid))
 

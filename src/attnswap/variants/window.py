@@ -36,15 +36,14 @@ def sliding_window_mask(w: int, sinks: int, first_real: torch.Tensor):
 
 
 # Sinks and FlexAttention's backward. In one block mask the sinks' key block is live for every query block, and
-# FlexAttention's backward walks that column in a single program: window 256 + 4 sinks forward+backward takes 1.14 ms
-# at 16k against the plain window's 0.41 (its backward kernel 937 us against 284). Three ways around it were exact and
-# measured slower, so the single mask stays (H200, bf16, 12 heads of 64, graph replay;
-# benchmarks/results/bench_kernel_64k_h200):
-# - the sink keys as a branch of their own, merged with a pure window by log-sum-exp: 3.17 ms at 16k with a
-#   materialised branch (5cf6b96); 1.29 ms at 16k and 4.67 ms at 64k with branch and merge as one compiled function
-#   (71da3e6, session 7): its passes over (B, H, T, D) cost more than the column walk saved;
-# - query folds stacked along the batch, each with its own copy of its keys: 1.35 ms at 16k (56fb6d7);
-# - one copy of the sinks' block per fold of queries, in front of the keys: 2.45 ms at 16k (session 7).
+# FlexAttention's backward walks that column in a single program: window 256 + 4 sinks took 1.12 ms forward+backward
+# at 16k against the plain window's 0.42, 4.39 against 1.62 ms at 64k. So in a long training call (kernels/flex.py,
+# FarKeys) the sinks' block is walked only by the query blocks its window reaches, and the sink keys' gradients from
+# the other queries are one Triton pass (kernels/far_keys.py): 0.68 ms at 16k, 2.44 ms at 64k (32.7x flash), the same
+# output and query gradients bit for bit (H200, bf16, 12 heads of 64, graph replay;
+# benchmarks/results/bench_kernel_64k_h200/session9). Measured slower before, all exact: the sinks as a branch merged
+# with a pure window by log-sum-exp (1.29 ms at 16k, session 7); query folds along the batch (1.35 ms); a copy of the
+# sinks' block per fold of queries (2.45 ms).
 
 
 class Window(MaskedVariant):
@@ -60,6 +59,11 @@ class Window(MaskedVariant):
 
     def positional_mask(self, ctx: AttnContext, batch: int, device, state):
         return sliding_window_mask(self.params.w, self.params.sinks, ctx.first_real_token(batch, device))
+
+    def far_keys(self, ctx: AttnContext, batch: int, device):
+        if not self.params.sinks:
+            return None
+        return sliding_window_mask(self.params.w, 0, ctx.first_real_token(batch, device)), self.params.sinks
 
 
 def main() -> None:

@@ -1,0 +1,266 @@
+"""Far keys (attention sinks) taken out of FlexAttention's backward walks (kernels/flex.build_split_block_mask) and
+their gradients summed apart (kernels/far_keys.py), against dense attention.
+
+On the CPU, flex has no backward, so the split is checked piece by piece: the pairs the cut walks leave out are
+exactly the far pairs the mask reports, the forward half of the block mask is the plain one, and the gradient sums
+equal the dense gradient restricted to those pairs. On CUDA, the window variant with sinks goes through the split on
+flex, and its gradients are compared with the dense reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnswap.kernels import far_keys, flex
+from attnswap.kernels.far_keys import far_key_gradients, far_key_gradients_reference
+from attnswap.kernels.flex import FarKeys, build_block_mask, build_split_block_mask
+from attnswap.kernels.masks import materialize, to_index_mask
+from attnswap.variants import AttnContext, get_variant
+from attnswap.variants.window import sliding_window_mask
+from tests.conftest import TOLERANCE, random_qkv
+
+CUDA = torch.cuda.is_available()
+BLOCK = 16
+
+
+def _window_masks(w: int, sinks: int, first_real: torch.Tensor, key_valid: torch.Tensor | None, offset: int = 0):
+    index_mask = to_index_mask(sliding_window_mask(w, sinks, first_real), offset, 0, key_valid)
+    near = to_index_mask(sliding_window_mask(w, 0, first_real), offset, 0, key_valid)
+    return index_mask, FarKeys(first_real, sinks, near)
+
+
+def _left_padded(batch: int, kv_len: int, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    key_valid = torch.ones(batch, kv_len, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        key_valid[row, :pad] = False
+    return key_valid, key_valid.long().argmax(dim=-1)
+
+
+def _walked_pairs(block_mask, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """(B, T, S) bool: the pairs inside the blocks each key block's backward walk lists (its q_indices half)."""
+    walked = torch.zeros(batch, -(-q_len // BLOCK), -(-kv_len // BLOCK), dtype=torch.bool)
+    for num, indices in ((block_mask.q_num_blocks, block_mask.q_indices),
+                         (block_mask.full_q_num_blocks, block_mask.full_q_indices)):
+        num, indices = num[:, 0].expand(batch, -1), indices[:, 0].expand(batch, -1, -1)
+        for b in range(batch):
+            for kv_block in range(walked.shape[2]):
+                walked[b, indices[b, kv_block, : num[b, kv_block]].long(), kv_block] = True
+    pairs = walked.repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)
+    return pairs[:, :q_len, :kv_len]
+
+
+@pytest.mark.parametrize("q_len, kv_len, pads", [(150, 150, [0, 0]), (150, 150, [37, 5]), (70, 181, [20, 0])],
+                         ids=["whole", "left_padded", "chunk_padded"])
+def test_walks_and_far_pairs_split_the_mask_exactly(q_len, kv_len, pads):
+    batch, w, sinks = 2, 20, 4
+    key_valid, first_real = _left_padded(batch, kv_len, pads)
+    index_mask, far = _window_masks(w, sinks, first_real, key_valid, offset=kv_len - q_len)
+    block_mask, slots, allowed = build_split_block_mask(index_mask, far, batch, None, q_len, kv_len, "cpu",
+                                                        block_size=BLOCK)
+    plain = build_block_mask(index_mask, batch, None, q_len, kv_len, "cpu", BLOCK)
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
+        assert torch.equal(getattr(block_mask, name), getattr(plain, name)), f"the forward half changed: {name}"
+    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        assert getattr(block_mask, name).is_contiguous(), f"flex reads {name} as contiguous rows"
+
+    mask = materialize(index_mask, batch, 1, q_len, kv_len, "cpu")[:, 0]  # (B, T, S)
+    walked = _walked_pairs(block_mask, batch, q_len, kv_len)
+    far_pairs = torch.zeros_like(mask)
+    for b in range(batch):
+        far_pairs[b][:, slots[b]] |= allowed[b, 0]
+    assert torch.equal(slots, first_real[:, None] + torch.arange(sinks))
+    assert far_pairs.any(), "the case must leave some far pairs to the sums"
+    assert not (far_pairs & walked).any(), "a far pair would be summed twice"
+    assert torch.equal(mask & walked | far_pairs, mask), "every allowed pair is walked or summed apart, no other"
+    # The walks are short: no key block is walked by more query blocks than the near mask's widest reach needs.
+    longest = max(int(block_mask.q_num_blocks.max()), 1) + int(block_mask.full_q_num_blocks.max())
+    assert longest <= -(-w // BLOCK) + 2 < -(-q_len // BLOCK)
+
+
+@pytest.mark.parametrize("with_grad_lse", [False, True], ids=["out", "out_and_lse"])
+def test_far_key_sums_equal_the_dense_gradient_on_those_pairs(with_grad_lse):
+    batch, heads, q_len, kv_len, scaling = 2, 3, 40, 40, 0.3
+    q, k, v = (x.requires_grad_() for x in random_qkv(batch, heads, q_len, kv_len, dim=8))
+    allowed = torch.rand(batch, heads, q_len, kv_len, generator=torch.Generator().manual_seed(1)) < 0.6
+    allowed |= torch.eye(q_len, kv_len, dtype=torch.bool)
+    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.softmax(scores, dim=-1) @ v
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(lse) if with_grad_lse else None
+    slots = torch.tensor([[0, 3, 7], [1, 2, 30]])
+    far_allowed = torch.stack([allowed[b][:, :, slots[b]] for b in range(batch)])
+    far_allowed[:, :, :5] = False  # a far key's nearby queries are left to the walks
+
+    # The dense gradient of the same loss, restricted to the far pairs by a mask on the scores' gradient.
+    keep = torch.zeros_like(allowed)
+    for b in range(batch):
+        keep[b][:, :, slots[b]] = far_allowed[b]
+    scores_leaf = scores.detach().requires_grad_()
+    probs = torch.softmax(scores_leaf, dim=-1)
+    loss = ((probs @ v.detach()) * grad_out).sum()
+    if grad_lse is not None:
+        loss = loss + (torch.logsumexp(scores_leaf, dim=-1) * grad_lse).sum()
+    (grad_scores,) = torch.autograd.grad(loss, scores_leaf)
+    grad_scores = grad_scores.masked_fill(~keep, 0.0).nan_to_num()
+    want_dk = grad_scores.transpose(-1, -2) @ q.detach() * scaling
+    want_dv = (probs.detach().masked_fill(~keep, 0.0)).transpose(-1, -2) @ grad_out
+
+    index = slots[:, None, :, None].expand(-1, heads, -1, 8)
+    dk, dv = far_key_gradients_reference(q.detach(), k.detach().gather(2, index), v.detach().gather(2, index),
+                                         out.detach(), grad_out, lse.detach(), grad_lse, far_allowed, scaling)
+    torch.testing.assert_close(dk, want_dk.gather(2, index), rtol=0, atol=1e-5)
+    torch.testing.assert_close(dv, want_dv.gather(2, index), rtol=0, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_flex_log_sum_exp_is_the_natural_one():
+    q, k, v = (x.cuda() for x in random_qkv(1, 2, 512, 512, dim=64))
+    index_mask = to_index_mask(sliding_window_mask(100, 4, torch.zeros(1, dtype=torch.long, device="cuda")), 0, 0,
+                               None)
+    block_mask = build_block_mask(index_mask, None, None, 512, 512, "cuda")
+    _, lse = flex.flex_masked_attention(q, k, v, block_mask, 0.125, return_lse=True)
+    allowed = materialize(index_mask, 1, 1, 512, 512, "cuda")
+    want = torch.logsumexp((q @ k.transpose(-1, -2) * 0.125).masked_fill(~allowed, float("-inf")), dim=-1)
+    torch.testing.assert_close(lse, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_flex_backward_over_the_split_mask_walks_the_near_pairs_only():
+    """flex's key gradients over the split mask are those of the pairs inside the walked blocks: the dense gradient of
+    the scores, kept on those pairs."""
+    q_len, scaling = 1024, 0.125
+    q, k, v = (x.cuda().requires_grad_() for x in random_qkv(1, 2, q_len, q_len, dim=64))
+    first = torch.zeros(1, dtype=torch.long, device="cuda")
+    index_mask, far = _window_masks(200, 4, first, None)
+    block_mask, slots, far_allowed = build_split_block_mask(index_mask, far, 1, None, q_len, q_len, "cuda")
+    out = flex.flex_masked_attention(q, k, v, block_mask, scaling)
+    grad_out = torch.randn_like(out)
+    _, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+
+    allowed = materialize(index_mask, 1, 1, q_len, q_len, "cuda")
+    far_pairs = torch.zeros_like(allowed)
+    far_pairs[..., :4] = far_allowed[0, 0]
+    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    grad_scores = probs * (grad_out @ v.transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True))
+    near = allowed & ~far_pairs
+    want_dk = grad_scores.masked_fill(~near, 0.0).transpose(-1, -2) @ q * scaling
+    want_dv = probs.masked_fill(~near, 0.0).transpose(-1, -2) @ grad_out
+    for name, got, want in (("dk", dk, want_dk), ("dv", dv, want_dv)):
+        for rows, where in ((slice(0, 4), "sink slots"), (slice(4, None), "other slots")):
+            torch.testing.assert_close(got[:, :, rows], want[:, :, rows].detach(), rtol=0, atol=1e-4,
+                                       msg=lambda m, n=name, w=where: f"{n} at {w}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_window_sinks_split_parts_on_cuda():
+    """The split's two parts against the dense gradient: flex over the split mask (the near pairs) plus the far sums
+    from the reference, then the whole path against those two."""
+    q_len = 2500
+    variant, q, k, v, ctx = _window_case(torch.float32, q_len, [0], "cuda")
+    index_mask, _, _ = variant.index_mask(q, k, ctx, None)
+    far = variant._far_keys(q, k, ctx)
+    block_mask, slots, far_allowed = build_split_block_mask(index_mask, far, 1, None, q_len, q_len, "cuda")
+    out, lse = flex.flex_masked_attention(q, k, v, block_mask, ctx.scaling, return_lse=True)
+    grad_out = torch.randn_like(out)
+    _, near_dk, near_dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    index = slots[:, None, :, None].expand(-1, q.shape[1], -1, 64)
+    far_dk, far_dv = far_keys.far_key_gradients_reference(q, k.gather(2, index), v.gather(2, index), out, grad_out,
+                                                          lse, None, far_allowed, ctx.scaling)
+    kernel_dk, kernel_dv = far_keys.far_key_gradients(q, k.gather(2, index).detach(), v.gather(2, index).detach(),
+                                                      out.detach(), grad_out, lse.detach(), None, far_allowed,
+                                                      ctx.scaling)
+    ref = variant.reference(q, k, v, ctx, None)
+    _, want_dk, want_dv = torch.autograd.grad(ref, (q, k, v), grad_out)
+    fast = variant.attend(q, k, v, ctx, None)
+    _, got_dk, got_dv = torch.autograd.grad(fast, (q, k, v), grad_out)
+    checks = {
+        "kernel far dk vs reference far dk": (kernel_dk, far_dk),
+        "kernel far dv vs reference far dv": (kernel_dv, far_dv),
+        "near + far dk vs dense, sinks": (near_dk[:, :, :4] + far_dk, want_dk[:, :, :4]),
+        "near + far dv vs dense, sinks": (near_dv[:, :, :4] + far_dv, want_dv[:, :, :4]),
+        "near dk vs dense, others": (near_dk[:, :, 4:], want_dk[:, :, 4:]),
+        "whole path dk vs dense, sinks": (got_dk[:, :, :4], want_dk[:, :, :4]),
+        "whole path dv vs dense, sinks": (got_dv[:, :, :4], want_dv[:, :, :4]),
+        "whole path dk vs dense, others": (got_dk[:, :, 4:], want_dk[:, :, 4:]),
+    }
+    failures = []
+    for name, (got, want) in checks.items():
+        error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        print(f"{name}: max error / max {error:.3g}")
+        if error > 1e-4:
+            failures.append(f"{name}: {error:.3g}")
+    assert not failures, "; ".join(failures)
+
+
+def _window_case(dtype, q_len, pads, device):
+    variant = get_variant("window:w=256,sinks=4")
+    batch = len(pads)
+    q, k, v = (x.to(device).requires_grad_() for x in random_qkv(batch, 4, q_len, q_len, dim=64, dtype=dtype))
+    key_valid, _ = _left_padded(batch, q_len, pads)
+    ctx = AttnContext(scaling=0.125, key_valid=key_valid.to(device) if any(pads) else None)
+    return variant, q, k, v, ctx
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_far_key_kernel_matches_the_reference_on_cuda(dtype):
+    batch, heads, q_len, dim, n_far = 2, 3, 1000, 64, 5
+    q, k, v = (x.cuda() for x in random_qkv(batch, heads, q_len, n_far, dim=dim, dtype=dtype))
+    out, grad_out = (x.cuda() for x in random_qkv(batch, heads, q_len, q_len, dim=dim, dtype=dtype, seed=1)[:2])
+    lse = torch.randn(batch, heads, q_len, device="cuda") + 3
+    grad_lse = torch.randn(batch, heads, q_len, device="cuda")
+    allowed = torch.rand(batch, 1, q_len, n_far, device="cuda") < 0.7
+    for g in (None, grad_lse):
+        got = far_key_gradients(q, k, v, out, grad_out, lse, g, allowed, 0.125)
+        want = far_key_gradients_reference(q, k, v, out, grad_out, lse, g, allowed, 0.125)
+        for got_part, want_part in zip(got, want):
+            scale = want_part.abs().max()
+            torch.testing.assert_close(got_part / scale, want_part / scale, rtol=0, atol=TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pads", [[0], [300, 0]], ids=["whole", "left_padded"])
+@pytest.mark.parametrize("sums", ["triton", "pytorch"])
+def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, sums, monkeypatch):
+    if sums == "pytorch":
+        monkeypatch.setattr(far_keys, "MAX_FAR_KEYS", 0)
+    q_len = max(flex.FAR_KEYS_MIN_QUERIES, 2500)
+    variant, q, k, v, ctx = _window_case(dtype, q_len, pads, "cuda")
+    assert variant._far_keys(q, k, ctx) is not None
+    fast = variant.attend(q, k, v, ctx, None)
+    grads_fast = torch.autograd.grad(fast.float().square().sum(), (q, k, v))
+    ref = variant.reference(q, k, v, ctx, None)
+    grads_ref = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    torch.testing.assert_close(fast.float(), ref, rtol=0, atol=TOLERANCE[dtype])
+    sink = torch.zeros(q_len, dtype=torch.bool)
+    for pad in pads:
+        sink[pad : pad + 4] = True
+    for name, got, want in zip("qkv", grads_fast, grads_ref):
+        scale = want.abs().max()
+        for rows, where in ((sink, "sink slots"), (~sink, "other slots")):
+            torch.testing.assert_close(got.float()[:, :, rows] / scale, want.float()[:, :, rows] / scale, rtol=0,
+                                       atol=TOLERANCE[dtype], msg=lambda m, n=name, w=where: f"d{n} at {w}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_window_sinks_split_compiles_whole_and_equals_eager():
+    variant, q, k, v, ctx = _window_case(torch.bfloat16, flex.FAR_KEYS_MIN_QUERIES, [0], "cuda")
+
+    def loss(q, k, v):
+        return variant.attend(q, k, v, ctx, None).float().square().sum()
+
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    for name, got, want in zip("qkv", compiled, eager):
+        scale = want.float().abs().max()
+        torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2, msg=name)
