@@ -210,16 +210,19 @@ def _window_case(dtype, q_len, pads, device):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_far_key_kernel_matches_the_reference_on_cuda(dtype):
-    batch, heads, q_len, dim, n_far = 2, 3, 1000, 64, 5
+@pytest.mark.parametrize("n_far, rows_per_entry, programs", [(5, 1, 1024), (100, 64, 1024), (4, 1, 3)],
+                         ids=["sinks", "nsa_tile", "several_tiles_per_program"])
+def test_far_key_kernel_matches_the_reference_on_cuda(dtype, n_far, rows_per_entry, programs, monkeypatch):
+    monkeypatch.setattr(far_keys, "PROGRAMS", programs)
+    batch, heads, q_len, dim = 2, 3, 1000, 64
     q, k, v = (x.cuda() for x in random_qkv(batch, heads, q_len, n_far, dim=dim, dtype=dtype))
     out, grad_out = (x.cuda() for x in random_qkv(batch, heads, q_len, q_len, dim=dim, dtype=dtype, seed=1)[:2])
     lse = torch.randn(batch, heads, q_len, device="cuda") + 3
     grad_lse = torch.randn(batch, heads, q_len, device="cuda")
-    allowed = torch.rand(batch, 1, q_len, n_far, device="cuda") < 0.7
+    allowed = torch.rand(batch, 1, -(-q_len // rows_per_entry), n_far, device="cuda") < 0.7
     for g in (None, grad_lse):
-        got = far_key_gradients(q, k, v, out, grad_out, lse, g, allowed, 0.125)
-        want = far_key_gradients_reference(q, k, v, out, grad_out, lse, g, allowed, 0.125)
+        got = far_key_gradients(q, k, v, out, grad_out, lse, g, allowed, 0.125, rows_per_entry)
+        want = far_key_gradients_reference(q, k, v, out, grad_out, lse, g, allowed, 0.125, rows_per_entry)
         for got_part, want_part in zip(got, want):
             scale = want_part.abs().max()
             torch.testing.assert_close(got_part / scale, want_part / scale, rtol=0, atol=TOLERANCE[dtype])
@@ -264,3 +267,36 @@ def test_window_sinks_split_compiles_whole_and_equals_eager():
     for name, got, want in zip("qkv", compiled, eager):
         scale = want.float().abs().max()
         torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out_and_lse"])
+def test_far_gradients_reach_the_keys_through_autograd_on_cpu(with_lse):
+    """with_far_key_gradients around an attention whose backward skips the far pairs (dense here: those pairs' scores
+    see k and v detached) gives k and v the whole dense gradient, added in place to the attention's own."""
+    batch, heads, q_len, scaling = 2, 3, 30, 0.3
+    q, k, v = random_qkv(batch, heads, q_len, q_len, dim=8, requires_grad=True)
+    allowed = torch.ones(q_len, q_len).tril().bool()
+    slots = torch.tensor([[0, 1], [2, 5]])
+    far_pairs = torch.zeros(batch, 1, q_len, q_len, dtype=torch.bool)
+    for b in range(batch):
+        far_pairs[b, 0, 10:, slots[b]] = True
+    far_allowed = torch.stack([far_pairs[b][..., slots[b]] for b in range(batch)])  # (B, 1, T, n)
+
+    def dense(k, v, skip_far: bool):
+        scores = q @ k.transpose(-1, -2) * scaling
+        if skip_far:
+            scores = torch.where(far_pairs, q @ k.detach().transpose(-1, -2) * scaling, scores)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - lse[..., None])
+        if not skip_far:
+            return probs @ v, lse
+        return probs.masked_fill(far_pairs, 0) @ v + probs.masked_fill(~far_pairs, 0) @ v.detach(), lse
+
+    out, lse = far_keys.with_far_key_gradients(lambda k, v: dense(k, v, True), q, k, v, slots, far_allowed, scaling)
+    want_out, want_lse = dense(k, v, False)
+    loss = lambda o, l: o.square().sum() + (l.sin().sum() if with_lse else 0)  # noqa: E731
+    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+    want = torch.autograd.grad(loss(want_out, want_lse), (q, k, v))
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")

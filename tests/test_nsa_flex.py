@@ -13,7 +13,8 @@ import torch
 from attnswap.kernels.nsa import (block_importance, compressed_attention, exact_pooled_scores,
                                   flex_compressed_attention, flex_nsa_branches, flex_route, flex_tile,
                                   importance_from_lse, pool_blocks, select_blocks, selected_block_mask,
-                                  selection_table)
+                                  selected_split_block_mask, selection_table)
+from attnswap.kernels.masks import materialize
 from attnswap.variants.nsa import NSA, NSAParams
 from tests.conftest import TOLERANCE, random_qkv
 from tests.test_nsa import _gates, _inputs, assert_attend_matches_reference, assert_grads_close
@@ -31,6 +32,9 @@ CUDA_CASES = {
     "T1000_b64": (1000, 1000, 64, 4, 64, 0),  # the bench-kernel path: no key_valid, first_real None
     "chunk_T261_S333_b32_pad": (261, 333, 32, 3, 40, 150),
     "T300_b16_k5_pad": (300, 300, 16, 5, 23, 9),
+    # long enough for the sink tile's split walk (flex.FAR_KEYS_MIN_QUERIES), whole and padded
+    "T2100_b64": (2100, 2100, 64, 4, 64, 0),
+    "chunk_T2080_S2300_b64_pad": (2080, 2300, 64, 4, 64, 200),
 }
 
 
@@ -86,6 +90,43 @@ def test_selected_block_mask_lists_the_tiles_of_the_selected_blocks(q_len, kv_le
     for b, h, j in torch.cartesian_prod(*(torch.arange(n) for n in q_dense.shape[:3])).tolist():
         q_dense[b, h, j, block_mask.q_indices[b, h, j, : block_mask.q_num_blocks[b, h, j]].long()] = True
     assert torch.equal(q_dense.transpose(-1, -2), coarse)
+
+
+@pytest.mark.parametrize("tile", [16, 32], ids=["tile=block", "tile=2blocks"])
+@pytest.mark.parametrize("q_len, kv_len, left_pad", [(150, 150, 0), (150, 150, 37), (70, 181, 20)],
+                         ids=["T150", "T150_pad", "chunk_pad"])
+def test_split_selection_leaves_the_sink_tile_to_the_far_sums(q_len, kv_len, left_pad, tile):
+    """Every pair of the selected branch is either inside a block its key tile's backward walk lists, or a far pair of
+    the sink tile handed to kernels/far_keys.py, never both; and the forward half is the plain block mask's."""
+    block, n_kb = 16, -(-kv_len // 16)
+    q_start = (kv_len - q_len) // block * block
+    n_qb, rows = n_kb - q_start // block, kv_len - q_start
+    key_valid = torch.ones(2, kv_len, dtype=torch.bool)
+    key_valid[0, :left_pad] = False
+    first_real = key_valid.long().argmax(-1)
+    importance = torch.rand(2, 3, n_qb, n_kb, generator=torch.Generator().manual_seed(0))
+    selected = select_blocks(importance, key_valid, first_real, kv_len - q_len, block, 3)
+    block_mask, slots, far = selected_split_block_mask(selected, first_real, q_start, rows, kv_len, block, key_valid,
+                                                       tile=tile)
+    plain = selected_block_mask(selected, q_start, rows, kv_len, block, key_valid, tile=tile)
+    assert torch.equal(block_mask.kv_indices, plain.kv_indices) and torch.equal(block_mask.kv_num_blocks,
+                                                                                plain.kv_num_blocks)
+    assert block_mask.q_indices.is_contiguous() and block_mask.q_num_blocks.is_contiguous()
+    allowed = materialize(block_mask.mask_mod, 2, 3, rows, kv_len, "cpu")  # (B, H, rows, S)
+    walked = torch.zeros_like(allowed)
+    for b, h, j in torch.cartesian_prod(*(torch.arange(n) for n in block_mask.q_num_blocks.shape)).tolist():
+        for i in block_mask.q_indices[b, h, j, : block_mask.q_num_blocks[b, h, j]].tolist():
+            walked[b, h, i * tile : (i + 1) * tile, j * tile : (j + 1) * tile] = True
+    far_pairs = torch.zeros_like(allowed)
+    far_rows = far.repeat_interleave(block, dim=2)[:, :, :rows]  # (B, H, rows, tile)
+    for b in range(2):
+        far_pairs[b][:, :, slots[b]] |= far_rows[b]
+    assert far_pairs.any() and (walked & allowed).any()
+    assert not (far_pairs & walked).any(), "a far pair would be summed twice"
+    assert not (far_pairs & ~allowed).any(), "a far pair the mask does not allow"
+    assert torch.equal(allowed & walked | far_pairs, allowed), "every allowed pair is walked or summed apart"
+    assert (block_mask.q_num_blocks <= plain.q_num_blocks).all()
+    assert block_mask.q_num_blocks.sum() < plain.q_num_blocks.sum(), "the sink tile's walk is shorter"
 
 
 @pytest.mark.parametrize("q_len, kv_len, left_pad", [(150, 150, 37), (70, 181, 130)], ids=["T150_pad", "chunk_pad"])

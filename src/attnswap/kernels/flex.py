@@ -90,8 +90,9 @@ def masked_attention(
             block_mask, slots, far_allowed = split_block_mask_for(
                 index_mask, far_keys, batch, heads, q_len, k.shape[-2], q.device,
                 cache_key=cache_key, per_batch=per_batch, per_head=per_head)
-            out, lse = flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True)
-            out, lse = with_far_key_gradients(out, lse, q, k, v, slots, far_allowed, scaling)
+            out, lse = with_far_key_gradients(
+                lambda k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
+                q, k, v, slots, far_allowed, scaling)
             return (out, lse) if return_lse else out
         block_mask = block_mask_for(index_mask, batch, heads, q_len, k.shape[-2], q.device,
                                     cache_key=cache_key, per_batch=per_batch, per_head=per_head)

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
+from attnswap.kernels import flex
+from attnswap.kernels.far_keys import with_far_key_gradients
 from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, block_mask_for,
                                    flex_masked_attention, ordered_blocks)
 from attnswap.kernels.fusion import fused
@@ -266,7 +268,7 @@ def flex_nsa_branches(q, k, v, scaling: float, block: int, top_k: int, key_valid
         first_real = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     o_cmp, importance = flex_compressed_attention(q, k, v, scaling, block, key_valid, backend)
     selected = select_blocks(importance, key_valid, first_real, q_offset, block, top_k)  # (B, H, nQB, K)
-    return o_cmp, flex_selected_attention(q, k, v, selected, scaling, block, key_valid, backend)
+    return o_cmp, flex_selected_attention(q, k, v, selected, scaling, block, key_valid, backend, first_real)
 
 
 def flex_compressed_attention(q, k, v, scaling: float, block: int, key_valid: torch.Tensor | None = None,
@@ -373,18 +375,29 @@ def importance_from_lse(q, k_cmp, lse, scaling: float, block: int, q_offset: int
 
 
 def flex_selected_attention(q, k, v, selected: torch.Tensor, scaling: float, block: int,
-                            key_valid: torch.Tensor | None = None, backend: str | None = "inductor") -> torch.Tensor:
+                            key_valid: torch.Tensor | None = None, backend: str | None = "inductor",
+                            first_real: torch.Tensor | None = None) -> torch.Tensor:
     """Exact attention of each query block over its selected key blocks, one flex call, no gather: (B, H, T, D).
 
     q (B, H, T, D) at positions S-T..S-1, k/v (B, H, S, D), selected (B, H, nQB, K) from ``select_blocks``. The
     queries are padded in front to the start of their first block, so that flex's query tiles hold whole query
-    blocks.
+    blocks. ``first_real`` (B,), the sink block's row: in a long training call the sink's key tile, which every
+    query block selects, is not walked end to end by flex's backward (``selected_split_block_mask``).
     """
     q_len, kv_len = q.shape[-2], k.shape[-2]
     q_start = (kv_len - q_len) // block * block
     lead = kv_len - q_len - q_start
-    block_mask = selected_block_mask(selected, q_start, lead + q_len, kv_len, block, key_valid)
-    out = flex_masked_attention(F.pad(q, (0, 0, lead, 0)) if lead else q, k, v, block_mask, scaling, backend=backend)
+    q_rows = F.pad(q, (0, 0, lead, 0)) if lead else q
+    if (first_real is not None and backend is not None and torch.is_grad_enabled()
+            and lead + q_len >= flex.FAR_KEYS_MIN_QUERIES):
+        block_mask, slots, far_allowed = selected_split_block_mask(selected, first_real, q_start, lead + q_len,
+                                                                   kv_len, block, key_valid)
+        out, _ = with_far_key_gradients(
+            lambda k, v: flex_masked_attention(q_rows, k, v, block_mask, scaling, backend=backend, return_lse=True),
+            q_rows, k, v, slots, far_allowed, scaling, rows_per_entry=block)
+    else:
+        block_mask = selected_block_mask(selected, q_start, lead + q_len, kv_len, block, key_valid)
+        out = flex_masked_attention(q_rows, k, v, block_mask, scaling, backend=backend)
     return out[:, :, lead:]
 
 
@@ -399,6 +412,44 @@ def selected_block_mask(selected: torch.Tensor, q_start: int, q_len: int, kv_len
     the tiles, computes the same attention.
     """
     tile = tile or flex_tile(block)
+    _, tiles, mask = _selection_tiles(selected, q_start, kv_len, block, key_valid, tile)
+    return BlockMask.from_kv_blocks(*ordered_blocks(tiles), BLOCK_SIZE=tile, mask_mod=mask,
+                                    seq_lengths=(q_len, kv_len))
+
+
+def selected_split_block_mask(selected: torch.Tensor, first_real: torch.Tensor, q_start: int, q_len: int,
+                              kv_len: int, block: int, key_valid: torch.Tensor | None = None, tile: int | None = None
+                              ) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
+    """``selected_block_mask`` whose sink tile (the key tile of each row's sink block, which ``select_blocks`` gives
+    every query block) is walked in flex's backward only by the query tiles that do not lie wholly after it; with that
+    tile's key slots (B, tile) and the pairs the cut leaves out, (B, H, nQB, tile) bool per query block, whose key and
+    value gradients kernels/far_keys.py sums. Without the cut, one program per head walks every query tile of the
+    sequence for that key tile.
+    """
+    tile = tile or flex_tile(block)
+    chosen, tiles, mask = _selection_tiles(selected, q_start, kv_len, block, key_valid, tile)
+    batch, heads, n_qt, n_kt = tiles.shape
+    device = selected.device
+    sink_tile = first_real.expand(batch) // block * block // tile  # (B,)
+    after = q_start + torch.arange(n_qt, device=device) * tile >= (sink_tile[:, None] + 1) * tile  # (B, nQT)
+    cut = after[:, None, :, None] & (torch.arange(n_kt, device=device) == sink_tile[:, None, None, None])
+    walks = ordered_blocks((tiles & ~cut).transpose(-1, -2))
+    block_mask = BlockMask((q_len, kv_len), *ordered_blocks(tiles), None, None, *walks, None, None,
+                           BLOCK_SIZE=(tile, tile), mask_mod=mask)
+
+    slots = sink_tile[:, None] * tile + torch.arange(tile, device=device)  # (B, tile)
+    inside = slots < kv_len
+    slots = slots.clamp(max=kv_len - 1)
+    n_qb = chosen.shape[2]
+    picked = chosen.gather(-1, (slots // block)[:, None, None, :].expand(batch, heads, n_qb, tile))  # (B, H, nQB, tile)
+    real = inside if key_valid is None else inside & key_valid.gather(1, slots)
+    far_rows = after.repeat_interleave(tile // block, dim=1)[:, :n_qb]  # (B, nQB): the query block's tile is cut
+    return block_mask, slots, picked & real[:, None, None, :] & far_rows[:, None, :, None]
+
+
+def _selection_tiles(selected: torch.Tensor, q_start: int, kv_len: int, block: int, key_valid: torch.Tensor | None,
+                     tile: int) -> tuple[torch.Tensor, torch.Tensor, MaskFn]:
+    """The selection table (B, H, nQB, nKB), the tiles it touches (B, H, nQT, nKT) and the branch's mask_mod."""
     batch, heads, n_qb, _ = selected.shape
     n_kb = num_blocks(kv_len, block)
     chosen = selection_table(selected, n_kb)  # (B, H, nQB, nKB)
@@ -412,8 +463,7 @@ def selected_block_mask(selected: torch.Tensor, q_start: int, q_len: int, kv_len
         return allowed if key_valid is None else allowed & key_valid[b, kv_idx]
 
     mask.__name__ = f"nsa_selected{block}"
-    return BlockMask.from_kv_blocks(*ordered_blocks(tiles), BLOCK_SIZE=tile, mask_mod=mask,
-                                    seq_lengths=(q_len, kv_len))
+    return chosen, tiles, mask
 
 
 def flex_tile(block: int) -> int:
