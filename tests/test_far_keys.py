@@ -50,12 +50,17 @@ def _walked_pairs(block_mask, batch: int, q_len: int, kv_len: int) -> torch.Tens
     return pairs[:, :q_len, :kv_len]
 
 
+@pytest.mark.parametrize("spec", ["window:w=20,sinks=4", "longformer:w=20,global_tokens=3"])
 @pytest.mark.parametrize("q_len, kv_len, pads", [(150, 150, [0, 0]), (150, 150, [37, 5]), (70, 181, [20, 0])],
                          ids=["whole", "left_padded", "chunk_padded"])
-def test_walks_and_far_pairs_split_the_mask_exactly(q_len, kv_len, pads):
-    batch, w, sinks = 2, 20, 4
+def test_walks_and_far_pairs_split_the_mask_exactly(spec, q_len, kv_len, pads):
+    batch = 2
+    variant = get_variant(spec)
     key_valid, first_real = _left_padded(batch, kv_len, pads)
-    index_mask, far = _window_masks(w, sinks, first_real, key_valid, offset=kv_len - q_len)
+    q, k, _ = random_qkv(batch, 1, q_len, kv_len, dim=16)
+    ctx = AttnContext(scaling=0.25, key_valid=key_valid)
+    index_mask, _, _ = variant.index_mask(q, k, ctx, None)
+    far = variant._far_keys(q, k, ctx)
     block_mask, slots, allowed = build_split_block_mask(index_mask, far, batch, None, q_len, kv_len, "cpu",
                                                         block_size=BLOCK)
     plain = build_block_mask(index_mask, batch, None, q_len, kv_len, "cpu", BLOCK)
@@ -69,13 +74,21 @@ def test_walks_and_far_pairs_split_the_mask_exactly(q_len, kv_len, pads):
     far_pairs = torch.zeros_like(mask)
     for b in range(batch):
         far_pairs[b][:, slots[b]] |= allowed[b, 0]
-    assert torch.equal(slots, first_real[:, None] + torch.arange(sinks))
+    assert torch.equal(slots, first_real[:, None] + torch.arange(far.count))
     assert far_pairs.any(), "the case must leave some far pairs to the sums"
     assert not (far_pairs & walked).any(), "a far pair would be summed twice"
     assert torch.equal(mask & walked | far_pairs, mask), "every allowed pair is walked or summed apart, no other"
-    # The walks are short: no key block is walked by more query blocks than the near mask's widest reach needs.
-    longest = max(int(block_mask.q_num_blocks.max()), 1) + int(block_mask.full_q_num_blocks.max())
-    assert longest <= -(-w // BLOCK) + 2 < -(-q_len // BLOCK)
+    # The far keys' tile is walked by the query tiles near it and those of the global queries, not by all.
+    sink_tile = int(first_real.max()) // BLOCK
+    walks = block_mask.q_num_blocks[:, 0, sink_tile] + block_mask.full_q_num_blocks[:, 0, sink_tile]
+    assert int(walks.max()) <= -(-20 // BLOCK) + 2 < -(-q_len // BLOCK)
+
+
+def test_strided_global_tokens_are_not_few_far_keys():
+    q, k, _ = random_qkv(1, 1, 64, 64, dim=16)
+    ctx = AttnContext(scaling=0.25)
+    assert get_variant("longformer:w=20,global_tokens=3,global_stride=16")._far_keys(q, k, ctx) is None
+    assert get_variant("window:w=20")._far_keys(q, k, ctx) is None
 
 
 @pytest.mark.parametrize("with_grad_lse", [False, True], ids=["out", "out_and_lse"])
@@ -198,8 +211,8 @@ def test_window_sinks_split_parts_on_cuda():
     assert not failures, "; ".join(failures)
 
 
-def _window_case(dtype, q_len, pads, device):
-    variant = get_variant("window:w=256,sinks=4")
+def _window_case(dtype, q_len, pads, device, spec="window:w=256,sinks=4"):
+    variant = get_variant(spec)
     batch = len(pads)
     q, k, v = (x.to(device).requires_grad_() for x in random_qkv(batch, 4, q_len, q_len, dim=64, dtype=dtype))
     key_valid, _ = _left_padded(batch, q_len, pads)
@@ -232,12 +245,11 @@ def test_far_key_kernel_matches_the_reference_on_cuda(dtype, n_far, rows_per_ent
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pads", [[0], [300, 0]], ids=["whole", "left_padded"])
-@pytest.mark.parametrize("sums", ["triton", "pytorch"])
-def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, sums, monkeypatch):
-    if sums == "pytorch":
-        monkeypatch.setattr(far_keys, "MAX_FAR_KEYS", 0)
+@pytest.mark.parametrize("spec", ["window:w=256,sinks=4", "longformer:w=256,global_tokens=4"],
+                         ids=["window", "longformer"])
+def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, spec):
     q_len = max(flex.FAR_KEYS_MIN_QUERIES, 2500)
-    variant, q, k, v, ctx = _window_case(dtype, q_len, pads, "cuda")
+    variant, q, k, v, ctx = _window_case(dtype, q_len, pads, "cuda", spec)
     assert variant._far_keys(q, k, ctx) is not None
     fast = variant.attend(q, k, v, ctx, None)
     grads_fast = torch.autograd.grad(fast.float().square().sum(), (q, k, v))
@@ -269,8 +281,9 @@ def test_window_sinks_split_compiles_whole_and_equals_eager():
         torch.testing.assert_close(got.float() / scale, want.float() / scale, rtol=0, atol=2e-2, msg=name)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager_fullgraph"])
 @pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out_and_lse"])
-def test_far_gradients_reach_the_keys_through_autograd_on_cpu(with_lse):
+def test_far_gradients_reach_the_keys_through_autograd_on_cpu(with_lse, compiled):
     """with_far_key_gradients around an attention whose backward skips the far pairs (dense here: those pairs' scores
     see k and v detached) gives k and v the whole dense gradient, added in place to the attention's own."""
     batch, heads, q_len, scaling = 2, 3, 30, 0.3
@@ -293,10 +306,16 @@ def test_far_gradients_reach_the_keys_through_autograd_on_cpu(with_lse):
             return probs @ v, lse
         return probs.masked_fill(far_pairs, 0) @ v + probs.masked_fill(~far_pairs, 0) @ v.detach(), lse
 
-    out, lse = far_keys.with_far_key_gradients(lambda k, v: dense(k, v, True), q, k, v, slots, far_allowed, scaling)
-    want_out, want_lse = dense(k, v, False)
     loss = lambda o, l: o.square().sum() + (l.sin().sum() if with_lse else 0)  # noqa: E731
-    got = torch.autograd.grad(loss(out, lse), (q, k, v))
+
+    def split_loss(q, k, v):
+        return loss(*far_keys.with_far_key_gradients(lambda k, v: dense(k, v, True), q, k, v, slots, far_allowed,
+                                                     scaling))
+
+    if compiled:  # dynamo and AOTAutograd over both autograd Functions, the in-place add included
+        split_loss = torch.compile(split_loss, backend="aot_eager", fullgraph=True)
+    want_out, want_lse = dense(k, v, False)
+    got = torch.autograd.grad(split_loss(q, k, v), (q, k, v))
     want = torch.autograd.grad(loss(want_out, want_lse), (q, k, v))
     for name, g, w in zip("qkv", got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnswap.kernels.far_keys import MAX_FAR_KEYS
 from attnswap.kernels.masks import draw, materialize, or_masks, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
@@ -24,11 +25,12 @@ class LongformerParams:
         check(self.global_stride >= 0, f"global_stride must be >= 0 (0 = none), got global_stride={self.global_stride}")
 
 
-def global_token_mask(global_tokens: int, global_stride: int, first_real: torch.Tensor):
+def global_token_mask(global_tokens: int, global_stride: int, first_real: torch.Tensor, keys: bool = True):
     """Positional mask: a global query sees every key, a global key is seen by every query (first_real (B,)).
 
     A token is global when its position relative to its row's first real token is below ``global_tokens``
-    or, with ``global_stride`` > 0, a multiple of it. Causality is added by ``to_index_mask``.
+    or, with ``global_stride`` > 0, a multiple of it. Causality is added by ``to_index_mask``. ``keys`` False: the
+    global queries' rows alone (what is left once the global keys are summed apart, kernels/far_keys.py).
     """
 
     def is_global(b, pos):
@@ -39,9 +41,10 @@ def global_token_mask(global_tokens: int, global_stride: int, first_real: torch.
         return hit
 
     def mask(b, h, q, kv):
-        return is_global(b, q) | is_global(b, kv)
+        return is_global(b, q) | is_global(b, kv) if keys else is_global(b, q)
 
-    mask.__name__ = f"global{global_tokens}" + (f"_stride{global_stride}" if global_stride else "")
+    mask.__name__ = (f"global{global_tokens}" + (f"_stride{global_stride}" if global_stride else "")
+                     + ("" if keys else "_queries"))
     return mask
 
 
@@ -64,6 +67,15 @@ class Longformer(MaskedVariant):
     def positional_mask(self, ctx: AttnContext, batch: int, device, state):
         p = self.params
         return longformer_mask(p.w, p.global_tokens, p.global_stride, ctx.first_real_token(batch, device))
+
+    def far_keys(self, ctx: AttnContext, batch: int, device):
+        p = self.params
+        if p.global_stride or not 0 < p.global_tokens <= MAX_FAR_KEYS:  # strided global keys are not few
+            return None
+        first_real = ctx.first_real_token(batch, device)
+        near = or_masks(sliding_window_mask(p.w, 0, first_real),
+                        global_token_mask(p.global_tokens, 0, first_real, keys=False))
+        return near, p.global_tokens
 
 
 def main() -> None:
