@@ -6,8 +6,7 @@
 #   3. scripts/distill_speed.py (whole / checkpointed / fused KL, compiled model) -> runs/distill_speed/
 #   4. each RUN_CONFIG through `attnswap run`, its distill.max_seconds cut to the time left -> runs/<name>/
 # SPEED_ARGS replaces step 3's arguments (default --batch-sizes 8,32,64 --curve-steps 150), SPEED_TIMEOUT its 240 s.
-# STEPS may also name "probe": scripts/probe_flex_tiles.py (PROBE_ARGS, PROBE_TIMEOUT default 240 s) -> runs/flex_tiles/,
-# and "far": scripts/probe_far_keys.py (FAR_ARGS, FAR_TIMEOUT default 240 s) -> runs/far_keys/.
+# STEPS may also name "far": scripts/probe_far_keys.py (FAR_ARGS, FAR_TIMEOUT default 240 s) -> runs/far_keys/.
 # Environment passes through: TORCHINDUCTOR_MAX_AUTOTUNE=1 STEPS=bench BENCH_CONFIG=configs/experiments/
 # bench_kernel_flex_autotune.yaml times flex with inductor's tile autotuning.
 # STEPS (default "tests bench speed runs") picks the steps: all four take longer than one device call's 10 minutes,
@@ -46,8 +45,6 @@ for line in open(os.path.join(os.environ["BENCH_OUT"], "kernel_results.jsonl")):
         print(f'{r["variant"]:28s} {r["length"]:6d} {1e3 * (r.get("graph_median_s") or r["median_s"]):8.2f} ms  x{r.get("graph_speedup") or r.get("speedup") or 0:.2f}')
 PY
 fi
-want probe && timeout "${PROBE_TIMEOUT:-240}" python3 scripts/probe_flex_tiles.py ${PROBE_ARGS:-} --out runs/flex_tiles 2>&1 \
-  | grep -v -i warn | tail -n 20
 want far && timeout "${FAR_TIMEOUT:-240}" python3 scripts/probe_far_keys.py ${FAR_ARGS:-} --out runs/far_keys 2>&1 \
   | grep -v -i warn | tail -n 30
 want speed && timeout "${SPEED_TIMEOUT:-240}" python3 scripts/distill_speed.py ${SPEED_ARGS:---batch-sizes 8,32,64 --curve-steps 150} --out runs/distill_speed 2>&1 \

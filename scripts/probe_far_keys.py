@@ -49,7 +49,7 @@ def main() -> None:
         got = {}
         for name, (case, threshold) in cases.items():
             flex.FAR_KEYS_MIN_QUERIES = threshold
-            attend = case if callable(case) and not hasattr(case, "attend") else (
+            attend = case if not hasattr(case, "attend") else (
                 lambda q, k, v, variant=case: variant.attend(q, k, v, ctx, None))
             row = {"case": name, "length": n}
             try:
