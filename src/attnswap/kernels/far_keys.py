@@ -1,18 +1,21 @@
-"""The key gradients of a few far-attended keys (attention sinks), taken apart from FlexAttention's backward.
+"""The key gradients of a few far-attended keys (sinks, global keys), taken apart from FlexAttention's backward.
 
 FlexAttention's backward gives each key block one program that walks every query block attending it. A sink's key
 block is attended by every query block, so that one program walks the whole sequence while every other walks a
-window's few blocks: window 256 + 4 sinks took 1.12 ms forward+backward at 16k against the plain window's 0.44, and
-4.34 against 1.60 ms at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session8).
+window's few blocks: window 256 + 4 sinks took 1.10 ms forward+backward at 16k against the plain window's 0.43, and
+4.39 against 1.62 ms at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session9, call 1).
 
 The forward and the queries' gradients lose nothing by the sinks' block (one more key block per query block). So the
 block mask keeps the whole pattern for them, and only the walk of each key block (the block mask's transposed,
 ``q_indices`` half) is cut to the query blocks that reach it without the far keys (``kernels/flex.py``,
-``build_split_block_mask``). The pairs that cut drops, a far key and a query from afar, are (T, n) for n far keys:
-their key and value gradients are summed here from the forward's output and log-sum-exp, as FlashAttention's backward
-does: p = exp(q·k·scale - lse), ds = p (dout·v - rowsum(dout ∘ out) + dlse), dv += pᵀ dout, dk += dsᵀ q · scale.
+``build_split_block_mask``; NSA's sink tile, ``kernels/nsa.py``, ``selected_split_block_mask``). The pairs that cut
+drops, a far key and a query from afar, are (T, n) for n far keys: their key and value gradients are summed here
+from the forward's output and log-sum-exp, as FlashAttention's backward does:
+p = exp(q·k·scale - lse), ds = p (dout·v - rowsum(dout ∘ out) + dlse), dv += pᵀ dout, dk += dsᵀ q · scale.
+With them, window 256 + 4 sinks takes 0.61 ms at 16k and 2.20 ms at 64k (36x flash), and NSA 19.7 ms at 64k against
+22.2 (session9, call 7).
 
-On CUDA this is one Triton kernel that reads q, dout and out once, in tiles of queries, and a sum of its per-tile
+On CUDA this is one Triton kernel that reads q, dout and out once, in tiles of queries, and a sum of its per-program
 partials; ``far_key_gradients_reference`` is the same sum in PyTorch: the CPU path and the kernel's test oracle.
 """
 
@@ -40,12 +43,12 @@ def with_far_key_gradients(attend: Callable[[torch.Tensor, torch.Tensor], tuple[
     memory. The sums travel from the output's end to the keys' end as the gradient of a placeholder, so autograd
     orders the two ends and nothing is shared outside it.
     """
-    k, v, placeholder = _AddFarGradients.apply(k, v, slots)
+    k, v, placeholder = _AddAtFarSlots.apply(k, v, slots)
     out, lse = attend(k, v)
-    return _FarGradients.apply(out, lse, q, k, v, placeholder, slots, allowed, scaling, rows_per_entry)
+    return _SumFarPairs.apply(out, lse, q, k, v, placeholder, slots, allowed, scaling, rows_per_entry)
 
 
-class _AddFarGradients(torch.autograd.Function):
+class _AddAtFarSlots(torch.autograd.Function):
     """k, v unchanged, and a placeholder whose gradient, (2, B, H, n, D) fp32, is added to theirs at ``slots``."""
 
     @staticmethod
@@ -74,7 +77,7 @@ def _add_at(grad: torch.Tensor | None, ctx, slots: torch.Tensor, far: torch.Tens
     return grad.scatter_add_(2, index, far.to(grad.dtype))
 
 
-class _FarGradients(torch.autograd.Function):
+class _SumFarPairs(torch.autograd.Function):
     """out, lse unchanged; in the backward, the far pairs' key and value sums as the placeholder's gradient."""
 
     @staticmethod
