@@ -22,6 +22,9 @@ from tests.conftest import TOLERANCE, random_qkv
 
 CUDA = torch.cuda.is_available()
 BLOCK = 16
+# The CUDA tests split from this many queries (lengths of 2048-2500 keep the dense reference cheap), whatever the
+# production threshold flex.FAR_KEYS_MIN_QUERIES.
+SPLIT_FROM = 2048
 
 
 def _window_masks(w: int, sinks: int, first_real: torch.Tensor, key_valid: torch.Tensor | None, offset: int = 0):
@@ -171,9 +174,10 @@ def test_flex_backward_over_the_split_mask_walks_the_near_pairs_only():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_window_sinks_split_parts_on_cuda():
+def test_window_sinks_split_parts_on_cuda(monkeypatch):
     """The split's two parts against the dense gradient: flex over the split mask (the near pairs) plus the far sums
     from the reference, then the whole path against those two."""
+    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", SPLIT_FROM)
     q_len = 2500
     variant, q, k, v, ctx = _window_case(torch.float32, q_len, [0], "cuda")
     index_mask, _, _ = variant.index_mask(q, k, ctx, None)
@@ -247,8 +251,9 @@ def test_far_key_kernel_matches_the_reference_on_cuda(dtype, n_far, rows_per_ent
 @pytest.mark.parametrize("pads", [[0], [300, 0]], ids=["whole", "left_padded"])
 @pytest.mark.parametrize("spec", ["window:w=256,sinks=4", "longformer:w=256,global_tokens=4"],
                          ids=["window", "longformer"])
-def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, spec):
-    q_len = max(flex.FAR_KEYS_MIN_QUERIES, 2500)
+def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, spec, monkeypatch):
+    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", SPLIT_FROM)
+    q_len = 2500
     variant, q, k, v, ctx = _window_case(dtype, q_len, pads, "cuda", spec)
     assert variant._far_keys(q, k, ctx) is not None
     fast = variant.attend(q, k, v, ctx, None)
@@ -268,8 +273,9 @@ def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, spec):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_window_sinks_split_compiles_whole_and_equals_eager():
-    variant, q, k, v, ctx = _window_case(torch.bfloat16, flex.FAR_KEYS_MIN_QUERIES, [0], "cuda")
+def test_window_sinks_split_compiles_whole_and_equals_eager(monkeypatch):
+    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", SPLIT_FROM)
+    variant, q, k, v, ctx = _window_case(torch.bfloat16, SPLIT_FROM, [0], "cuda")
 
     def loss(q, k, v):
         return variant.attend(q, k, v, ctx, None).float().square().sum()

@@ -14,12 +14,14 @@ from attnswap.kernels.nsa import (block_importance, compressed_attention, exact_
                                   flex_compressed_attention, flex_nsa_branches, flex_route, flex_tile,
                                   importance_from_lse, pool_blocks, select_blocks, selected_block_mask,
                                   selected_split_block_mask, selection_table)
+from attnswap.kernels import flex
 from attnswap.kernels.masks import materialize
 from attnswap.variants.nsa import NSA, NSAParams
 from tests.conftest import TOLERANCE, random_qkv
 from tests.test_nsa import _gates, _inputs, assert_attend_matches_reference, assert_grads_close
 
 CUDA = torch.cuda.is_available()
+SPLIT_FROM = 2048  # the CUDA cases take NSA's split sink tile from this many queries (flex.FAR_KEYS_MIN_QUERIES)
 
 # (T, S, block, top_k, window, left_pad): blocks not dividing T or S, padding over whole blocks and part of one,
 # and a prefill chunk (T < S) whose first query sits inside a block.
@@ -32,7 +34,7 @@ CUDA_CASES = {
     "T1000_b64": (1000, 1000, 64, 4, 64, 0),  # the bench-kernel path: no key_valid, first_real None
     "chunk_T261_S333_b32_pad": (261, 333, 32, 3, 40, 150),
     "T300_b16_k5_pad": (300, 300, 16, 5, 23, 9),
-    # long enough for the sink tile's split walk (flex.FAR_KEYS_MIN_QUERIES), whole and padded
+    # long enough for the sink tile's split walk (from SPLIT_FROM queries in these tests), whole and padded
     "T2100_b64": (2100, 2100, 64, 4, 64, 0),
     "chunk_T2080_S2300_b64_pad": (2080, 2300, 64, 4, 64, 200),
 }
@@ -194,7 +196,8 @@ def test_flex_route_needs_cuda_long_queries_and_blocks_that_tile():
 @pytest.mark.skipif(not CUDA, reason="compiled FlexAttention with backward needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CUDA_CASES.values(), ids=CUDA_CASES.keys())
-def test_nsa_flex_route_matches_reference_outputs_and_gradients(case, dtype):
+def test_nsa_flex_route_matches_reference_outputs_and_gradients(case, dtype, monkeypatch):
+    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", SPLIT_FROM)
     q_len, kv_len, block, top_k, window, left_pad = case
     variant = NSA(NSAParams(block=block, top_k=top_k, window=window))
     q, k, v, ctx = _inputs(q_len, kv_len, left_pad, dtype, dim=64, device="cuda")

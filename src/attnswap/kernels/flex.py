@@ -36,9 +36,10 @@ FLEX_MIN_HEAD_DIM = 16  # the Triton kernel's tl.dot needs head_dim >= 16
 RECOMPILE_LIMIT = 128  # compiled shapes × grad modes × mask constants per process; dynamo's default is 8
 MASK_CACHE_SIZE = 32
 MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a block mask (bounds memory at 16k)
-# Far keys' gradients are summed apart (kernels/far_keys.py) from this many queries on, where one key block's walk
-# over every query block outlasts the rest of FlexAttention's backward.
-FAR_KEYS_MIN_QUERIES = 2048
+# Far keys' gradients are summed apart (kernels/far_keys.py) from this many queries on: window 256 + 4 sinks took
+# 0.23 ms forward+backward so at 4096 against the single mask's 0.29 (H200, bf16, 12 heads of 64; session 9). Below,
+# one key block's walk over every query block costs little, and shorter lengths are not measured.
+FAR_KEYS_MIN_QUERIES = 4096
 
 _BLOCK_MASKS: OrderedDict[Hashable, tuple[object, list[torch.Tensor]]] = OrderedDict()
 
