@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Hashable
 
 import torch
 import torch.nn.functional as F
@@ -87,10 +87,10 @@ def masked_attention(
     # inference with a bias (a hardened mixture) still runs fused.
     trains_bias = score_bias is not None and torch.is_grad_enabled()
     if flex_serves(q) and not trains_bias:
-        if far_keys is not None and score_bias is None and q_len >= FAR_KEYS_MIN_QUERIES and torch.is_grad_enabled():
-            block_mask, slots, far_allowed = split_block_mask_for(
-                index_mask, far_keys, batch, heads, q_len, k.shape[-2], q.device,
-                cache_key=cache_key, per_batch=per_batch, per_head=per_head)
+        if far_keys is not None and score_bias is None and far_keys_pay(q):
+            block_mask, slots, far_allowed = block_mask_for(
+                index_mask, batch, heads, q_len, k.shape[-2], q.device,
+                cache_key=cache_key, per_batch=per_batch, per_head=per_head, far_keys=far_keys)
             out, lse = with_far_key_gradients(
                 lambda k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
                 q, k, v, slots, far_allowed, scaling)
@@ -99,6 +99,12 @@ def masked_attention(
                                     cache_key=cache_key, per_batch=per_batch, per_head=per_head)
         return flex_masked_attention(q, k, v, block_mask, scaling, score_bias, return_lse=return_lse)
     return materialised_attention(q, k, v, index_mask, scaling, score_bias, return_lse=return_lse)
+
+
+def far_keys_pay(q: torch.Tensor) -> bool:
+    """Whether a call of queries q (B, H, T, D) sums its far keys' gradients apart: flex serves it, it trains, and it
+    is long enough (FAR_KEYS_MIN_QUERIES) for one key block's walk over every query block to cost more."""
+    return flex_serves(q) and q.shape[-2] >= FAR_KEYS_MIN_QUERIES and torch.is_grad_enabled()
 
 
 def flex_serves(q: torch.Tensor) -> bool:
@@ -200,47 +206,29 @@ def block_mask_for(
     per_batch: bool = True,
     per_head: bool = True,
     block_size: int = BLOCK_SIZE,
-) -> BlockMask:
+    far_keys: FarKeys | None = None,
+) -> BlockMask | tuple[BlockMask, torch.Tensor, torch.Tensor]:
     """The BlockMask of ``index_mask`` for q (batch, heads, q_len), k (.., kv_len), from the cache when it can be.
 
     ``cache_key`` must name everything the mask depends on besides these arguments. Tensors inside it
     count by identity and in-place version, and the cache keeps them alive so that an id is never reused:
     an unpadded mask keyed by its spec is built once per shape; one keyed by a batch's padding tensor is
     built once per forward and shared by all layers. None builds every call.
+    With ``far_keys``: ``build_split_block_mask``'s block mask, far slots and far pairs.
     """
-    build = functools.partial(build_block_mask, index_mask, batch if per_batch else None,
-                              heads if per_head else None, q_len, kv_len, device, block_size)
-    # The shape stays in the key even when the block mask broadcasts: the cached mask_mod indexes
-    # tensors captured at build time (first_real is (B,)), so they must fit this call.
-    return _cached(cache_key, (batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size), build)
-
-
-def split_block_mask_for(
-    index_mask: MaskFn,
-    far_keys: FarKeys,
-    batch: int,
-    heads: int,
-    q_len: int,
-    kv_len: int,
-    device,
-    *,
-    cache_key: Hashable = None,
-    per_batch: bool = True,
-    per_head: bool = True,
-    block_size: int = BLOCK_SIZE,
-) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
-    """``build_split_block_mask`` from the cache when it can be (``cache_key`` as for ``block_mask_for``)."""
-    build = functools.partial(build_split_block_mask, index_mask, far_keys, batch, heads if per_head else None,
-                              q_len, kv_len, device, per_batch, block_size)
-    shape = (batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size, "far", far_keys.count)
-    return _cached(cache_key, shape, build)
-
-
-def _cached(cache_key: Hashable, shape: tuple, build: Callable[[], object]):
+    if far_keys is None:
+        build = functools.partial(build_block_mask, index_mask, batch if per_batch else None,
+                                  heads if per_head else None, q_len, kv_len, device, block_size)
+    else:
+        build = functools.partial(build_split_block_mask, index_mask, far_keys, batch, heads if per_head else None,
+                                  q_len, kv_len, device, per_batch, block_size)
     if cache_key is None:
         return build()
     pinned: list[torch.Tensor] = []
-    key = (_freeze(cache_key, pinned), *shape)
+    # The shape stays in the key even when the block mask broadcasts: the cached mask_mod indexes
+    # tensors captured at build time (first_real is (B,)), so they must fit this call.
+    key = (_freeze(cache_key, pinned), batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size,
+           None if far_keys is None else far_keys.count)
     if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
         return _BLOCK_MASKS[key][0]
@@ -298,9 +286,7 @@ def build_split_block_mask(
     near_full, near_partial = _full_and_partial_blocks(far_keys.near_mask, mask_batch, heads, q_len, kv_len, device,
                                                        block_size)
     reached = near_full | near_partial  # (B or 1, H or 1, n_q, n_kv)
-    walks = [ordered_blocks((blocks & reached).transpose(-1, -2)) for blocks in (partial, full)]
-    block_mask = BlockMask((q_len, kv_len), *ordered_blocks(partial), *ordered_blocks(full), *walks[0], *walks[1],
-                           BLOCK_SIZE=(block_size, block_size), mask_mod=index_mask)
+    block_mask = block_mask_with_walks(partial, full, reached, q_len, kv_len, block_size, index_mask)
 
     slots = far_keys.first.expand(batch)[:, None] + torch.arange(far_keys.count, device=device)  # (B, n)
     inside = slots < kv_len
@@ -310,6 +296,18 @@ def build_split_block_mask(
     left_out = ~reached[b if per_batch else 0, h, q // block_size, kv // block_size]
     allowed = index_mask(b, h, q, kv) & inside[:, None, None, :] & left_out  # (B, H or 1, T, n)
     return block_mask, slots, allowed
+
+
+def block_mask_with_walks(partial: torch.Tensor, full: torch.Tensor | None, walked: torch.Tensor, q_len: int,
+                          kv_len: int, block_size: int, mask_mod: MaskFn) -> BlockMask:
+    """The BlockMask of ``partial`` and ``full`` blocks (bool (B, H, n_q, n_kv); ``full`` None: none), whose backward
+    walks (its transposed half: the query blocks each key block's program visits) keep only the ``walked`` blocks. The
+    pairs of the blocks left out get no key or value gradient from flex: the caller sums them (kernels/far_keys.py)."""
+    lists = [(None, None) if blocks is None else ordered_blocks(blocks) for blocks in (partial, full)]
+    walks = [(None, None) if blocks is None else ordered_blocks((blocks & walked).transpose(-1, -2))
+             for blocks in (partial, full)]
+    return BlockMask((q_len, kv_len), *lists[0], *lists[1], *walks[0], *walks[1],
+                     BLOCK_SIZE=(block_size, block_size), mask_mod=mask_mod)
 
 
 def _full_and_partial_blocks(index_mask: MaskFn, batch: int | None, heads: int | None, q_len: int, kv_len: int,

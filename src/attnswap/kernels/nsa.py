@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from attnswap.kernels import flex
 from attnswap.kernels.far_keys import with_far_key_gradients
 from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, block_mask_for,
-                                   flex_masked_attention, ordered_blocks)
+                                   block_mask_with_walks, far_keys_pay, flex_masked_attention, ordered_blocks)
 from attnswap.kernels.fusion import fused
 from attnswap.kernels.masks import MaskFn, device_constant
 
@@ -388,8 +387,7 @@ def flex_selected_attention(q, k, v, selected: torch.Tensor, scaling: float, blo
     q_start = (kv_len - q_len) // block * block
     lead = kv_len - q_len - q_start
     q_rows = F.pad(q, (0, 0, lead, 0)) if lead else q
-    if (first_real is not None and backend is not None and torch.is_grad_enabled()
-            and lead + q_len >= flex.FAR_KEYS_MIN_QUERIES):
+    if first_real is not None and backend is not None and far_keys_pay(q_rows):
         block_mask, slots, far_allowed = selected_split_block_mask(selected, first_real, q_start, lead + q_len,
                                                                    kv_len, block, key_valid)
         out, _ = with_far_key_gradients(
@@ -433,9 +431,7 @@ def selected_split_block_mask(selected: torch.Tensor, first_real: torch.Tensor, 
     sink_tile = first_real.expand(batch) // block * block // tile  # (B,)
     after = q_start + torch.arange(n_qt, device=device) * tile >= (sink_tile[:, None] + 1) * tile  # (B, nQT)
     cut = after[:, None, :, None] & (torch.arange(n_kt, device=device) == sink_tile[:, None, None, None])
-    walks = ordered_blocks((tiles & ~cut).transpose(-1, -2))
-    block_mask = BlockMask((q_len, kv_len), *ordered_blocks(tiles), None, None, *walks, None, None,
-                           BLOCK_SIZE=(tile, tile), mask_mod=mask)
+    block_mask = block_mask_with_walks(tiles, None, ~cut, q_len, kv_len, tile, mask)
 
     slots = sink_tile[:, None] * tile + torch.arange(tile, device=device)  # (B, tile)
     inside = slots < kv_len

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from attnswap.kernels.dense import dense_probs
-from attnswap.kernels.flex import FarKeys, masked_attention
+from attnswap.kernels.flex import FarKeys, far_keys_pay, masked_attention
 from attnswap.kernels.masks import MaskFn, materialize, materialize_bias, to_index_mask
 from attnswap.variants.base import AttnContext, Variant
 
@@ -76,7 +76,7 @@ class MaskedVariant(Variant):
             per_batch=ctx.key_valid is not None or ctx.first_real is not None or ctx.model_mask is not None,
             per_head=self.mask_varies_by_head or ctx.model_mask is not None,  # a caller's 4-D mask may vary by head
             return_lse=return_lse,
-            far_keys=self._far_keys(q, k, ctx),
+            far_keys=self._far_keys(q, k, ctx) if far_keys_pay(q) else None,  # not built for calls it cannot serve
         )
 
     def _far_keys(self, q, k, ctx: AttnContext) -> FarKeys | None:
