@@ -1,13 +1,14 @@
-"""Window + sinks with the sinks' gradients summed apart (kernels/far_keys.py) against the single block mask.
+"""Window + sinks as a merged branch (kernels/far_branch.py) and split (kernels/far_keys.py) against one block mask.
 
     PYTHONPATH=src python3 scripts/probe_far_keys.py --out runs/far_keys        (CUDA: flex has no CPU backward)
 
-For each length: flash SDPA, the plain window, and the window with sinks twice, split (the sink keys' block walked only
-by the query blocks its window reaches, the far pairs' key and value gradients summed by one Triton pass) and as one
-block mask (FAR_KEYS_MIN_QUERIES raised past the length), forward+backward by CUDA-graph replay (median of
-``--repeats``) in one process; the largest difference of the split's output and gradients from the single mask's, and
-each case's largest kernels from one profiled call. Writes OUT/far_keys.json. The split decides the threshold
-FAR_KEYS_MIN_QUERIES in kernels/flex.py.
+For each mode and length: flash SDPA, the plain window, and the window with sinks three ways: as a branch merged with
+flex over the pure window by log-sum-exp; split (the sink keys' block walked only by the query blocks its window
+reaches, the far pairs' key and value gradients summed by one Triton pass; forward+backward only); and as one block
+mask (FAR_KEYS_MIN_QUERIES raised past the length). Timed by CUDA-graph replay (median of ``--repeats``) in one
+process; the largest difference of each route's output and gradients from the single mask's, and each case's largest
+kernels from one profiled call. Writes OUT/far_keys.json. It decides FAR_KEYS_ROUTE and FAR_KEYS_MIN_QUERIES in
+kernels/flex.py.
 """
 
 from __future__ import annotations
@@ -30,54 +31,62 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--lengths", default="1024,2048,4096,16384,65536")
+    parser.add_argument("--modes", default="forward+backward,forward")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", type=int, default=8, help="kernels listed per case (0: no profile)")
     parser.add_argument("--out", default="runs/far_keys")
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     ctx = AttnContext(scaling=HEAD_DIM**-0.5)
-    split_from = flex.FAR_KEYS_MIN_QUERIES
+    split_from, route = flex.FAR_KEYS_MIN_QUERIES, flex.FAR_KEYS_ROUTE
+    sinks = get_variant(f"window:w={args.window},sinks={args.sinks}")
     cases = {
-        "sdpa_flash": (lambda q, k, v: dense_causal_attention(q, k, v, ctx.scaling), split_from),
-        f"window:w={args.window}": (get_variant(f"window:w={args.window}"), split_from),
-        "sinks_split": (get_variant(f"window:w={args.window},sinks={args.sinks}"), 0),
-        "sinks_one_mask": (get_variant(f"window:w={args.window},sinks={args.sinks}"), 1 << 40),
+        "sdpa_flash": (lambda q, k, v: dense_causal_attention(q, k, v, ctx.scaling), split_from, route),
+        f"window:w={args.window}": (get_variant(f"window:w={args.window}"), split_from, route),
+        "sinks_branch": (sinks, 0, "branch"),
+        "sinks_split": (sinks, 0, "split"),
+        "sinks_one_mask": (sinks, 1 << 40, route),
     }
     rows = []
-    for n in (int(x) for x in args.lengths.split(",")):
+    for mode, n in ((mode, int(n)) for mode in args.modes.split(",") for n in args.lengths.split(",")):
         shape = (1, HEADS, n, HEAD_DIM)
         got = {}
-        for name, (case, threshold) in cases.items():
-            flex.FAR_KEYS_MIN_QUERIES = threshold
+        for name, (case, threshold, case_route) in cases.items():
+            if name == "sinks_split" and mode == "forward":
+                continue  # the split changes the backward alone
+            flex.FAR_KEYS_MIN_QUERIES, flex.FAR_KEYS_ROUTE = threshold, case_route
             attend = case if not hasattr(case, "attend") else (
                 lambda q, k, v, variant=case: variant.attend(q, k, v, ctx, None))
-            row = {"case": name, "length": n}
+            row = {"case": name, "length": n, "mode": mode}
             try:
-                result, run, (q, k, v) = time_attention_case(attend, shape, "forward+backward", device, dtype, 0,
+                result, run, (q, k, v) = time_attention_case(attend, shape, mode, device, dtype, 0,
                                                              args.repeats, 2, cuda_graphs=True)
                 row.update(graph_median_s=result.get("graph_median_s"), median_s=result["median_s"],
                            graph_error=result.get("graph_error"), peak_mb=result.get("peak_mb"))
                 if args.profile:
                     row["kernels"], row["kernels_total_us"] = top_kernels(run, device, args.profile)
-                if name.startswith("sinks"):
-                    q.grad = k.grad = v.grad = None
+                if name.startswith("sinks") and mode == "forward+backward":
+                    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
                     out = attend(q, k, v)
-                    out.backward(torch.ones_like(out))
+                    out.backward(torch.randn(out.shape, device=device, dtype=out.dtype,
+                                             generator=torch.Generator(device).manual_seed(0)))
                     got[name] = [out.detach().float(), *(t.grad.float() for t in (q, k, v))]
             except Exception as exc:  # one failed case must not lose the others
                 row["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             rows.append(row)
-        flash = rows[-len(cases)].get("graph_median_s")
-        for row in rows[-len(cases):]:
+        timed = [row for row in rows if row["length"] == n and row["mode"] == mode]
+        flash = timed[0].get("graph_median_s")
+        for row in timed:
             if flash and row.get("graph_median_s"):
                 row["speedup"] = round(flash / row["graph_median_s"], 2)
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
-        if len(got) == 2:
-            difference = {label: (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for label, a, b
-                          in zip(("out", "dq", "dk", "dv"), got["sinks_split"], got["sinks_one_mask"])}
-            rows.append({"case": "split_vs_one_mask", "length": n, "max_relative_difference": difference})
-            print(json.dumps(rows[-1]), flush=True)
-    flex.FAR_KEYS_MIN_QUERIES = split_from
+        for name in ("sinks_branch", "sinks_split"):
+            if name in got and "sinks_one_mask" in got:
+                difference = {label: (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for label, a, b
+                              in zip(("out", "dq", "dk", "dv"), got[name], got["sinks_one_mask"])}
+                rows.append({"case": f"{name}_vs_one_mask", "length": n, "max_relative_difference": difference})
+                print(json.dumps(rows[-1]), flush=True)
+    flex.FAR_KEYS_MIN_QUERIES, flex.FAR_KEYS_ROUTE = split_from, route
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "far_keys.json").write_text(json.dumps({"environment": environment(device), "args": vars(args),

@@ -25,6 +25,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import sdpa_masked
+from attnswap.kernels.far_branch import attend_with_far_branch
 from attnswap.kernels.far_keys import with_far_key_gradients
 from attnswap.kernels.masks import MaskFn, index_grid, mask_bands, materialize, materialize_bias
 
@@ -40,6 +41,9 @@ MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a bl
 # 0.23 ms forward+backward so at 4096 against the single mask's 0.29 (H200, bf16, 12 heads of 64; session 9). Below,
 # one key block's walk over every query block costs little, and shorter lengths are not measured.
 FAR_KEYS_MIN_QUERIES = 4096
+# How far keys are served: "branch" (kernels/far_branch.py, flex over the near mask alone) or "split" (the whole mask,
+# kernels/far_keys.py's sums for the walks it cuts).
+FAR_KEYS_ROUTE = "branch"
 
 _BLOCK_MASKS: OrderedDict[Hashable, tuple[object, list[torch.Tensor]]] = OrderedDict()
 
@@ -91,9 +95,14 @@ def masked_attention(
             block_mask, slots, far_allowed = block_mask_for(
                 index_mask, batch, heads, q_len, k.shape[-2], q.device,
                 cache_key=cache_key, per_batch=per_batch, per_head=per_head, far_keys=far_keys)
-            out, lse = with_far_key_gradients(
-                lambda k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
-                q, k, v, slots, far_allowed, scaling)
+            if FAR_KEYS_ROUTE == "branch":
+                out, lse = attend_with_far_branch(
+                    lambda q, k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
+                    q, k, v, slots, far_allowed, scaling)
+            else:
+                out, lse = with_far_key_gradients(
+                    lambda k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
+                    q, k, v, slots, far_allowed, scaling)
             return (out, lse) if return_lse else out
         block_mask = block_mask_for(index_mask, batch, heads, q_len, k.shape[-2], q.device,
                                     cache_key=cache_key, per_batch=per_batch, per_head=per_head)
@@ -101,10 +110,12 @@ def masked_attention(
     return materialised_attention(q, k, v, index_mask, scaling, score_bias, return_lse=return_lse)
 
 
-def far_keys_pay(q: torch.Tensor) -> bool:
-    """Whether a call of queries q (B, H, T, D) sums its far keys' gradients apart: flex serves it, it trains, and it
-    is long enough (FAR_KEYS_MIN_QUERIES) for one key block's walk over every query block to cost more."""
-    return flex_serves(q) and q.shape[-2] >= FAR_KEYS_MIN_QUERIES and torch.is_grad_enabled()
+def far_keys_pay(q: torch.Tensor, route: str | None = None) -> bool:
+    """Whether a call of queries q (B, H, T, D) serves its far keys apart: flex serves it, it is long enough
+    (FAR_KEYS_MIN_QUERIES), and, for the split (which changes the backward alone), it trains."""
+    route = route or FAR_KEYS_ROUTE
+    return (flex_serves(q) and q.shape[-2] >= FAR_KEYS_MIN_QUERIES
+            and (route == "branch" or torch.is_grad_enabled()))
 
 
 def flex_serves(q: torch.Tensor) -> bool:
@@ -220,7 +231,8 @@ def block_mask_for(
         build = functools.partial(build_block_mask, index_mask, batch if per_batch else None,
                                   heads if per_head else None, q_len, kv_len, device, block_size)
     else:
-        build = functools.partial(build_split_block_mask, index_mask, far_keys, batch, heads if per_head else None,
+        builder = build_far_branch_masks if FAR_KEYS_ROUTE == "branch" else build_split_block_mask
+        build = functools.partial(builder, index_mask, far_keys, batch, heads if per_head else None,
                                   q_len, kv_len, device, per_batch, block_size)
     if cache_key is None:
         return build()
@@ -228,7 +240,7 @@ def block_mask_for(
     # The shape stays in the key even when the block mask broadcasts: the cached mask_mod indexes
     # tensors captured at build time (first_real is (B,)), so they must fit this call.
     key = (_freeze(cache_key, pinned), batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size,
-           None if far_keys is None else far_keys.count)
+           None if far_keys is None else (far_keys.count, FAR_KEYS_ROUTE))
     if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
         return _BLOCK_MASKS[key][0]
@@ -296,6 +308,30 @@ def build_split_block_mask(
     left_out = ~reached[b if per_batch else 0, h, q // block_size, kv // block_size]
     allowed = index_mask(b, h, q, kv) & inside[:, None, None, :] & left_out  # (B, H or 1, T, n)
     return block_mask, slots, allowed
+
+
+def build_far_branch_masks(
+    index_mask: MaskFn,
+    far_keys: FarKeys,
+    batch: int,
+    heads: int | None,
+    q_len: int,
+    kv_len: int,
+    device,
+    per_batch: bool = True,
+    block_size: int = BLOCK_SIZE,
+) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
+    """The block mask of ``far_keys.near_mask`` alone; the far keys' slots (B, n); and the far pairs, (B, 1 or H, T, n)
+    bool: what ``index_mask`` allows there and the near mask does not (kernels/far_branch.py merges them)."""
+    block_mask = build_block_mask(far_keys.near_mask, batch if per_batch else None, heads, q_len, kv_len, device,
+                                  block_size)
+    slots = far_keys.first.expand(batch)[:, None] + torch.arange(far_keys.count, device=device)  # (B, n)
+    inside = slots < kv_len
+    slots = slots.clamp(max=kv_len - 1)
+    b, h, q, _ = index_grid(batch, heads or 1, q_len, 0, device)
+    kv = slots[:, None, None, :]
+    allowed = index_mask(b, h, q, kv) & ~far_keys.near_mask(b, h, q, kv) & inside[:, None, None, :]
+    return block_mask, slots, allowed.contiguous()
 
 
 def block_mask_with_walks(partial: torch.Tensor, full: torch.Tensor | None, walked: torch.Tensor, q_len: int,
