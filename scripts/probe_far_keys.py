@@ -74,7 +74,7 @@ def main() -> None:
             except Exception as exc:  # one failed case must not lose the others
                 row["error"] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             rows.append(row)
-        timed = [row for row in rows if row["length"] == n and row["mode"] == mode]
+        timed = [row for row in rows if row["length"] == n and row.get("mode") == mode]
         flash = timed[0].get("graph_median_s")
         for row in timed:
             if flash and row.get("graph_median_s"):

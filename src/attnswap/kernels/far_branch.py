@@ -225,6 +225,7 @@ if triton is not None:
         DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, QUERY_TILE: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
+        scaling = scaling.to(tl.float32)  # inductor hands a Python float over as fp64
         tile, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         rows = tile * QUERY_TILE + tl.arange(0, QUERY_TILE)
@@ -265,6 +266,7 @@ if triton is not None:
         DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, QUERY_TILE: tl.constexpr,
         STEPS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        scaling = scaling.to(tl.float32)  # inductor hands a Python float over as fp64
         chunk, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         cols = tl.arange(0, DIM_TILE)

@@ -162,6 +162,7 @@ if triton is not None:
         DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, QUERY_TILE: tl.constexpr,
         STEPS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, PRECISION: tl.constexpr,
     ):
+        scaling = scaling.to(tl.float32)  # inductor hands a Python float over as fp64
         chunk, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         cols = tl.arange(0, DIM_TILE)
