@@ -102,40 +102,52 @@ def test_far_branch_keeps_rows_without_keys_finite():
     """A padded query row sees no key, near or far: output 0, lse -inf, and no NaN in any gradient."""
     near_out = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
     lse_near = torch.tensor([[[float("-inf"), 0.5, float("-inf")]]])
-    q, far_k, far_v = random_qkv(1, 1, 3, 2, dim=4, dtype=torch.float64)
+    q, k, v = random_qkv(1, 1, 3, 2, dim=4, dtype=torch.float64)
+    slots = torch.tensor([[0, 1]])
     allowed = torch.tensor([[[[False, False], [True, False], [True, True]]]])
-    out, lse = far_branch_reference(q, near_out, lse_near, far_k, far_v, allowed, 0.5)
+    out, lse = far_branch_reference(q, near_out, lse_near, k, v, slots, allowed, 0.5)
     assert torch.equal(out[0, 0, 0], torch.zeros(4, dtype=torch.float64)) and lse[0, 0, 0] == float("-inf")
     assert torch.isfinite(lse[0, 0, 1:]).all()
     grads = far_branch_backward_reference(q, torch.ones_like(out), torch.ones_like(lse), near_out, lse_near, lse,
-                                          far_k, far_v, allowed, 0.5)
+                                          k, v, slots, allowed, 0.5)
     assert all(torch.isfinite(g).all() for g in grads)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("n_far, heads_allowed, programs", [(4, 1, 1024), (40, 3, 1024), (4, 1, 3)],
+@pytest.mark.parametrize("n_far, heads_allowed, programs", [(4, 1, 2048), (40, 3, 2048), (4, 1, 3)],
                          ids=["sinks", "global_keys_per_head", "several_tiles_per_program"])
 def test_far_branch_kernels_match_the_reference_on_cuda(dtype, n_far, heads_allowed, programs, monkeypatch):
     monkeypatch.setattr(far_branch, "PROGRAMS", programs)
-    batch, heads, q_len, dim = 2, 3, 1000, 64
-    q, far_k, far_v = (x.cuda() for x in random_qkv(batch, heads, q_len, n_far, dim=dim, dtype=dtype))
+    batch, heads, q_len, kv_len, dim, scaling = 2, 3, 1000, 1100, 64, 0.125
+    q, k, v = (x.cuda() for x in random_qkv(batch, heads, q_len, kv_len, dim=dim, dtype=dtype))
     out_near, grad_out = (x.cuda() for x in random_qkv(batch, heads, q_len, q_len, dim=dim, dtype=dtype, seed=1)[:2])
+    slots = torch.stack([torch.arange(n_far) + 7, torch.arange(n_far) + kv_len - n_far + 2]).cuda()
+    slots[1, -2:] = -1  # past the keys
     lse_near = torch.randn(batch, heads, q_len, device="cuda") + 3
     lse_near[0, :, :5] = float("-inf")  # rows that see no near key
     grad_lse = torch.randn(batch, heads, q_len, device="cuda")
-    allowed = torch.rand(batch, heads_allowed, q_len, n_far, device="cuda") < 0.7
+    allowed = (torch.rand(batch, heads_allowed, q_len, n_far, device="cuda") < 0.7) & (slots >= 0)[:, None, None]
     allowed[0, :, :2] = False  # and no far key: empty rows
-    got = far_branch.far_branch(q, out_near, lse_near, far_k, far_v, allowed, 0.125)
-    want = far_branch_reference(q, out_near, lse_near, far_k, far_v, allowed, 0.125)
+    got = far_branch.far_branch(q, out_near, lse_near, k, v, slots, allowed, scaling)
+    want = far_branch_reference(q, out_near, lse_near, k, v, slots, allowed, scaling)
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0, atol=TOLERANCE[dtype], msg="out")
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=TOLERANCE[dtype], msg="lse")
     lse = want[1]
     for g in (None, grad_lse):
-        got = far_branch_backward(q, grad_out, g, out_near, lse_near, lse, far_k, far_v, allowed, 0.125)
-        want = far_branch_backward_reference(q, grad_out, g, out_near, lse_near, lse, far_k, far_v, allowed, 0.125)
-        for name, got_part, want_part in zip(("dout_near", "dlse_near", "ds", "dk", "dv"), got, want):
+        got = far_branch_backward(q, grad_out, g, out_near, lse_near, lse, k, v, slots, allowed, scaling)
+        want = far_branch_backward_reference(q, grad_out, g, out_near, lse_near, lse, k, v, slots, allowed, scaling)
+        for name, got_part, want_part in zip(("dout_near", "dlse_near", "ds"), got, want):
             scale = want_part.float().abs().max()
             torch.testing.assert_close(got_part.float() / scale, want_part.float() / scale, rtol=0,
                                        atol=TOLERANCE[dtype], msg=lambda m, n=name: f"{n}: {m}")
+        # The in-place adds: the partial sums of the kernel path against the reference's whole sums.
+        grads = [torch.randn_like(x) for x in (q, k, v)]
+        fast_grads, slow_grads = [g.clone() for g in grads], [g.clone() for g in grads]
+        far_branch.add_far_gradients(*fast_grads, got[2], got[3], k, slots, scaling)
+        far_branch.add_far_gradients_reference(*slow_grads, want[2], want[3], k, slots, scaling)
+        for name, fast, slow, before in zip("qkv", fast_grads, slow_grads, grads):
+            scale = (slow - before).float().abs().max()
+            torch.testing.assert_close((fast - before).float() / scale, (slow - before).float() / scale, rtol=0,
+                                       atol=2 * TOLERANCE[dtype], msg=lambda m, n=name: f"added to d{n}: {m}")

@@ -24,10 +24,10 @@ from typing import Callable
 
 import torch
 
-from attnswap.kernels.far_keys import AddAtFarSlots, triton_next_power_of_2
+from attnswap.kernels.far_keys import triton_next_power_of_2
 
 MAX_FAR_KEYS = 64  # the kernels' key tile at most; more far keys take the PyTorch path
-PROGRAMS = 1024  # about how many programs the backward launches; each sums as many query tiles as that leaves it
+PROGRAMS = 2048  # about how many programs the backward launches; each sums as many query tiles as that leaves it
 
 
 def attend_with_far_branch(attend: Callable[..., tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor,
@@ -36,68 +36,69 @@ def attend_with_far_branch(attend: Callable[..., tuple[torch.Tensor, torch.Tenso
     """``attend(q, k, v)``: out (B, H, T, D) and lse (B, H, T) fp32 over the near pairs. Returns the attention over
     those and the far pairs ``allowed`` (B, 1 or H, T, n) between each query and the keys at ``slots`` (B, n), out and
     lse, with every gradient of the union."""
-    index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])  # (B, H, n, D)
-    far_k, far_v = k.detach().gather(2, index), v.detach().gather(2, index)
-    q, query_placeholder = _AddFarQueryGradient.apply(q, far_k, scaling)
-    k, v, key_placeholder = AddAtFarSlots.apply(k, v, slots)
+    fast = q.is_cuda and triton is not None and slots.shape[-1] <= MAX_FAR_KEYS
+    q, k, v, score_placeholder, key_placeholder = _AddFarGradients.apply(q, k, v, slots, scaling, fast)
     out_near, lse_near = attend(q, k, v)
-    return _MergeFarBranch.apply(out_near, lse_near, q, far_k, far_v, allowed, query_placeholder, key_placeholder,
-                                 scaling)
+    return _MergeFarBranch.apply(out_near, lse_near, q, k, v, slots, allowed, score_placeholder, key_placeholder,
+                                 scaling, fast)
 
 
-class _AddFarQueryGradient(torch.autograd.Function):
-    """q unchanged, and a placeholder whose gradient, the far scores' ds (B, H, T, n), adds ds·far_k·scale to q's."""
+class _AddFarGradients(torch.autograd.Function):
+    """q, k, v unchanged, and two placeholders whose gradients, the far scores' ds (B, H, T, n) and the far keys'
+    sums, are added in place to the gradients the near attention gives q (ds·k_far·scale) and k, v (at the slots).
+    The sums travel as the placeholders' gradients, so autograd orders the two ends, and nothing of size (B, H, S, D)
+    is made beside the near attention's own gradients."""
 
     @staticmethod
-    def forward(ctx, q, far_k, scaling):
-        ctx.save_for_backward(far_k)
-        ctx.scaling = scaling
+    def forward(ctx, q, k, v, slots, scaling, fast):
+        ctx.save_for_backward(k, slots)
+        ctx.scaling, ctx.fast = scaling, fast
         ctx.set_materialize_grads(False)
-        return q.view_as(q), q.new_zeros((*q.shape[:-1], far_k.shape[-2]))
+        batch, heads, q_len, dim = q.shape
+        n_far = slots.shape[-1]
+        sums = (2, batch * heads, _backward_grid(q_len, batch * heads, n_far)[0], _key_tile(n_far), dim) if fast \
+            else (2, batch, heads, n_far, dim)
+        # Placeholders are never read, only their gradients: empty, no fill.
+        return (q.view_as(q), k.view_as(k), v.view_as(v), q.new_empty((batch, heads, q_len, n_far)),
+                q.new_empty(sums, dtype=torch.float32))
 
     @staticmethod
-    def backward(ctx, grad_q, grad_scores):
-        (far_k,) = ctx.saved_tensors
+    def backward(ctx, grad_q, grad_k, grad_v, grad_scores, far_sums):
+        k, slots = ctx.saved_tensors
         if grad_scores is None:
-            return grad_q, None, None
-        batch, heads, q_len, dim = far_k.shape[0], far_k.shape[1], grad_scores.shape[2], far_k.shape[-1]
-        flat_scores, flat_k = grad_scores.reshape(batch * heads, q_len, -1), far_k.reshape(batch * heads, -1, dim)
-        if grad_q is None:
-            return torch.bmm(flat_scores, flat_k).view(batch, heads, q_len, dim) * ctx.scaling, None, None
-        # The gradient flex's backward just made is autograd's alone; a broadcast one is copied first.
-        grad_q = grad_q if grad_q.is_contiguous() else grad_q.contiguous()
-        grad_q.view(batch * heads, q_len, dim).baddbmm_(flat_scores, flat_k, alpha=ctx.scaling)
-        return grad_q, None, None
+            return grad_q, grad_k, grad_v, None, None, None
+        # The gradients the near attention's backward just made are autograd's alone; broadcast ones are copied.
+        # One is None where that input needs none.
+        grad_q, grad_k, grad_v = (g if g is None or g.is_contiguous() else g.contiguous()
+                                  for g in (grad_q, grad_k, grad_v))
+        (add_far_gradients if ctx.fast else add_far_gradients_reference)(
+            grad_q, grad_k, grad_v, grad_scores, far_sums, k, slots, ctx.scaling)
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 class _MergeFarBranch(torch.autograd.Function):
-    """The near attention merged with the far pairs; the backward hands flex the union's gradient and the far pairs'
-    to the two placeholders."""
+    """The near attention merged with the far pairs; the backward hands the near attention the union's gradient and
+    the far pairs' to the placeholders."""
 
     @staticmethod
-    def forward(ctx, out_near, lse_near, q, far_k, far_v, allowed, query_placeholder, key_placeholder, scaling):
-        fast = _kernels_serve(q, far_k)
-        out, lse = (far_branch if fast else far_branch_reference)(q, out_near, lse_near, far_k, far_v, allowed,
-                                                                 scaling)
-        ctx.save_for_backward(q, out_near, lse_near, lse, far_k, far_v, allowed)
+    def forward(ctx, out_near, lse_near, q, k, v, slots, allowed, score_placeholder, key_placeholder, scaling, fast):
+        merge = far_branch if fast else far_branch_reference
+        out, lse = merge(q, out_near, lse_near, k, v, slots, allowed, scaling)
+        ctx.save_for_backward(q, k, v, slots, out_near, lse_near, lse, allowed)
         ctx.scaling, ctx.fast = scaling, fast
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        q, out_near, lse_near, lse, far_k, far_v, allowed = ctx.saved_tensors
+        q, k, v, slots, out_near, lse_near, lse, allowed = ctx.saved_tensors
         if grad_out is None:  # only lse is used: out's gradient is zero
             grad_out = torch.zeros_like(out_near)
         backward = far_branch_backward if ctx.fast else far_branch_backward_reference
-        grad_out_near, grad_lse_near, grad_scores, grad_far_k, grad_far_v = backward(
-            q, grad_out, grad_lse, out_near, lse_near, lse, far_k, far_v, allowed, ctx.scaling)
-        return (grad_out_near, grad_lse_near, None, None, None, None, grad_scores.to(q.dtype),
-                torch.stack((grad_far_k, grad_far_v)), None)
-
-
-def _kernels_serve(q: torch.Tensor, far_k: torch.Tensor) -> bool:
-    return q.is_cuda and triton is not None and far_k.shape[-2] <= MAX_FAR_KEYS
+        grad_out_near, grad_lse_near, grad_scores, far_sums = backward(
+            q, grad_out, grad_lse, out_near, lse_near, lse, k, v, slots, allowed, ctx.scaling)
+        return (grad_out_near, grad_lse_near, None, None, None, None, None, grad_scores.to(q.dtype), far_sums,
+                None, None)
 
 
 # --- PyTorch: the CPU path and the kernels' oracle --------------------------------------------------------------
@@ -114,8 +115,19 @@ def _near_weight(lse_near, lse) -> torch.Tensor:
     return torch.where(finite, torch.exp(lse_near - torch.where(finite, lse, 0.0)), 0.0)
 
 
-def far_branch_reference(q, out_near, lse_near, far_k, far_v, allowed, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+def far_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """x's rows at ``slots`` (B, n), zeros at a slot of -1 (none): (B, H, n, D)."""
+    rows = x.gather(2, _slot_index(slots, x))
+    return rows.masked_fill((slots < 0)[:, None, :, None], 0.0)
+
+
+def _slot_index(slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return slots.clamp(min=0)[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1])
+
+
+def far_branch_reference(q, out_near, lse_near, k, v, slots, allowed, scaling) -> tuple[torch.Tensor, torch.Tensor]:
     """Out (B, H, T, D) in q's dtype and lse (B, H, T) fp32 of the near attention merged with the far pairs."""
+    far_k = far_rows(k, slots)
     scores = (torch.matmul(q.float(), far_k.float().transpose(-1, -2)) * scaling).masked_fill(~allowed, float("-inf"))
     both = torch.cat((lse_near[..., None], scores.expand(*lse_near.shape, -1)), dim=-1)
     top = both.amax(dim=-1, keepdim=True)
@@ -123,36 +135,61 @@ def far_branch_reference(q, out_near, lse_near, far_k, far_v, allowed, scaling) 
     total = torch.exp(both - top).sum(-1)
     lse = torch.where(total > 0, top[..., 0] + torch.log(torch.where(total > 0, total, 1.0)), float("-inf"))
     out = _near_weight(lse_near, lse)[..., None] * out_near.float() + torch.matmul(
-        _far_probabilities(q, far_k, allowed, lse, scaling), far_v.float())
+        _far_probabilities(q, far_k, allowed, lse, scaling), far_rows(v, slots).float())
     return out.to(q.dtype), lse
 
 
-def far_branch_backward_reference(q, grad_out, grad_lse, out_near, lse_near, lse, far_k, far_v, allowed, scaling):
+def far_branch_backward_reference(q, grad_out, grad_lse, out_near, lse_near, lse, k, v, slots, allowed, scaling):
     """The gradients of far_branch_reference's out and lse: for the near attention's out and lse (what flex's
-    backward takes), the far scores' ds (B, H, T, n) fp32, and the far keys' dk, dv (B, H, n, D) fp32."""
+    backward takes), the far scores' ds (B, H, T, n) fp32, and the far keys' dk, dv stacked, (2, B, H, n, D) fp32."""
+    far_k, far_v = far_rows(k, slots).float(), far_rows(v, slots).float()
     probs = _far_probabilities(q, far_k, allowed, lse, scaling)
     near = _near_weight(lse_near, lse)
     grad_out = grad_out.float()
-    out = near[..., None] * out_near.float() + torch.matmul(probs, far_v.float())
+    out = near[..., None] * out_near.float() + torch.matmul(probs, far_v)
     delta = (grad_out * out).sum(-1) - (0 if grad_lse is None else grad_lse)
-    grad_scores = probs * (torch.matmul(grad_out, far_v.float().transpose(-1, -2)) - delta[..., None])
+    grad_scores = probs * (torch.matmul(grad_out, far_v.transpose(-1, -2)) - delta[..., None])
     grad_out_near = (near[..., None] * grad_out).to(out_near.dtype)
     grad_lse_near = near * ((grad_out * out_near.float()).sum(-1) - delta)
     grad_far_k = torch.matmul(grad_scores.transpose(-1, -2), q.float()) * scaling
     grad_far_v = torch.matmul(probs.transpose(-1, -2), grad_out)
-    return grad_out_near, grad_lse_near, grad_scores, grad_far_k, grad_far_v
+    return grad_out_near, grad_lse_near, grad_scores, torch.stack((grad_far_k, grad_far_v))
+
+
+def add_far_gradients_reference(grad_q, grad_k, grad_v, grad_scores, far_sums, k, slots, scaling) -> None:
+    """Adds, in place, ds·k_far·scale to grad_q and the far keys' sums (2, B, H, n, D) to grad_k, grad_v at the
+    slots (each None where that input needs no gradient)."""
+    if grad_q is not None:
+        grad_q += (torch.matmul(grad_scores.float(), far_rows(k, slots).float()) * scaling).to(grad_q.dtype)
+    for grad, sums in zip((grad_k, grad_v), far_sums):
+        if grad is not None:  # a slot of -1 has no allowed pair: its sums are zeros
+            grad.scatter_add_(2, _slot_index(slots, k), sums.to(grad.dtype))
 
 
 # --- Triton -------------------------------------------------------------------------------------------------------
-def _tiles(q, far_k) -> dict:
-    key_tile = max(16, triton_next_power_of_2(far_k.shape[-2]))  # tl.dot needs 16 rows
-    return dict(DIM=q.shape[-1], DIM_TILE=triton_next_power_of_2(q.shape[-1]), KEY_TILE=key_tile,
-                QUERY_TILE=64 if key_tile <= 32 else 32, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+def _key_tile(n_far: int) -> int:
+    return max(16, triton_next_power_of_2(n_far))  # tl.dot needs 16 rows
+
+
+def _query_tile(n_far: int) -> int:
+    return 128 if _key_tile(n_far) <= 16 else 64  # a (query tile, key tile) fp32 score tile stays in registers
+
+
+def _backward_grid(q_len: int, rows: int, n_far: int) -> tuple[int, int]:
+    """(chunks of query tiles, query tiles per chunk) of the backward pass over ``rows`` = B·H sequences."""
+    tiles = -(-q_len // _query_tile(n_far))
+    steps = max(1, tiles * rows // PROGRAMS)
+    return -(-tiles // steps), steps
+
+
+def _constants(q: torch.Tensor, n_far: int, scaling: float) -> dict:
+    return dict(SCALE=scaling, DIM=q.shape[-1], DIM_TILE=triton_next_power_of_2(q.shape[-1]),
+                KEY_TILE=_key_tile(n_far), PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def _rows(t: torch.Tensor) -> tuple[int, int, int]:
-    """Strides of a (B, H, T, ...) tensor along B, H, T; 0 along a broadcast head. The kernels read its last axis as
-    contiguous."""
+    """Strides of a (B, H, T, ...) tensor along B, H, T; 0 along a broadcast head. The kernels read a row's last axis
+    as contiguous."""
     assert t.dim() == 3 or t.stride(-1) == 1, "the far-branch kernels read rows as contiguous"
     return t.stride(0), t.stride(1) if t.shape[1] > 1 else 0, t.stride(2)
 
@@ -161,45 +198,62 @@ def _unit_stride(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def far_branch(q, out_near, lse_near, far_k, far_v, allowed, scaling) -> tuple[torch.Tensor, torch.Tensor]:
+def far_branch(q, out_near, lse_near, k, v, slots, allowed, scaling) -> tuple[torch.Tensor, torch.Tensor]:
     """``far_branch_reference`` as one Triton pass over q and out_near (CUDA, at most MAX_FAR_KEYS keys)."""
-    batch, heads, q_len, dim = q.shape
-    q, out_near = _unit_stride(q, out_near)
+    batch, heads, q_len, _ = q.shape
+    n_far = slots.shape[-1]
+    q, out_near, k, v = _unit_stride(q, out_near, k, v)
     out = torch.empty_like(q)
     lse = q.new_empty((batch, heads, q_len), dtype=torch.float32)
-    tiles = _tiles(q, far_k)
     allowed = allowed.expand(batch, -1, -1, -1)
-    _merge_far_tiles[(-(-q_len // tiles["QUERY_TILE"]), batch * heads)](
-        q, out_near, lse_near, allowed, far_k.contiguous(), far_v.contiguous(), out, lse,
-        *_rows(q), *_rows(out_near), *_rows(lse_near), *_rows(allowed), *_rows(out),
-        heads, q_len, far_k.shape[-2], scaling, **tiles, num_warps=4)
+    query_tile = 64
+    _merge_far_tiles[(-(-q_len // query_tile), batch * heads)](
+        q, out_near, lse_near, allowed, k, v, slots.contiguous(), out, lse,
+        *_rows(q), *_rows(out_near), *_rows(lse_near), *_rows(allowed), *_rows(k), *_rows(v), *_rows(out),
+        heads, q_len, n_far, QUERY_TILE=query_tile, **_constants(q, n_far, scaling), num_warps=4)
     return out, lse
 
 
-def far_branch_backward(q, grad_out, grad_lse, out_near, lse_near, lse, far_k, far_v, allowed, scaling):
-    """``far_branch_backward_reference`` as one Triton pass over q, dout and out_near, and a sum of its per-program
-    partial dk, dv; ds comes in q's dtype."""
+def far_branch_backward(q, grad_out, grad_lse, out_near, lse_near, lse, k, v, slots, allowed, scaling):
+    """``far_branch_backward_reference`` as one Triton pass over q, dout and out_near; ds comes in q's dtype, and the
+    far keys' sums as per-program partials (2, B·H, chunks, key tile, D), which add_far_gradients sums."""
     batch, heads, q_len, dim = q.shape
-    q, grad_out, out_near = _unit_stride(q, grad_out, out_near)
-    n_far = far_k.shape[-2]
-    tiles = _tiles(q, far_k)
-    n_tiles = -(-q_len // tiles["QUERY_TILE"])
-    steps = max(1, n_tiles * batch * heads // PROGRAMS)
-    chunks = -(-n_tiles // steps)
+    n_far = slots.shape[-1]
+    q, grad_out, out_near, k, v = _unit_stride(q, grad_out, out_near, k, v)
+    chunks, steps = _backward_grid(q_len, batch * heads, n_far)
     grad_out_near = torch.empty_like(out_near)
     grad_lse_near = lse.new_empty(lse.shape)
     grad_scores = q.new_empty((batch, heads, q_len, n_far))
-    partial = q.new_empty((2, batch * heads, chunks, tiles["KEY_TILE"], dim), dtype=torch.float32)
+    partial = q.new_empty((2, batch * heads, chunks, _key_tile(n_far), dim), dtype=torch.float32)
     has_grad_lse = grad_lse is not None
+    grad_lse = grad_lse if has_grad_lse else lse  # any tensor: unread without HAS_GRAD_LSE
     allowed = allowed.expand(batch, -1, -1, -1)
     _far_backward_tiles[(chunks, batch * heads)](
-        q, grad_out, grad_lse if has_grad_lse else lse, out_near, lse_near, lse, allowed,
-        far_k.contiguous(), far_v.contiguous(), grad_out_near, grad_lse_near, grad_scores, partial,
-        *_rows(q), *_rows(grad_out), *_rows(grad_lse if has_grad_lse else lse), *_rows(out_near), *_rows(lse_near),
-        *_rows(lse), *_rows(allowed), *_rows(grad_out_near), *_rows(grad_lse_near), *_rows(grad_scores),
-        heads, q_len, n_far, scaling, STEPS=steps, HAS_GRAD_LSE=has_grad_lse, **tiles, num_warps=4)
-    sums = partial.sum(dim=2)[:, :, :n_far].view(2, batch, heads, n_far, dim)
-    return grad_out_near, grad_lse_near, grad_scores, sums[0], sums[1]
+        q, grad_out, grad_lse, out_near, lse_near, lse, allowed, k, v, slots.contiguous(),
+        grad_out_near, grad_lse_near, grad_scores, partial,
+        *_rows(q), *_rows(grad_out), *_rows(grad_lse), *_rows(out_near), *_rows(lse_near), *_rows(lse),
+        *_rows(allowed), *_rows(k), *_rows(v), *_rows(grad_out_near), *_rows(grad_lse_near), *_rows(grad_scores),
+        heads, q_len, n_far, QUERY_TILE=_query_tile(n_far), STEPS=steps, HAS_GRAD_LSE=has_grad_lse,
+        **_constants(q, n_far, scaling), num_warps=8 if _query_tile(n_far) == 128 else 4)
+    return grad_out_near, grad_lse_near, grad_scores, partial
+
+
+def add_far_gradients(grad_q, grad_k, grad_v, grad_scores, partial, k, slots, scaling) -> None:
+    """``add_far_gradients_reference`` from far_branch_backward's partials: one Triton pass adds ds·k_far·scale over
+    grad_q's tiles, one sums the partials and adds them at the slots."""
+    batch, heads, q_len, _ = grad_scores.shape
+    n_far = slots.shape[-1]
+    k, slots = _unit_stride(k)[0], slots.contiguous()
+    constants = _constants(k, n_far, scaling)
+    if grad_q is not None:
+        query_tile = 128
+        _add_far_query_tiles[(-(-q_len // query_tile), batch * heads)](
+            grad_q, grad_scores, k, slots, *_rows(grad_q), *_rows(grad_scores), *_rows(k), heads, q_len, n_far,
+            QUERY_TILE=query_tile, **constants, num_warps=8)
+    for grad, sums in zip((grad_k, grad_v), partial):
+        if grad is not None:
+            _add_far_key_sums[(batch * heads,)](grad, sums, slots, *_rows(grad), heads, n_far, sums.shape[1],
+                                                **constants, num_warps=4)
 
 
 try:  # Triton comes with torch's CUDA builds; the CPU path does not need it
@@ -210,22 +264,23 @@ except ImportError:
 
 if triton is not None:
     @triton.jit
-    def _far_scores(q, fk, lse, allowed, scaling, PRECISION: tl.constexpr):
-        """The far probabilities exp(s - lse) of a (QUERY_TILE, KEY_TILE) tile, 0 where not allowed."""
-        scores = tl.dot(q, tl.trans(fk), input_precision=PRECISION) * scaling
-        finite = lse != float("-inf")
-        probs = tl.exp(scores - tl.where(finite, lse, 0.0)[:, None])
-        return tl.where((allowed != 0) & finite[:, None], probs, 0.0)
+    def _far_tile(X, SLOTS, b, h, sxb, sxh, sxt, n_far, DIM: tl.constexpr, DIM_TILE: tl.constexpr,
+                  KEY_TILE: tl.constexpr):
+        """The (KEY_TILE, DIM_TILE) rows of x (B, H, S, D) at row b's slots, zeros past n_far and at a slot of -1."""
+        keys = tl.arange(0, KEY_TILE)
+        cols = tl.arange(0, DIM_TILE)
+        slot = tl.load(SLOTS + b * n_far + keys, mask=keys < n_far, other=-1)
+        ok = (slot[:, None] >= 0) & (cols[None, :] < DIM)
+        return tl.load(X + b * sxb + h * sxh + slot[:, None] * sxt + cols[None, :], mask=ok, other=0.0)
 
     @triton.jit
     def _merge_far_tiles(
-        Q, ON, LN, ALLOWED, FK, FV, OUT, LSE,
-        sqb, sqh, sqt, sob, soh, sot, slb, slh, slt, sab, sah, sat, sub, suh, sut,
-        heads, q_len, n_far, scaling,
-        DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, QUERY_TILE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        Q, ON, LN, ALLOWED, K, V, SLOTS, OUT, LSE,
+        sqb, sqh, sqt, sob, soh, sot, slb, slh, slt, sab, sah, sat, skb, skh, skt, svb, svh, svt, sub, suh, sut,
+        heads, q_len, n_far,
+        QUERY_TILE: tl.constexpr, SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr,
+        KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        scaling = scaling.to(tl.float32)  # inductor hands a Python float over as fp64
         tile, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         rows = tile * QUERY_TILE + tl.arange(0, QUERY_TILE)
@@ -233,16 +288,14 @@ if triton is not None:
         keys = tl.arange(0, KEY_TILE)
         row_ok = rows < q_len
         tile_ok = row_ok[:, None] & (cols[None, :] < DIM)
-        far_at = bh * n_far * DIM + keys[:, None] * DIM + cols[None, :]  # far_k/far_v (B, H, n, D), contiguous
-        far_ok = (keys[:, None] < n_far) & (cols[None, :] < DIM)
-        fk = tl.load(FK + far_at, mask=far_ok, other=0.0)
-        fv = tl.load(FV + far_at, mask=far_ok, other=0.0)
+        fk = _far_tile(K, SLOTS, b, h, skb, skh, skt, n_far, DIM, DIM_TILE, KEY_TILE)
+        fv = _far_tile(V, SLOTS, b, h, svb, svh, svt, n_far, DIM, DIM_TILE, KEY_TILE)
         q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqt + cols[None, :], mask=tile_ok, other=0.0)
         on = tl.load(ON + b * sob + h * soh + rows[:, None] * sot + cols[None, :], mask=tile_ok, other=0.0)
         lse_near = tl.load(LN + b * slb + h * slh + rows * slt, mask=row_ok, other=float("-inf"))
         allowed = tl.load(ALLOWED + b * sab + h * sah + rows[:, None] * sat + keys[None, :],
                           mask=row_ok[:, None] & (keys[None, :] < n_far), other=0)
-        scores = tl.dot(q, tl.trans(fk), input_precision=PRECISION) * scaling
+        scores = tl.dot(q, tl.trans(fk), input_precision=PRECISION) * SCALE
         scores = tl.where(allowed != 0, scores, float("-inf"))
         top = tl.maximum(lse_near, tl.max(scores, axis=1))
         top = tl.where(top == float("-inf"), 0.0, top)
@@ -259,22 +312,19 @@ if triton is not None:
 
     @triton.jit
     def _far_backward_tiles(
-        Q, DO, DLSE, ON, LN, LSE, ALLOWED, FK, FV, DON, DLN, DS, PARTIAL,
+        Q, DO, DLSE, ON, LN, LSE, ALLOWED, K, V, SLOTS, DON, DLN, DS, PARTIAL,
         sqb, sqh, sqt, sdb, sdh, sdt, sgb, sgh, sgt, sob, soh, sot, snb, snh, snt, slb, slh, slt, sab, sah, sat,
-        swb, swh, swt, sxb, sxh, sxt, ssb, ssh, sst,
-        heads, q_len, n_far, scaling,
-        DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, QUERY_TILE: tl.constexpr,
-        STEPS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, PRECISION: tl.constexpr,
+        skb, skh, skt, svb, svh, svt, swb, swh, swt, sxb, sxh, sxt, ssb, ssh, sst,
+        heads, q_len, n_far,
+        QUERY_TILE: tl.constexpr, STEPS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, SCALE: tl.constexpr,
+        DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        scaling = scaling.to(tl.float32)  # inductor hands a Python float over as fp64
         chunk, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         cols = tl.arange(0, DIM_TILE)
         keys = tl.arange(0, KEY_TILE)
-        far_at = bh * n_far * DIM + keys[:, None] * DIM + cols[None, :]
-        far_ok = (keys[:, None] < n_far) & (cols[None, :] < DIM)
-        fk = tl.load(FK + far_at, mask=far_ok, other=0.0)
-        fv = tl.load(FV + far_at, mask=far_ok, other=0.0)
+        fk = _far_tile(K, SLOTS, b, h, skb, skh, skt, n_far, DIM, DIM_TILE, KEY_TILE)
+        fv = _far_tile(V, SLOTS, b, h, svb, svh, svt, n_far, DIM, DIM_TILE, KEY_TILE)
         dk = tl.zeros((KEY_TILE, DIM_TILE), dtype=tl.float32)
         dv = tl.zeros((KEY_TILE, DIM_TILE), dtype=tl.float32)
         for step in range(STEPS):
@@ -290,9 +340,11 @@ if triton is not None:
             lse = tl.load(LSE + b * slb + h * slh + rows * slt, mask=row_ok, other=float("-inf"))
             allowed = tl.load(ALLOWED + b * sab + h * sah + rows[:, None] * sat + keys[None, :], mask=pair_ok,
                               other=0)
-            probs = _far_scores(q, fk, lse, allowed, scaling, PRECISION)
             finite = lse != float("-inf")
-            near = tl.where(finite, tl.exp(lse_near - tl.where(finite, lse, 0.0)), 0.0)
+            safe_lse = tl.where(finite, lse, 0.0)
+            scores = tl.dot(q, tl.trans(fk), input_precision=PRECISION) * SCALE
+            probs = tl.where((allowed != 0) & finite[:, None], tl.exp(scores - safe_lse[:, None]), 0.0)
+            near = tl.where(finite, tl.exp(lse_near - safe_lse), 0.0)
             do32 = do.to(tl.float32)
             out = near[:, None] * on + tl.dot(probs.to(fv.dtype), fv, input_precision=PRECISION)
             delta = tl.sum(do32 * out, axis=1)
@@ -304,10 +356,53 @@ if triton is not None:
             tl.store(DLN + b * sxb + h * sxh + rows * sxt, near * (tl.sum(do32 * on, axis=1) - delta), mask=row_ok)
             tl.store(DS + b * ssb + h * ssh + rows[:, None] * sst + keys[None, :],
                      grad_scores.to(DS.dtype.element_ty), mask=pair_ok)
-            dk += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION) * scaling
+            dk += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION)
             dv += tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION)
         at = (bh * tl.num_programs(0) + chunk) * KEY_TILE * DIM + keys[:, None] * DIM + cols[None, :]
         ok = cols[None, :] < DIM
         half = tl.num_programs(1) * tl.num_programs(0) * KEY_TILE * DIM
-        tl.store(PARTIAL + at, dk, mask=ok)
+        tl.store(PARTIAL + at, dk * SCALE, mask=ok)
         tl.store(PARTIAL + half + at, dv, mask=ok)
+
+    @triton.jit
+    def _add_far_query_tiles(
+        GQ, DS, K, SLOTS, sgb, sgh, sgt, ssb, ssh, sst, skb, skh, skt, heads, q_len, n_far,
+        QUERY_TILE: tl.constexpr, SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr,
+        KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        tile, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // heads, bh % heads
+        rows = tile * QUERY_TILE + tl.arange(0, QUERY_TILE)
+        cols = tl.arange(0, DIM_TILE)
+        keys = tl.arange(0, KEY_TILE)
+        row_ok = rows < q_len
+        fk = _far_tile(K, SLOTS, b, h, skb, skh, skt, n_far, DIM, DIM_TILE, KEY_TILE)
+        ds = tl.load(DS + b * ssb + h * ssh + rows[:, None] * sst + keys[None, :],
+                     mask=row_ok[:, None] & (keys[None, :] < n_far), other=0.0)
+        at = GQ + b * sgb + h * sgh + rows[:, None] * sgt + cols[None, :]
+        tile_ok = row_ok[:, None] & (cols[None, :] < DIM)
+        grad = tl.load(at, mask=tile_ok, other=0.0).to(tl.float32)
+        grad += tl.dot(ds.to(fk.dtype), fk, input_precision=PRECISION) * SCALE
+        tl.store(at, grad.to(GQ.dtype.element_ty), mask=tile_ok)
+
+    @triton.jit
+    def _add_far_key_sums(
+        G, PARTIAL, SLOTS, sgb, sgh, sgt, heads, n_far, chunks,
+        SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        b, h = bh // heads, bh % heads
+        keys = tl.arange(0, KEY_TILE)
+        cols = tl.arange(0, DIM_TILE)
+        tile_at = keys[:, None] * DIM + cols[None, :]
+        ok = (keys[:, None] < n_far) & (cols[None, :] < DIM)
+        total = tl.zeros((KEY_TILE, DIM_TILE), dtype=tl.float32)
+        for chunk in range(chunks):
+            total += tl.load(PARTIAL + (bh * chunks + chunk) * KEY_TILE * DIM + tile_at, mask=ok, other=0.0)
+        # Slots are distinct or -1 (kernels/flex.py, build_far_branch_masks), so no two keys store to one row.
+        slot = tl.load(SLOTS + b * n_far + keys, mask=keys < n_far, other=-1)
+        ok = ok & (slot[:, None] >= 0)
+        at = G + b * sgb + h * sgh + slot[:, None] * sgt + cols[None, :]
+        grad = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+        tl.store(at, (grad + total).to(G.dtype.element_ty), mask=ok)

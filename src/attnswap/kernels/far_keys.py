@@ -133,9 +133,9 @@ def far_key_gradients(q, far_k, far_v, out, grad_out, lse, grad_lse, allowed, sc
         q, grad_out, out, lse, grad_lse, allowed, far_k.contiguous(), far_v.contiguous(), partial,
         *q.stride(), *grad_out.stride(), *out.stride(), *lse.stride(), *grad_lse.stride(),
         allowed.stride(0), allowed.stride(1) if allowed.shape[1] > 1 else 0, allowed.stride(2), allowed.stride(3),
-        heads, q_len, n_far, scaling, rows_per_entry,
-        DIM=dim, DIM_TILE=triton_next_power_of_2(dim), KEY_TILE=key_tile, QUERY_TILE=query_tile, STEPS=steps,
-        HAS_GRAD_LSE=has_grad_lse, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        heads, q_len, n_far, rows_per_entry,
+        SCALE=scaling, DIM=dim, DIM_TILE=triton_next_power_of_2(dim), KEY_TILE=key_tile, QUERY_TILE=query_tile,
+        STEPS=steps, HAS_GRAD_LSE=has_grad_lse, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=4 if key_tile <= 32 else 8,
     )
     sums = partial.sum(dim=2)[:, :, :n_far].view(2, batch, heads, n_far, dim)
@@ -158,11 +158,10 @@ if triton is not None:
         Q, DO, O, LSE, DLSE, ALLOWED, FK, FV, PARTIAL,
         sqb, sqh, sqt, sqd, sdob, sdoh, sdot, sdod, sob, soh, sot, sod, slb, slh, slt, sgb, sgh, sgt,
         sab, sah, sat, san,
-        heads, q_len, n_far, scaling, rows_per_entry,
-        DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, QUERY_TILE: tl.constexpr,
-        STEPS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, PRECISION: tl.constexpr,
+        heads, q_len, n_far, rows_per_entry,
+        SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
+        QUERY_TILE: tl.constexpr, STEPS: tl.constexpr, HAS_GRAD_LSE: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        scaling = scaling.to(tl.float32)  # inductor hands a Python float over as fp64
         chunk, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         cols = tl.arange(0, DIM_TILE)
@@ -185,13 +184,13 @@ if triton is not None:
             entries = rows // rows_per_entry
             allowed = tl.load(ALLOWED + b * sab + h * sah + entries[:, None] * sat + keys[None, :] * san,
                               mask=row_ok[:, None] & (keys[None, :] < n_far), other=0)
-            scores = tl.dot(q, tl.trans(fk), input_precision=PRECISION) * scaling  # (QUERY_TILE, KEY_TILE) fp32
+            scores = tl.dot(q, tl.trans(fk), input_precision=PRECISION) * SCALE  # (QUERY_TILE, KEY_TILE) fp32
             probs = tl.where(allowed != 0, tl.exp(scores - lse[:, None]), 0.0)
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
             if HAS_GRAD_LSE:
                 delta -= tl.load(DLSE + b * sgb + h * sgh + rows * sgt, mask=row_ok, other=0.0)
             grad_scores = probs * (tl.dot(do, tl.trans(fv), input_precision=PRECISION) - delta[:, None])
-            dk += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION) * scaling
+            dk += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION) * SCALE
             dv += tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION)
         at = (bh * tl.num_programs(0) + chunk) * KEY_TILE * DIM + keys[:, None] * DIM + cols[None, :]
         ok = cols[None, :] < DIM

@@ -321,17 +321,17 @@ def build_far_branch_masks(
     per_batch: bool = True,
     block_size: int = BLOCK_SIZE,
 ) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
-    """The block mask of ``far_keys.near_mask`` alone; the far keys' slots (B, n); and the far pairs, (B, 1 or H, T, n)
-    bool: what ``index_mask`` allows there and the near mask does not (kernels/far_branch.py merges them)."""
+    """The block mask of ``far_keys.near_mask`` alone; the far keys' slots (B, n), distinct, -1 past the keys; and the
+    far pairs, (B, 1 or H, T, n) bool: what ``index_mask`` allows there and the near mask does not
+    (kernels/far_branch.py merges them)."""
     block_mask = build_block_mask(far_keys.near_mask, batch if per_batch else None, heads, q_len, kv_len, device,
                                   block_size)
     slots = far_keys.first.expand(batch)[:, None] + torch.arange(far_keys.count, device=device)  # (B, n)
     inside = slots < kv_len
-    slots = slots.clamp(max=kv_len - 1)
     b, h, q, _ = index_grid(batch, heads or 1, q_len, 0, device)
-    kv = slots[:, None, None, :]
+    kv = slots.clamp(max=kv_len - 1)[:, None, None, :]
     allowed = index_mask(b, h, q, kv) & ~far_keys.near_mask(b, h, q, kv) & inside[:, None, None, :]
-    return block_mask, slots, allowed.contiguous()
+    return block_mask, torch.where(inside, slots, -1), allowed.contiguous()
 
 
 def block_mask_with_walks(partial: torch.Tensor, full: torch.Tensor | None, walked: torch.Tensor, q_len: int,
