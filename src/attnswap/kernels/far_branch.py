@@ -27,7 +27,8 @@ import torch
 from attnswap.kernels.far_keys import triton_next_power_of_2
 
 MAX_FAR_KEYS = 64  # the kernels' key tile at most; more far keys take the PyTorch path
-PROGRAMS = 2048  # about how many programs the backward launches; each sums as many query tiles as that leaves it
+PROGRAMS = 4096  # about how many programs the backward launches; each sums as many query tiles as that leaves it
+QUERY_TILE = 64
 
 
 def attend_with_far_branch(attend: Callable[..., tuple[torch.Tensor, torch.Tensor]], q: torch.Tensor,
@@ -56,7 +57,7 @@ class _AddFarGradients(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         batch, heads, q_len, dim = q.shape
         n_far = slots.shape[-1]
-        sums = (2, batch * heads, _backward_grid(q_len, batch * heads, n_far)[0], _key_tile(n_far), dim) if fast \
+        sums = (2, batch * heads, _backward_grid(q_len, batch * heads)[0], n_far, dim) if fast \
             else (2, batch, heads, n_far, dim)
         # Placeholders are never read, only their gradients: empty, no fill.
         return (q.view_as(q), k.view_as(k), v.view_as(v), q.new_empty((batch, heads, q_len, n_far)),
@@ -171,13 +172,9 @@ def _key_tile(n_far: int) -> int:
     return max(16, triton_next_power_of_2(n_far))  # tl.dot needs 16 rows
 
 
-def _query_tile(n_far: int) -> int:
-    return 128 if _key_tile(n_far) <= 16 else 64  # a (query tile, key tile) fp32 score tile stays in registers
-
-
-def _backward_grid(q_len: int, rows: int, n_far: int) -> tuple[int, int]:
+def _backward_grid(q_len: int, rows: int) -> tuple[int, int]:
     """(chunks of query tiles, query tiles per chunk) of the backward pass over ``rows`` = B·H sequences."""
-    tiles = -(-q_len // _query_tile(n_far))
+    tiles = -(-q_len // QUERY_TILE)
     steps = max(1, tiles * rows // PROGRAMS)
     return -(-tiles // steps), steps
 
@@ -206,25 +203,24 @@ def far_branch(q, out_near, lse_near, k, v, slots, allowed, scaling) -> tuple[to
     out = torch.empty_like(q)
     lse = q.new_empty((batch, heads, q_len), dtype=torch.float32)
     allowed = allowed.expand(batch, -1, -1, -1)
-    query_tile = 64
-    _merge_far_tiles[(-(-q_len // query_tile), batch * heads)](
+    _merge_far_tiles[(-(-q_len // QUERY_TILE), batch * heads)](
         q, out_near, lse_near, allowed, k, v, slots.contiguous(), out, lse,
         *_rows(q), *_rows(out_near), *_rows(lse_near), *_rows(allowed), *_rows(k), *_rows(v), *_rows(out),
-        heads, q_len, n_far, QUERY_TILE=query_tile, **_constants(q, n_far, scaling), num_warps=4)
+        heads, q_len, n_far, QUERY_TILE=QUERY_TILE, **_constants(q, n_far, scaling), num_warps=4)
     return out, lse
 
 
 def far_branch_backward(q, grad_out, grad_lse, out_near, lse_near, lse, k, v, slots, allowed, scaling):
     """``far_branch_backward_reference`` as one Triton pass over q, dout and out_near; ds comes in q's dtype, and the
-    far keys' sums as per-program partials (2, B·H, chunks, key tile, D), which add_far_gradients sums."""
+    far keys' sums as per-program partials (2, B·H, chunks, n, D), which add_far_gradients sums."""
     batch, heads, q_len, dim = q.shape
     n_far = slots.shape[-1]
     q, grad_out, out_near, k, v = _unit_stride(q, grad_out, out_near, k, v)
-    chunks, steps = _backward_grid(q_len, batch * heads, n_far)
+    chunks, steps = _backward_grid(q_len, batch * heads)
     grad_out_near = torch.empty_like(out_near)
     grad_lse_near = lse.new_empty(lse.shape)
     grad_scores = q.new_empty((batch, heads, q_len, n_far))
-    partial = q.new_empty((2, batch * heads, chunks, _key_tile(n_far), dim), dtype=torch.float32)
+    partial = q.new_empty((2, batch * heads, chunks, n_far, dim), dtype=torch.float32)
     has_grad_lse = grad_lse is not None
     grad_lse = grad_lse if has_grad_lse else lse  # any tensor: unread without HAS_GRAD_LSE
     allowed = allowed.expand(batch, -1, -1, -1)
@@ -233,8 +229,8 @@ def far_branch_backward(q, grad_out, grad_lse, out_near, lse_near, lse, k, v, sl
         grad_out_near, grad_lse_near, grad_scores, partial,
         *_rows(q), *_rows(grad_out), *_rows(grad_lse), *_rows(out_near), *_rows(lse_near), *_rows(lse),
         *_rows(allowed), *_rows(k), *_rows(v), *_rows(grad_out_near), *_rows(grad_lse_near), *_rows(grad_scores),
-        heads, q_len, n_far, QUERY_TILE=_query_tile(n_far), STEPS=steps, HAS_GRAD_LSE=has_grad_lse,
-        **_constants(q, n_far, scaling), num_warps=8 if _query_tile(n_far) == 128 else 4)
+        heads, q_len, n_far, QUERY_TILE=QUERY_TILE, STEPS=steps, HAS_GRAD_LSE=has_grad_lse,
+        **_constants(q, n_far, scaling), num_warps=4)
     return grad_out_near, grad_lse_near, grad_scores, partial
 
 
@@ -252,8 +248,8 @@ def add_far_gradients(grad_q, grad_k, grad_v, grad_scores, partial, k, slots, sc
             QUERY_TILE=query_tile, **constants, num_warps=8)
     for grad, sums in zip((grad_k, grad_v), partial):
         if grad is not None:
-            _add_far_key_sums[(batch * heads,)](grad, sums, slots, *_rows(grad), heads, n_far, sums.shape[1],
-                                                **constants, num_warps=4)
+            _add_far_key_sums[(batch * heads, n_far)](grad, sums, slots, *_rows(grad), heads, n_far, sums.shape[1],
+                                                      CHUNK_TILE=128, **constants, num_warps=4)
 
 
 try:  # Triton comes with torch's CUDA builds; the CPU path does not need it
@@ -358,9 +354,9 @@ if triton is not None:
                      grad_scores.to(DS.dtype.element_ty), mask=pair_ok)
             dk += tl.dot(tl.trans(grad_scores.to(q.dtype)), q, input_precision=PRECISION)
             dv += tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION)
-        at = (bh * tl.num_programs(0) + chunk) * KEY_TILE * DIM + keys[:, None] * DIM + cols[None, :]
-        ok = cols[None, :] < DIM
-        half = tl.num_programs(1) * tl.num_programs(0) * KEY_TILE * DIM
+        at = (bh * tl.num_programs(0) + chunk) * n_far * DIM + keys[:, None] * DIM + cols[None, :]
+        ok = (keys[:, None] < n_far) & (cols[None, :] < DIM)
+        half = tl.num_programs(1) * tl.num_programs(0) * n_far * DIM
         tl.store(PARTIAL + at, dk * SCALE, mask=ok)
         tl.store(PARTIAL + half + at, dv, mask=ok)
 
@@ -388,21 +384,21 @@ if triton is not None:
     @triton.jit
     def _add_far_key_sums(
         G, PARTIAL, SLOTS, sgb, sgh, sgt, heads, n_far, chunks,
-        SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        CHUNK_TILE: tl.constexpr, SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr,
+        KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        bh = tl.program_id(0)
+        """One far key's partial sums (chunks, D) added to its row of g; a program per (row and head, key)."""
+        bh, key = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
-        keys = tl.arange(0, KEY_TILE)
         cols = tl.arange(0, DIM_TILE)
-        tile_at = keys[:, None] * DIM + cols[None, :]
-        ok = (keys[:, None] < n_far) & (cols[None, :] < DIM)
-        total = tl.zeros((KEY_TILE, DIM_TILE), dtype=tl.float32)
-        for chunk in range(chunks):
-            total += tl.load(PARTIAL + (bh * chunks + chunk) * KEY_TILE * DIM + tile_at, mask=ok, other=0.0)
-        # Slots are distinct or -1 (kernels/flex.py, build_far_branch_masks), so no two keys store to one row.
-        slot = tl.load(SLOTS + b * n_far + keys, mask=keys < n_far, other=-1)
-        ok = ok & (slot[:, None] >= 0)
-        at = G + b * sgb + h * sgh + slot[:, None] * sgt + cols[None, :]
-        grad = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-        tl.store(at, (grad + total).to(G.dtype.element_ty), mask=ok)
+        total = tl.zeros((DIM_TILE,), dtype=tl.float32)
+        for start in range(0, chunks, CHUNK_TILE):
+            chunk = start + tl.arange(0, CHUNK_TILE)
+            at = ((bh * chunks + chunk[:, None]) * n_far + key) * DIM + cols[None, :]
+            total += tl.sum(tl.load(PARTIAL + at, mask=(chunk[:, None] < chunks) & (cols[None, :] < DIM), other=0.0),
+                            axis=0)
+        # Slots are distinct or -1 (kernels/flex.py, build_far_branch_masks), so no two programs store to one row.
+        slot = tl.load(SLOTS + b * n_far + key)
+        ok = (cols < DIM) & (slot >= 0)
+        at = G + b * sgb + h * sgh + slot * sgt + cols
+        tl.store(at, (tl.load(at, mask=ok, other=0.0).to(tl.float32) + total).to(G.dtype.element_ty), mask=ok)
