@@ -68,10 +68,11 @@ class _AddFarGradients(torch.autograd.Function):
         k, slots = ctx.saved_tensors
         if grad_scores is None:
             return grad_q, grad_k, grad_v, None, None, None
-        # The gradients the near attention's backward just made are autograd's alone; broadcast ones are copied.
-        # One is None where that input needs none.
-        grad_q, grad_k, grad_v = (g if g is None or g.is_contiguous() else g.contiguous()
-                                  for g in (grad_q, grad_k, grad_v))
+        # The gradients the near attention's backward just made are autograd's alone; broadcast ones are copied, and
+        # one that is None (its input needs none) is zeros, which autograd then drops.
+        shapes = ((*grad_scores.shape[:3], k.shape[-1]), k.shape, k.shape)
+        grad_q, grad_k, grad_v = (k.new_zeros(shape) if g is None else g if g.is_contiguous() else g.contiguous()
+                                  for g, shape in zip((grad_q, grad_k, grad_v), shapes))
         (add_far_gradients if ctx.fast else add_far_gradients_reference)(
             grad_q, grad_k, grad_v, grad_scores, far_sums, k, slots, ctx.scaling)
         return grad_q, grad_k, grad_v, None, None, None
@@ -159,12 +160,10 @@ def far_branch_backward_reference(q, grad_out, grad_lse, out_near, lse_near, lse
 
 def add_far_gradients_reference(grad_q, grad_k, grad_v, grad_scores, far_sums, k, slots, scaling) -> None:
     """Adds, in place, ds·k_far·scale to grad_q and the far keys' sums (2, B, H, n, D) to grad_k, grad_v at the
-    slots (each None where that input needs no gradient)."""
-    if grad_q is not None:
-        grad_q += (torch.matmul(grad_scores.float(), far_rows(k, slots).float()) * scaling).to(grad_q.dtype)
-    for grad, sums in zip((grad_k, grad_v), far_sums):
-        if grad is not None:  # a slot of -1 has no allowed pair: its sums are zeros
-            grad.scatter_add_(2, _slot_index(slots, k), sums.to(grad.dtype))
+    slots."""
+    grad_q += (torch.matmul(grad_scores.float(), far_rows(k, slots).float()) * scaling).to(grad_q.dtype)
+    for grad, sums in zip((grad_k, grad_v), far_sums):  # a slot of -1 has no allowed pair: its sums are zeros
+        grad.scatter_add_(2, _slot_index(slots, k), sums.to(grad.dtype))
 
 
 # --- Triton -------------------------------------------------------------------------------------------------------
@@ -235,21 +234,19 @@ def far_branch_backward(q, grad_out, grad_lse, out_near, lse_near, lse, k, v, sl
 
 
 def add_far_gradients(grad_q, grad_k, grad_v, grad_scores, partial, k, slots, scaling) -> None:
-    """``add_far_gradients_reference`` from far_branch_backward's partials: one Triton pass adds ds·k_far·scale over
-    grad_q's tiles, one sums the partials and adds them at the slots."""
+    """``add_far_gradients_reference`` from far_branch_backward's partials, in one Triton launch (each launch in a
+    CUDA graph costs a few µs beside a 0.5 ms step): programs over grad_q's tiles add ds·k_far·scale, one program per
+    far key and head sums its partials and adds them at its slot of grad_k and grad_v."""
     batch, heads, q_len, _ = grad_scores.shape
     n_far = slots.shape[-1]
     k, slots = _unit_stride(k)[0], slots.contiguous()
-    constants = _constants(k, n_far, scaling)
-    if grad_q is not None:
-        query_tile = 128
-        _add_far_query_tiles[(-(-q_len // query_tile), batch * heads)](
-            grad_q, grad_scores, k, slots, *_rows(grad_q), *_rows(grad_scores), *_rows(k), heads, q_len, n_far,
-            QUERY_TILE=query_tile, **constants, num_warps=8)
-    for grad, sums in zip((grad_k, grad_v), partial):
-        if grad is not None:
-            _add_far_key_sums[(batch * heads, n_far)](grad, sums, slots, *_rows(grad), heads, n_far, sums.shape[1],
-                                                      CHUNK_TILE=128, **constants, num_warps=4)
+    query_tile = 128
+    tiles = -(-q_len // query_tile)
+    _add_far_gradient_tiles[(tiles + n_far, batch * heads)](
+        grad_q, grad_k, grad_v, grad_scores, partial, k, slots,
+        *_rows(grad_q), *_rows(grad_k), *_rows(grad_v), *_rows(grad_scores), *_rows(k),
+        heads, q_len, n_far, tiles, partial.shape[2],
+        QUERY_TILE=query_tile, CHUNK_TILE=128, **_constants(k, n_far, scaling), num_warps=8)
 
 
 try:  # Triton comes with torch's CUDA builds; the CPU path does not need it
@@ -361,44 +358,43 @@ if triton is not None:
         tl.store(PARTIAL + half + at, dv, mask=ok)
 
     @triton.jit
-    def _add_far_query_tiles(
-        GQ, DS, K, SLOTS, sgb, sgh, sgt, ssb, ssh, sst, skb, skh, skt, heads, q_len, n_far,
-        QUERY_TILE: tl.constexpr, SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr,
-        KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
+    def _add_far_gradient_tiles(
+        GQ, GK, GV, DS, PARTIAL, K, SLOTS, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, ssb, ssh, sst, sxb, sxh, sxt,
+        heads, q_len, n_far, tiles, chunks,
+        QUERY_TILE: tl.constexpr, CHUNK_TILE: tl.constexpr, ADD_KEYS: tl.constexpr, SCALE: tl.constexpr,
+        DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        tile, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // heads, bh % heads
-        rows = tile * QUERY_TILE + tl.arange(0, QUERY_TILE)
-        cols = tl.arange(0, DIM_TILE)
-        keys = tl.arange(0, KEY_TILE)
-        row_ok = rows < q_len
-        fk = _far_tile(K, SLOTS, b, h, skb, skh, skt, n_far, DIM, DIM_TILE, KEY_TILE)
-        ds = tl.load(DS + b * ssb + h * ssh + rows[:, None] * sst + keys[None, :],
-                     mask=row_ok[:, None] & (keys[None, :] < n_far), other=0.0)
-        at = GQ + b * sgb + h * sgh + rows[:, None] * sgt + cols[None, :]
-        tile_ok = row_ok[:, None] & (cols[None, :] < DIM)
-        grad = tl.load(at, mask=tile_ok, other=0.0).to(tl.float32)
-        grad += tl.dot(ds.to(fk.dtype), fk, input_precision=PRECISION) * SCALE
-        tl.store(at, grad.to(GQ.dtype.element_ty), mask=tile_ok)
-
-    @triton.jit
-    def _add_far_key_sums(
-        G, PARTIAL, SLOTS, sgb, sgh, sgt, heads, n_far, chunks,
-        CHUNK_TILE: tl.constexpr, SCALE: tl.constexpr, DIM: tl.constexpr, DIM_TILE: tl.constexpr,
-        KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
-    ):
-        """One far key's partial sums (chunks, D) added to its row of g; a program per (row and head, key)."""
-        bh, key = tl.program_id(0), tl.program_id(1)
+        task, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // heads, bh % heads
         cols = tl.arange(0, DIM_TILE)
-        total = tl.zeros((DIM_TILE,), dtype=tl.float32)
-        for start in range(0, chunks, CHUNK_TILE):
-            chunk = start + tl.arange(0, CHUNK_TILE)
-            at = ((bh * chunks + chunk[:, None]) * n_far + key) * DIM + cols[None, :]
-            total += tl.sum(tl.load(PARTIAL + at, mask=(chunk[:, None] < chunks) & (cols[None, :] < DIM), other=0.0),
-                            axis=0)
-        # Slots are distinct or -1 (kernels/flex.py, build_far_branch_masks), so no two programs store to one row.
-        slot = tl.load(SLOTS + b * n_far + key)
-        ok = (cols < DIM) & (slot >= 0)
-        at = G + b * sgb + h * sgh + slot * sgt + cols
-        tl.store(at, (tl.load(at, mask=ok, other=0.0).to(tl.float32) + total).to(G.dtype.element_ty), mask=ok)
+        if task < tiles:  # a tile of queries: ds·k_far·scale
+            rows = task * QUERY_TILE + tl.arange(0, QUERY_TILE)
+            keys = tl.arange(0, KEY_TILE)
+            row_ok = rows < q_len
+            fk = _far_tile(K, SLOTS, b, h, sxb, sxh, sxt, n_far, DIM, DIM_TILE, KEY_TILE)
+            ds = tl.load(DS + b * ssb + h * ssh + rows[:, None] * sst + keys[None, :],
+                         mask=row_ok[:, None] & (keys[None, :] < n_far), other=0.0)
+            at = GQ + b * sqb + h * sqh + rows[:, None] * sqt + cols[None, :]
+            tile_ok = row_ok[:, None] & (cols[None, :] < DIM)
+            grad = tl.load(at, mask=tile_ok, other=0.0).to(tl.float32)
+            grad += tl.dot(ds.to(fk.dtype), fk, input_precision=PRECISION) * SCALE
+            tl.store(at, grad.to(GQ.dtype.element_ty), mask=tile_ok)
+        else:  # a far key: its partial sums (chunks, D) for k and v, added at its slot
+            key = task - tiles
+            # Slots are distinct or -1 (kernels/flex.py, build_far_branch_masks): no two programs store to one row.
+            slot = tl.load(SLOTS + b * n_far + key)
+            ok = (cols < DIM) & (slot >= 0)
+            for half in tl.static_range(2):
+                total = tl.zeros((DIM_TILE,), dtype=tl.float32)
+                for start in range(0, chunks, CHUNK_TILE):
+                    chunk = start + tl.arange(0, CHUNK_TILE)
+                    at = (((half * tl.num_programs(1) + bh) * chunks + chunk[:, None]) * n_far + key) * DIM \
+                        + cols[None, :]
+                    total += tl.sum(tl.load(PARTIAL + at, mask=(chunk[:, None] < chunks) & (cols[None, :] < DIM),
+                                            other=0.0), axis=0)
+                if half == 0:
+                    at = GK + b * skb + h * skh + slot * skt + cols
+                else:
+                    at = GV + b * svb + h * svh + slot * svt + cols
+                tl.store(at, (tl.load(at, mask=ok, other=0.0).to(tl.float32) + total).to(GK.dtype.element_ty),
+                         mask=ok)
