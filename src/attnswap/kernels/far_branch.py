@@ -361,7 +361,7 @@ if triton is not None:
     def _add_far_gradient_tiles(
         GQ, GK, GV, DS, PARTIAL, K, SLOTS, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, ssb, ssh, sst, sxb, sxh, sxt,
         heads, q_len, n_far, tiles, chunks,
-        QUERY_TILE: tl.constexpr, CHUNK_TILE: tl.constexpr, ADD_KEYS: tl.constexpr, SCALE: tl.constexpr,
+        QUERY_TILE: tl.constexpr, CHUNK_TILE: tl.constexpr, SCALE: tl.constexpr,
         DIM: tl.constexpr, DIM_TILE: tl.constexpr, KEY_TILE: tl.constexpr, PRECISION: tl.constexpr,
     ):
         task, bh = tl.program_id(0), tl.program_id(1)
