@@ -388,13 +388,13 @@ if triton is not None:
                 total = tl.zeros((DIM_TILE,), dtype=tl.float32)
                 for start in range(0, chunks, CHUNK_TILE):
                     chunk = start + tl.arange(0, CHUNK_TILE)
-                    at = (((half * tl.num_programs(1) + bh) * chunks + chunk[:, None]) * n_far + key) * DIM \
+                    offsets = (((half * tl.num_programs(1) + bh) * chunks + chunk[:, None]) * n_far + key) * DIM \
                         + cols[None, :]
-                    total += tl.sum(tl.load(PARTIAL + at, mask=(chunk[:, None] < chunks) & (cols[None, :] < DIM),
+                    total += tl.sum(tl.load(PARTIAL + offsets, mask=(chunk[:, None] < chunks) & (cols[None, :] < DIM),
                                             other=0.0), axis=0)
                 if half == 0:
-                    at = GK + b * skb + h * skh + slot * skt + cols
+                    row = GK + b * skb + h * skh + slot * skt + cols
                 else:
-                    at = GV + b * svb + h * svh + slot * svt + cols
-                tl.store(at, (tl.load(at, mask=ok, other=0.0).to(tl.float32) + total).to(GK.dtype.element_ty),
+                    row = GV + b * svb + h * svh + slot * svt + cols
+                tl.store(row, (tl.load(row, mask=ok, other=0.0).to(tl.float32) + total).to(GK.dtype.element_ty),
                          mask=ok)
