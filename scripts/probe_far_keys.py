@@ -1,14 +1,13 @@
-"""Window + sinks as a merged branch (kernels/far_branch.py) and split (kernels/far_keys.py) against one block mask.
+"""Window + sinks as a branch merged with a pure window (kernels/far_branch.py) against one block mask.
 
     PYTHONPATH=src python3 scripts/probe_far_keys.py --out runs/far_keys        (CUDA: flex has no CPU backward)
 
-For each mode and length: flash SDPA, the plain window, and the window with sinks three ways: as a branch merged with
-flex over the pure window by log-sum-exp; split (the sink keys' block walked only by the query blocks its window
-reaches, the far pairs' key and value gradients summed by one Triton pass; forward+backward only); and as one block
-mask (FAR_KEYS_MIN_QUERIES raised past the length). Timed by CUDA-graph replay (median of ``--repeats``) in one
-process; the largest difference of each route's output and gradients from the single mask's, and each case's largest
-kernels from one profiled call. Writes OUT/far_keys.json. It decides FAR_KEYS_ROUTE and FAR_KEYS_MIN_QUERIES in
-kernels/flex.py.
+For each mode and length: flash SDPA, the plain window, and the window with sinks twice: as a branch merged with
+flex over the pure window by log-sum-exp, and as one block mask (FAR_KEYS_MIN_QUERIES raised past the length). Timed
+by CUDA-graph replay (median of ``--repeats``) in one process; the largest difference of the branch's output and
+gradients from the single mask's, and each case's largest kernels from one profiled call. Writes OUT/far_keys.json.
+It decides FAR_KEYS_MIN_QUERIES in kernels/flex.py. (Session 10's calls also timed the far-key split of session 9,
+since removed.)
 """
 
 from __future__ import annotations
@@ -38,23 +37,20 @@ def main() -> None:
     args = parser.parse_args()
     device, dtype = torch.device("cuda"), torch.bfloat16
     ctx = AttnContext(scaling=HEAD_DIM**-0.5)
-    split_from, route = flex.FAR_KEYS_MIN_QUERIES, flex.FAR_KEYS_ROUTE
+    far_from = flex.FAR_KEYS_MIN_QUERIES
     sinks = get_variant(f"window:w={args.window},sinks={args.sinks}")
     cases = {
-        "sdpa_flash": (lambda q, k, v: dense_causal_attention(q, k, v, ctx.scaling), split_from, route),
-        f"window:w={args.window}": (get_variant(f"window:w={args.window}"), split_from, route),
-        "sinks_branch": (sinks, 0, "branch"),
-        "sinks_split": (sinks, 0, "split"),
-        "sinks_one_mask": (sinks, 1 << 40, route),
+        "sdpa_flash": (lambda q, k, v: dense_causal_attention(q, k, v, ctx.scaling), far_from),
+        f"window:w={args.window}": (get_variant(f"window:w={args.window}"), far_from),
+        "sinks_branch": (sinks, 0),
+        "sinks_one_mask": (sinks, 1 << 40),
     }
     rows = []
     for mode, n in ((mode, int(n)) for mode in args.modes.split(",") for n in args.lengths.split(",")):
         shape = (1, HEADS, n, HEAD_DIM)
         got = {}
-        for name, (case, threshold, case_route) in cases.items():
-            if name == "sinks_split" and mode == "forward":
-                continue  # the split changes the backward alone
-            flex.FAR_KEYS_MIN_QUERIES, flex.FAR_KEYS_ROUTE = threshold, case_route
+        for name, (case, threshold) in cases.items():
+            flex.FAR_KEYS_MIN_QUERIES = threshold
             attend = case if not hasattr(case, "attend") else (
                 lambda q, k, v, variant=case: variant.attend(q, k, v, ctx, None))
             row = {"case": name, "length": n, "mode": mode}
@@ -80,13 +76,12 @@ def main() -> None:
             if flash and row.get("graph_median_s"):
                 row["speedup"] = round(flash / row["graph_median_s"], 2)
             print(json.dumps({k: v for k, v in row.items() if k != "kernels"}), flush=True)
-        for name in ("sinks_branch", "sinks_split"):
-            if name in got and "sinks_one_mask" in got:
-                difference = {label: (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for label, a, b
-                              in zip(("out", "dq", "dk", "dv"), got[name], got["sinks_one_mask"])}
-                rows.append({"case": f"{name}_vs_one_mask", "length": n, "max_relative_difference": difference})
-                print(json.dumps(rows[-1]), flush=True)
-    flex.FAR_KEYS_MIN_QUERIES, flex.FAR_KEYS_ROUTE = split_from, route
+        if len(got) == 2:
+            difference = {label: (a - b).abs().max().item() / max(b.abs().max().item(), 1e-30) for label, a, b
+                          in zip(("out", "dq", "dk", "dv"), got["sinks_branch"], got["sinks_one_mask"])}
+            rows.append({"case": "sinks_branch_vs_one_mask", "length": n, "max_relative_difference": difference})
+            print(json.dumps(rows[-1]), flush=True)
+    flex.FAR_KEYS_MIN_QUERIES = far_from
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "far_keys.json").write_text(json.dumps({"environment": environment(device), "args": vars(args),

@@ -1,10 +1,7 @@
-"""Far keys (attention sinks) taken out of FlexAttention's backward walks (kernels/flex.build_split_block_mask) and
-their gradients summed apart (kernels/far_keys.py), against dense attention.
-
-On the CPU, flex has no backward, so the split is checked piece by piece: the pairs the cut walks leave out are
-exactly the far pairs the mask reports, the forward half of the block mask is the plain one, and the gradient sums
-equal the dense gradient restricted to those pairs. On CUDA, the window variant with sinks goes through the split on
-flex, and its gradients are compared with the dense reference.
+"""Far keys (attention sinks, Longformer's global keys): the window and Longformer variants, whose far keys flex leaves
+to a branch merged by log-sum-exp (kernels/far_branch.py), against the dense reference on CUDA; and the far pairs'
+key and value sums of NSA's split sink tile (kernels/far_keys.py) against the dense gradient, with the autograd
+Functions that add them in place.
 """
 
 from __future__ import annotations
@@ -14,23 +11,16 @@ import torch
 
 from attnswap.kernels import far_keys, flex
 from attnswap.kernels.far_keys import far_key_gradients, far_key_gradients_reference
-from attnswap.kernels.flex import FarKeys, build_block_mask, build_split_block_mask
+from attnswap.kernels.flex import build_block_mask
 from attnswap.kernels.masks import materialize, to_index_mask
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.window import sliding_window_mask
 from tests.conftest import TOLERANCE, random_qkv
 
 CUDA = torch.cuda.is_available()
-BLOCK = 16
-# The CUDA tests split from this many queries (lengths of 2048-2500 keep the dense reference cheap), whatever the
+# The CUDA tests take the far keys apart from this many queries (lengths of 2048-2500 keep the dense reference cheap), whatever the
 # production threshold flex.FAR_KEYS_MIN_QUERIES.
-SPLIT_FROM = 2048
-
-
-def _window_masks(w: int, sinks: int, first_real: torch.Tensor, key_valid: torch.Tensor | None, offset: int = 0):
-    index_mask = to_index_mask(sliding_window_mask(w, sinks, first_real), offset, 0, key_valid)
-    near = to_index_mask(sliding_window_mask(w, 0, first_real), offset, 0, key_valid)
-    return index_mask, FarKeys(first_real, sinks, near)
+FAR_FROM = 2048
 
 
 def _left_padded(batch: int, kv_len: int, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,53 +28,6 @@ def _left_padded(batch: int, kv_len: int, pads: list[int]) -> tuple[torch.Tensor
     for row, pad in enumerate(pads):
         key_valid[row, :pad] = False
     return key_valid, key_valid.long().argmax(dim=-1)
-
-
-def _walked_pairs(block_mask, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """(B, T, S) bool: the pairs inside the blocks each key block's backward walk lists (its q_indices half)."""
-    walked = torch.zeros(batch, -(-q_len // BLOCK), -(-kv_len // BLOCK), dtype=torch.bool)
-    for num, indices in ((block_mask.q_num_blocks, block_mask.q_indices),
-                         (block_mask.full_q_num_blocks, block_mask.full_q_indices)):
-        num, indices = num[:, 0].expand(batch, -1), indices[:, 0].expand(batch, -1, -1)
-        for b in range(batch):
-            for kv_block in range(walked.shape[2]):
-                walked[b, indices[b, kv_block, : num[b, kv_block]].long(), kv_block] = True
-    pairs = walked.repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)
-    return pairs[:, :q_len, :kv_len]
-
-
-@pytest.mark.parametrize("spec", ["window:w=20,sinks=4", "longformer:w=20,global_tokens=3"])
-@pytest.mark.parametrize("q_len, kv_len, pads", [(150, 150, [0, 0]), (150, 150, [37, 5]), (70, 181, [20, 0])],
-                         ids=["whole", "left_padded", "chunk_padded"])
-def test_walks_and_far_pairs_split_the_mask_exactly(spec, q_len, kv_len, pads):
-    batch = 2
-    variant = get_variant(spec)
-    key_valid, first_real = _left_padded(batch, kv_len, pads)
-    q, k, _ = random_qkv(batch, 1, q_len, kv_len, dim=16)
-    ctx = AttnContext(scaling=0.25, key_valid=key_valid)
-    index_mask, _, _ = variant.index_mask(q, k, ctx, None)
-    far = variant._far_keys(q, k, ctx)
-    block_mask, slots, allowed = build_split_block_mask(index_mask, far, batch, None, q_len, kv_len, "cpu",
-                                                        block_size=BLOCK)
-    plain = build_block_mask(index_mask, batch, None, q_len, kv_len, "cpu", BLOCK)
-    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"):
-        assert torch.equal(getattr(block_mask, name), getattr(plain, name)), f"the forward half changed: {name}"
-    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
-        assert getattr(block_mask, name).is_contiguous(), f"flex reads {name} as contiguous rows"
-
-    mask = materialize(index_mask, batch, 1, q_len, kv_len, "cpu")[:, 0]  # (B, T, S)
-    walked = _walked_pairs(block_mask, batch, q_len, kv_len)
-    far_pairs = torch.zeros_like(mask)
-    for b in range(batch):
-        far_pairs[b][:, slots[b]] |= allowed[b, 0]
-    assert torch.equal(slots, first_real[:, None] + torch.arange(far.count))
-    assert far_pairs.any(), "the case must leave some far pairs to the sums"
-    assert not (far_pairs & walked).any(), "a far pair would be summed twice"
-    assert torch.equal(mask & walked | far_pairs, mask), "every allowed pair is walked or summed apart, no other"
-    # The far keys' tile is walked by the query tiles near it and those of the global queries, not by all.
-    sink_tile = int(first_real.max()) // BLOCK
-    walks = block_mask.q_num_blocks[:, 0, sink_tile] + block_mask.full_q_num_blocks[:, 0, sink_tile]
-    assert int(walks.max()) <= -(-20 // BLOCK) + 2 < -(-q_len // BLOCK)
 
 
 def test_strided_global_tokens_are_not_few_far_keys():
@@ -143,78 +86,6 @@ def test_flex_log_sum_exp_is_the_natural_one():
     torch.testing.assert_close(lse, want, rtol=0, atol=1e-4)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_flex_backward_over_the_split_mask_walks_the_near_pairs_only():
-    """flex's key gradients over the split mask are those of the pairs inside the walked blocks: the dense gradient of
-    the scores, kept on those pairs."""
-    q_len, scaling = 1024, 0.125
-    q, k, v = (x.cuda().requires_grad_() for x in random_qkv(1, 2, q_len, q_len, dim=64))
-    first = torch.zeros(1, dtype=torch.long, device="cuda")
-    index_mask, far = _window_masks(200, 4, first, None)
-    block_mask, slots, far_allowed = build_split_block_mask(index_mask, far, 1, None, q_len, q_len, "cuda")
-    out = flex.flex_masked_attention(q, k, v, block_mask, scaling)
-    grad_out = torch.randn_like(out)
-    _, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
-
-    allowed = materialize(index_mask, 1, 1, q_len, q_len, "cuda")
-    far_pairs = torch.zeros_like(allowed)
-    far_pairs[..., :4] = far_allowed[0, 0]
-    scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    grad_scores = probs * (grad_out @ v.transpose(-1, -2) - (grad_out * out).sum(-1, keepdim=True))
-    near = allowed & ~far_pairs
-    want_dk = grad_scores.masked_fill(~near, 0.0).transpose(-1, -2) @ q * scaling
-    want_dv = probs.masked_fill(~near, 0.0).transpose(-1, -2) @ grad_out
-    for name, got, want in (("dk", dk, want_dk), ("dv", dv, want_dv)):
-        for rows, where in ((slice(0, 4), "sink slots"), (slice(4, None), "other slots")):
-            torch.testing.assert_close(got[:, :, rows], want[:, :, rows].detach(), rtol=0, atol=1e-4,
-                                       msg=lambda m, n=name, w=where: f"{n} at {w}: {m}")
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_window_sinks_split_parts_on_cuda(monkeypatch):
-    """The split's two parts against the dense gradient: flex over the split mask (the near pairs) plus the far sums
-    from the reference, then the whole path against those two."""
-    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", SPLIT_FROM)
-    q_len = 2500
-    variant, q, k, v, ctx = _window_case(torch.float32, q_len, [0], "cuda")
-    index_mask, _, _ = variant.index_mask(q, k, ctx, None)
-    far = variant._far_keys(q, k, ctx)
-    block_mask, slots, far_allowed = build_split_block_mask(index_mask, far, 1, None, q_len, q_len, "cuda")
-    out, lse = flex.flex_masked_attention(q, k, v, block_mask, ctx.scaling, return_lse=True)
-    grad_out = torch.randn_like(out)
-    _, near_dk, near_dv = torch.autograd.grad(out, (q, k, v), grad_out)
-    index = slots[:, None, :, None].expand(-1, q.shape[1], -1, 64)
-    far_dk, far_dv = far_keys.far_key_gradients_reference(q, k.gather(2, index), v.gather(2, index), out, grad_out,
-                                                          lse, None, far_allowed, ctx.scaling)
-    kernel_dk, kernel_dv = far_keys.far_key_gradients(q, k.gather(2, index).detach(), v.gather(2, index).detach(),
-                                                      out.detach(), grad_out, lse.detach(), None, far_allowed,
-                                                      ctx.scaling)
-    ref = variant.reference(q, k, v, ctx, None)
-    _, want_dk, want_dv = torch.autograd.grad(ref, (q, k, v), grad_out)
-    fast = variant.attend(q, k, v, ctx, None)
-    _, got_dk, got_dv = torch.autograd.grad(fast, (q, k, v), grad_out)
-    checks = {
-        "kernel far dk vs reference far dk": (kernel_dk, far_dk),
-        "kernel far dv vs reference far dv": (kernel_dv, far_dv),
-        "near + far dk vs dense, sinks": (near_dk[:, :, :4] + far_dk, want_dk[:, :, :4]),
-        "near + far dv vs dense, sinks": (near_dv[:, :, :4] + far_dv, want_dv[:, :, :4]),
-        "near dk vs dense, others": (near_dk[:, :, 4:], want_dk[:, :, 4:]),
-        "whole path dk vs dense, sinks": (got_dk[:, :, :4], want_dk[:, :, :4]),
-        "whole path dv vs dense, sinks": (got_dv[:, :, :4], want_dv[:, :, :4]),
-        "whole path dk vs dense, others": (got_dk[:, :, 4:], want_dk[:, :, 4:]),
-    }
-    failures = []
-    for name, (got, want) in checks.items():
-        error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-        print(f"{name}: max error / max {error:.3g}")
-        if error > 1e-4:
-            failures.append(f"{name}: {error:.3g}")
-    assert not failures, "; ".join(failures)
-
-
 def _window_case(dtype, q_len, pads, device, spec="window:w=256,sinks=4"):
     variant = get_variant(spec)
     batch = len(pads)
@@ -251,8 +122,8 @@ def test_far_key_kernel_matches_the_reference_on_cuda(dtype, n_far, rows_per_ent
 @pytest.mark.parametrize("pads", [[0], [300, 0]], ids=["whole", "left_padded"])
 @pytest.mark.parametrize("spec", ["window:w=256,sinks=4", "longformer:w=256,global_tokens=4"],
                          ids=["window", "longformer"])
-def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, spec, monkeypatch):
-    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", SPLIT_FROM)
+def test_far_keys_on_flex_match_the_reference(dtype, pads, spec, monkeypatch):
+    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", FAR_FROM)
     q_len = 2500
     variant, q, k, v, ctx = _window_case(dtype, q_len, pads, "cuda", spec)
     assert variant._far_keys(q, k, ctx) is not None
@@ -273,9 +144,9 @@ def test_window_sinks_split_on_flex_match_the_reference(dtype, pads, spec, monke
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_window_sinks_split_compiles_whole_and_equals_eager(monkeypatch):
-    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", SPLIT_FROM)
-    variant, q, k, v, ctx = _window_case(torch.bfloat16, SPLIT_FROM, [0], "cuda")
+def test_far_keys_compile_whole_and_equal_eager(monkeypatch):
+    monkeypatch.setattr(flex, "FAR_KEYS_MIN_QUERIES", FAR_FROM)
+    variant, q, k, v, ctx = _window_case(torch.bfloat16, FAR_FROM, [0], "cuda")
 
     def loss(q, k, v):
         return variant.attend(q, k, v, ctx, None).float().square().sum()

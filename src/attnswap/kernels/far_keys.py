@@ -1,19 +1,15 @@
-"""The key gradients of a few far-attended keys (sinks, global keys), taken apart from FlexAttention's backward.
+"""The key gradients of a few far-attended keys, taken apart from FlexAttention's backward: NSA's sink tile.
 
-FlexAttention's backward gives each key block one program that walks every query block attending it. A sink's key
-block is attended by every query block, so that one program walks the whole sequence while every other walks a
-window's few blocks: window 256 + 4 sinks took 1.10 ms forward+backward at 16k against the plain window's 0.43, and
-4.39 against 1.62 ms at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session9, call 1).
-
-The forward and the queries' gradients lose nothing by the sinks' block (one more key block per query block). So the
-block mask keeps the whole pattern for them, and only the walk of each key block (the block mask's transposed,
-``q_indices`` half) is cut to the query blocks that reach it without the far keys (``kernels/flex.py``,
-``build_split_block_mask``; NSA's sink tile, ``kernels/nsa.py``, ``selected_split_block_mask``). The pairs that cut
-drops, a far key and a query from afar, are (T, n) for n far keys: their key and value gradients are summed here
-from the forward's output and log-sum-exp, as FlashAttention's backward does:
+FlexAttention's backward gives each key block one program that walks every query block attending it. NSA forces each
+row's sink block into every query block's selection, so that one program walked the whole sequence. The block mask
+keeps the whole pattern for the forward and the queries' gradients, and only the walk of the sink block (the block
+mask's transposed, ``q_indices`` half) is cut to the query blocks not wholly after it (``kernels/nsa.py``,
+``selected_split_block_mask``; NSA 19.7 ms at 64k against 22.2, session 9). The pairs that cut drops, a far key and a
+query from afar, get their key and value gradients here from the forward's output and log-sum-exp, as
+FlashAttention's backward does:
 p = exp(q·k·scale - lse), ds = p (dout·v - rowsum(dout ∘ out) + dlse), dv += pᵀ dout, dk += dsᵀ q · scale.
-With them, window 256 + 4 sinks takes 0.61 ms at 16k and 2.20 ms at 64k (36x flash), and NSA 19.7 ms at 64k against
-22.2 (session9, call 7).
+(The window's sinks and Longformer's global keys took this split in session 9; they are now a branch of their own,
+kernels/far_branch.py, which also takes them out of the forward.)
 
 On CUDA this is one Triton kernel that reads q, dout and out once, in tiles of queries, and a sum of its per-program
 partials; ``far_key_gradients_reference`` is the same sum in PyTorch: the CPU path and the kernel's test oracle.

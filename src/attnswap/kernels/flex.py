@@ -26,7 +26,6 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import sdpa_masked
 from attnswap.kernels.far_branch import attend_with_far_branch
-from attnswap.kernels.far_keys import with_far_key_gradients
 from attnswap.kernels.masks import MaskFn, index_grid, mask_bands, materialize, materialize_bias
 
 BLOCK_SIZE = 128  # flex_attention's default tile
@@ -37,13 +36,10 @@ FLEX_MIN_HEAD_DIM = 16  # the Triton kernel's tl.dot needs head_dim >= 16
 RECOMPILE_LIMIT = 128  # compiled shapes × grad modes × mask constants per process; dynamo's default is 8
 MASK_CACHE_SIZE = 32
 MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a block mask (bounds memory at 16k)
-# Far keys' gradients are summed apart (kernels/far_keys.py) from this many queries on: window 256 + 4 sinks took
-# 0.23 ms forward+backward so at 4096 against the single mask's 0.29 (H200, bf16, 12 heads of 64; session 9). Below,
-# one key block's walk over every query block costs little, and shorter lengths are not measured.
+# Far keys are a branch of their own (kernels/far_branch.py) from this many queries on: window 256 + 4 sinks took
+# 0.21 ms forward+backward so at 4096 against the single mask's 0.30 (H200, bf16, 12 heads of 64; session 10, call 1).
+# Shorter lengths are not measured.
 FAR_KEYS_MIN_QUERIES = 4096
-# How far keys are served: "branch" (kernels/far_branch.py, flex over the near mask alone) or "split" (the whole mask,
-# kernels/far_keys.py's sums for the walks it cuts).
-FAR_KEYS_ROUTE = "branch"
 
 _BLOCK_MASKS: OrderedDict[Hashable, tuple[object, list[torch.Tensor]]] = OrderedDict()
 
@@ -51,8 +47,8 @@ _BLOCK_MASKS: OrderedDict[Hashable, tuple[object, list[torch.Tensor]]] = Ordered
 @dataclass(frozen=True)
 class FarKeys:
     """A few keys that every query may attend from afar (attention sinks): ``count`` key slots from ``first`` (B,) on,
-    and ``near_mask``, the index mask without them. Only the near mask's blocks bound each key block's backward
-    walk; the far keys' remaining gradients are summed apart (kernels/far_keys.py)."""
+    and ``near_mask``, the index mask without them. Flex runs the near mask alone; the far pairs are a branch merged
+    with it by log-sum-exp (kernels/far_branch.py)."""
 
     first: torch.Tensor
     count: int
@@ -83,7 +79,7 @@ def masked_attention(
     ``return_lse`` also returns each row's log-sum-exp of its allowed (biased) scaled scores, (B, H, T) fp32,
     -inf for a row with no allowed key: what merges this attention with one over other keys (kernels/merge.py).
     ``far_keys`` says which few keys ``index_mask`` lets every query attend (they must cover every pair outside the
-    near mask's blocks); the result is the same, and a long training call's backward walks no key block end to end.
+    near mask); the result is the same, and a long call runs no far keys' tile in every query tile.
     """
     batch, heads, q_len, _ = q.shape
     # Inductor (torch 2.11, H100) fails to lower the backward of the mixture's score_mod ("Buffers cannot be
@@ -95,14 +91,9 @@ def masked_attention(
             block_mask, slots, far_allowed = block_mask_for(
                 index_mask, batch, heads, q_len, k.shape[-2], q.device,
                 cache_key=cache_key, per_batch=per_batch, per_head=per_head, far_keys=far_keys)
-            if FAR_KEYS_ROUTE == "branch":
-                out, lse = attend_with_far_branch(
-                    lambda q, k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
-                    q, k, v, slots, far_allowed, scaling)
-            else:
-                out, lse = with_far_key_gradients(
-                    lambda k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
-                    q, k, v, slots, far_allowed, scaling)
+            out, lse = attend_with_far_branch(
+                lambda q, k, v: flex_masked_attention(q, k, v, block_mask, scaling, return_lse=True),
+                q, k, v, slots, far_allowed, scaling)
             return (out, lse) if return_lse else out
         block_mask = block_mask_for(index_mask, batch, heads, q_len, k.shape[-2], q.device,
                                     cache_key=cache_key, per_batch=per_batch, per_head=per_head)
@@ -110,12 +101,10 @@ def masked_attention(
     return materialised_attention(q, k, v, index_mask, scaling, score_bias, return_lse=return_lse)
 
 
-def far_keys_pay(q: torch.Tensor, route: str | None = None) -> bool:
-    """Whether a call of queries q (B, H, T, D) serves its far keys apart: flex serves it, it is long enough
-    (FAR_KEYS_MIN_QUERIES), and, for the split (which changes the backward alone), it trains."""
-    route = route or FAR_KEYS_ROUTE
-    return (flex_serves(q) and q.shape[-2] >= FAR_KEYS_MIN_QUERIES
-            and (route == "branch" or torch.is_grad_enabled()))
+def far_keys_pay(q: torch.Tensor) -> bool:
+    """Whether a call of queries q (B, H, T, D) serves its far keys apart: flex serves it, and it is long enough
+    (FAR_KEYS_MIN_QUERIES) for the far keys' tile in every query tile to cost more than a branch of their own."""
+    return flex_serves(q) and q.shape[-2] >= FAR_KEYS_MIN_QUERIES
 
 
 def flex_serves(q: torch.Tensor) -> bool:
@@ -225,14 +214,13 @@ def block_mask_for(
     count by identity and in-place version, and the cache keeps them alive so that an id is never reused:
     an unpadded mask keyed by its spec is built once per shape; one keyed by a batch's padding tensor is
     built once per forward and shared by all layers. None builds every call.
-    With ``far_keys``: ``build_split_block_mask``'s block mask, far slots and far pairs.
+    With ``far_keys``: ``build_far_branch_masks``'s block mask, far slots and far pairs.
     """
     if far_keys is None:
         build = functools.partial(build_block_mask, index_mask, batch if per_batch else None,
                                   heads if per_head else None, q_len, kv_len, device, block_size)
     else:
-        builder = build_far_branch_masks if FAR_KEYS_ROUTE == "branch" else build_split_block_mask
-        build = functools.partial(builder, index_mask, far_keys, batch, heads if per_head else None,
+        build = functools.partial(build_far_branch_masks, index_mask, far_keys, batch, heads if per_head else None,
                                   q_len, kv_len, device, per_batch, block_size)
     if cache_key is None:
         return build()
@@ -240,7 +228,7 @@ def block_mask_for(
     # The shape stays in the key even when the block mask broadcasts: the cached mask_mod indexes
     # tensors captured at build time (first_real is (B,)), so they must fit this call.
     key = (_freeze(cache_key, pinned), batch, heads, q_len, kv_len, str(device), per_batch, per_head, block_size,
-           None if far_keys is None else (far_keys.count, FAR_KEYS_ROUTE))
+           None if far_keys is None else far_keys.count)
     if key in _BLOCK_MASKS:
         _BLOCK_MASKS.move_to_end(key)
         return _BLOCK_MASKS[key][0]
@@ -276,38 +264,6 @@ def build_block_mask(
     full, partial = _full_and_partial_blocks(index_mask, batch, heads, q_len, kv_len, device, block_size)
     return BlockMask.from_kv_blocks(*ordered_blocks(partial), *ordered_blocks(full), BLOCK_SIZE=block_size,
                                     mask_mod=index_mask, seq_lengths=(q_len, kv_len))
-
-
-def build_split_block_mask(
-    index_mask: MaskFn,
-    far_keys: FarKeys,
-    batch: int,
-    heads: int | None,
-    q_len: int,
-    kv_len: int,
-    device,
-    per_batch: bool = True,
-    block_size: int = BLOCK_SIZE,
-) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
-    """The block mask of ``index_mask`` whose key blocks' backward walks (its transposed half) keep only the query
-    blocks that ``far_keys.near_mask`` reaches; with it, the far keys' slots (B, n) and the pairs the walks leave out,
-    (B, 1 or H, T, n) bool, whose gradients kernels/far_keys.py sums. ``batch`` is the call's batch (the far keys are
-    per row); ``per_batch`` False: the masks do not vary by row, and the block mask broadcasts."""
-    mask_batch = batch if per_batch else None
-    full, partial = _full_and_partial_blocks(index_mask, mask_batch, heads, q_len, kv_len, device, block_size)
-    near_full, near_partial = _full_and_partial_blocks(far_keys.near_mask, mask_batch, heads, q_len, kv_len, device,
-                                                       block_size)
-    reached = near_full | near_partial  # (B or 1, H or 1, n_q, n_kv)
-    block_mask = block_mask_with_walks(partial, full, reached, q_len, kv_len, block_size, index_mask)
-
-    slots = far_keys.first.expand(batch)[:, None] + torch.arange(far_keys.count, device=device)  # (B, n)
-    inside = slots < kv_len
-    slots = slots.clamp(max=kv_len - 1)
-    b, h, q, _ = index_grid(batch, heads or 1, q_len, 0, device)
-    kv = slots[:, None, None, :]
-    left_out = ~reached[b if per_batch else 0, h, q // block_size, kv // block_size]
-    allowed = index_mask(b, h, q, kv) & inside[:, None, None, :] & left_out  # (B, H or 1, T, n)
-    return block_mask, slots, allowed
 
 
 def build_far_branch_masks(

@@ -387,7 +387,7 @@ def flex_selected_attention(q, k, v, selected: torch.Tensor, scaling: float, blo
     q_start = (kv_len - q_len) // block * block
     lead = kv_len - q_len - q_start
     q_rows = F.pad(q, (0, 0, lead, 0)) if lead else q
-    if first_real is not None and backend is not None and far_keys_pay(q_rows, "split"):
+    if first_real is not None and backend is not None and far_keys_pay(q_rows) and torch.is_grad_enabled():
         block_mask, slots, far_allowed = selected_split_block_mask(selected, first_real, q_start, lead + q_len,
                                                                    kv_len, block, key_valid)
         out, _ = with_far_key_gradients(

@@ -35,15 +35,14 @@ def sliding_window_mask(w: int, sinks: int, first_real: torch.Tensor):
     return mask
 
 
-# Sinks and FlexAttention's backward. In one block mask the sinks' key block is live for every query block, and
-# FlexAttention's backward walks that column in a single program: window 256 + 4 sinks took 1.10 ms forward+backward
-# at 16k against the plain window's 0.43, 4.39 against 1.62 ms at 64k. So in a long training call (kernels/flex.py,
-# FarKeys) the sinks' block is walked only by the query blocks its window reaches, and the sink keys' gradients from
-# the other queries are one Triton pass added in place (kernels/far_keys.py): 0.61 ms at 16k, 2.20 ms at 64k (36x
-# flash), the same output and query gradients bit for bit (H200, bf16, 12 heads of 64, graph replay;
-# benchmarks/results/bench_kernel_64k_h200/session9). Measured slower before, all exact: the sinks as a branch merged
-# with a pure window by log-sum-exp (1.29 ms at 16k, session 7); query folds along the batch (1.35 ms); a copy of the
-# sinks' block per fold of queries (2.45 ms).
+# Sinks and FlexAttention. In one block mask the sinks' key block is live for every query block: each query block runs
+# one more 128-wide tile for 4 keys, and flex's backward walks the sinks' column in a single program (window 256 +
+# 4 sinks: 1.14 ms forward+backward at 16k against the plain window's 0.43). So in a long call (kernels/flex.py,
+# FarKeys) flex runs the pure window, and the sinks are a branch merged with it by log-sum-exp, one Triton pass each
+# way (kernels/far_branch.py): 0.531 ms at 16k (10.1x flash), 2.02 ms at 64k (39.5x), against session 9's split of
+# the backward walks (0.61 and 2.20 ms) and session 7's branch in compiled PyTorch (1.29 ms at 16k; its sums over every
+# position were slow reductions). H200, bf16, 12 heads of 64, graph replay; benchmarks/results/bench_kernel_64k_h200/
+# session10.
 
 
 class Window(MaskedVariant):
