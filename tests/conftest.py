@@ -55,6 +55,14 @@ def random_qkv(batch=2, heads=3, q_len=23, kv_len=None, dim=16, dtype=torch.floa
     return make(q_len), make(kv_len), make(kv_len)
 
 
+def left_padded_keys(batch: int, kv_len: int, pads: list[int]) -> torch.Tensor:
+    """key_valid (B, S) bool: row b's first pads[b] keys are padding."""
+    key_valid = torch.ones(batch, kv_len, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        key_valid[row, :pad] = False
+    return key_valid
+
+
 def tiny_tokenizer():
     """A word-level tokenizer over the tiny models' 97 ids (words "w4" ... "w96"), built in memory, no files."""
     from tokenizers import Tokenizer, models, pre_tokenizers

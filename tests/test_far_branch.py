@@ -17,16 +17,9 @@ from attnswap.kernels.far_branch import (attend_with_far_branch, far_branch_back
 from attnswap.kernels.flex import build_far_branch_masks, materialised_attention
 from attnswap.kernels.masks import materialize
 from attnswap.variants import AttnContext, get_variant
-from tests.conftest import TOLERANCE, random_qkv
+from tests.conftest import TOLERANCE, left_padded_keys, random_qkv
 
 CUDA = torch.cuda.is_available()
-
-
-def _left_padded(batch: int, kv_len: int, pads: list[int]) -> torch.Tensor:
-    key_valid = torch.ones(batch, kv_len, dtype=torch.bool)
-    for row, pad in enumerate(pads):
-        key_valid[row, :pad] = False
-    return key_valid
 
 
 @pytest.mark.parametrize("spec", ["window:w=20,sinks=4", "longformer:w=20,global_tokens=3"])
@@ -36,7 +29,7 @@ def test_near_mask_and_far_pairs_partition_the_mask(spec, q_len, kv_len, pads):
     batch = 2
     variant = get_variant(spec)
     q, k, _ = random_qkv(batch, 1, q_len, kv_len, dim=16)
-    ctx = AttnContext(scaling=0.25, key_valid=_left_padded(batch, kv_len, pads))
+    ctx = AttnContext(scaling=0.25, key_valid=left_padded_keys(batch, kv_len, pads))
     index_mask, _, _ = variant.index_mask(q, k, ctx, None)
     far = variant._far_keys(q, k, ctx)
     block_mask, slots, allowed = build_far_branch_masks(index_mask, far, batch, None, q_len, kv_len, "cpu",

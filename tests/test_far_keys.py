@@ -15,19 +15,12 @@ from attnswap.kernels.flex import build_block_mask
 from attnswap.kernels.masks import materialize, to_index_mask
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.window import sliding_window_mask
-from tests.conftest import TOLERANCE, random_qkv
+from tests.conftest import TOLERANCE, left_padded_keys, random_qkv
 
 CUDA = torch.cuda.is_available()
 # The CUDA tests take the far keys apart from this many queries (lengths of 2048-2500 keep the dense reference cheap), whatever the
 # production threshold flex.FAR_KEYS_MIN_QUERIES.
 FAR_FROM = 2048
-
-
-def _left_padded(batch: int, kv_len: int, pads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    key_valid = torch.ones(batch, kv_len, dtype=torch.bool)
-    for row, pad in enumerate(pads):
-        key_valid[row, :pad] = False
-    return key_valid, key_valid.long().argmax(dim=-1)
 
 
 def test_strided_global_tokens_are_not_few_far_keys():
@@ -90,7 +83,7 @@ def _window_case(dtype, q_len, pads, device, spec="window:w=256,sinks=4"):
     variant = get_variant(spec)
     batch = len(pads)
     q, k, v = (x.to(device).requires_grad_() for x in random_qkv(batch, 4, q_len, q_len, dim=64, dtype=dtype))
-    key_valid, _ = _left_padded(batch, q_len, pads)
+    key_valid = left_padded_keys(batch, q_len, pads)
     ctx = AttnContext(scaling=0.125, key_valid=key_valid.to(device) if any(pads) else None)
     return variant, q, k, v, ctx
 

@@ -12,8 +12,9 @@ Triton pass each:
   ds_j = p_j (dout·v_j - D); flex gets dout_w = a·dout and dlse_w = a (dout·out_w - D), which turns its own gradient
   into the union's (its probabilities times a are the union's).
 
-The queries' far gradient ds·k·scale is added in place to flex's (a GEMM of n columns), and the far keys' sums at their
-slots (kernels/far_keys.py's placeholder), so nothing of size (B, H, T, D) is written beyond the two passes.
+One more Triton launch adds the queries' far gradient ds·k·scale in place to flex's dq, and the far keys' sums to flex's
+dk and dv at their slots; the sums reach it as placeholders' gradients, so nothing of size (B, H, T, D) is written
+beyond the two passes.
 ``far_branch_reference`` and ``far_branch_backward_reference`` are the same sums in PyTorch: the CPU path and the
 kernels' test oracle.
 """
@@ -104,9 +105,13 @@ class _MergeFarBranch(torch.autograd.Function):
 
 
 # --- PyTorch: the CPU path and the kernels' oracle --------------------------------------------------------------
-def _far_probabilities(q, far_k, allowed, lse, scaling) -> torch.Tensor:
+def _far_scores(q, far_k, scaling) -> torch.Tensor:
+    """q·k·scale against the far keys, (B, H, T, n) fp32."""
+    return torch.matmul(q.float(), far_k.float().transpose(-1, -2)) * scaling
+
+
+def _far_probabilities(scores, allowed, lse) -> torch.Tensor:
     """exp(s - lse) on the allowed far pairs, 0 elsewhere and on rows with no key, (B, H, T, n) fp32."""
-    scores = torch.matmul(q.float(), far_k.float().transpose(-1, -2)) * scaling
     finite = torch.isfinite(lse)[..., None]
     probs = torch.exp(scores - torch.where(finite, lse[..., None], 0.0))
     return torch.where(allowed & finite, probs, 0.0)
@@ -129,15 +134,15 @@ def _slot_index(slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def far_branch_reference(q, out_near, lse_near, k, v, slots, allowed, scaling) -> tuple[torch.Tensor, torch.Tensor]:
     """Out (B, H, T, D) in q's dtype and lse (B, H, T) fp32 of the near attention merged with the far pairs."""
-    far_k = far_rows(k, slots)
-    scores = (torch.matmul(q.float(), far_k.float().transpose(-1, -2)) * scaling).masked_fill(~allowed, float("-inf"))
-    both = torch.cat((lse_near[..., None], scores.expand(*lse_near.shape, -1)), dim=-1)
+    scores = _far_scores(q, far_rows(k, slots), scaling)
+    allowed_scores = scores.masked_fill(~allowed, float("-inf"))
+    both = torch.cat((lse_near[..., None], allowed_scores.expand(*lse_near.shape, -1)), dim=-1)
     top = both.amax(dim=-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0.0)
     total = torch.exp(both - top).sum(-1)
     lse = torch.where(total > 0, top[..., 0] + torch.log(torch.where(total > 0, total, 1.0)), float("-inf"))
     out = _near_weight(lse_near, lse)[..., None] * out_near.float() + torch.matmul(
-        _far_probabilities(q, far_k, allowed, lse, scaling), far_rows(v, slots).float())
+        _far_probabilities(scores, allowed, lse), far_rows(v, slots).float())
     return out.to(q.dtype), lse
 
 
@@ -145,7 +150,7 @@ def far_branch_backward_reference(q, grad_out, grad_lse, out_near, lse_near, lse
     """The gradients of far_branch_reference's out and lse: for the near attention's out and lse (what flex's
     backward takes), the far scores' ds (B, H, T, n) fp32, and the far keys' dk, dv stacked, (2, B, H, n, D) fp32."""
     far_k, far_v = far_rows(k, slots).float(), far_rows(v, slots).float()
-    probs = _far_probabilities(q, far_k, allowed, lse, scaling)
+    probs = _far_probabilities(_far_scores(q, far_k, scaling), allowed, lse)
     near = _near_weight(lse_near, lse)
     grad_out = grad_out.float()
     out = near[..., None] * out_near.float() + torch.matmul(probs, far_v)

@@ -39,12 +39,12 @@ def with_far_key_gradients(attend: Callable[[torch.Tensor, torch.Tensor], tuple[
     memory. The sums travel from the output's end to the keys' end as the gradient of a placeholder, so autograd
     orders the two ends and nothing is shared outside it.
     """
-    k, v, placeholder = AddAtFarSlots.apply(k, v, slots)
+    k, v, placeholder = _AddAtFarSlots.apply(k, v, slots)
     out, lse = attend(k, v)
     return _SumFarPairs.apply(out, lse, q, k, v, placeholder, slots, allowed, scaling, rows_per_entry)
 
 
-class AddAtFarSlots(torch.autograd.Function):
+class _AddAtFarSlots(torch.autograd.Function):
     """k, v unchanged, and a placeholder whose gradient, (2, B, H, n, D) fp32, is added to theirs at ``slots``."""
 
     @staticmethod
