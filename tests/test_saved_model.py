@@ -77,3 +77,62 @@ def test_pipeline_runs_the_variant(saved):
     generator = pipeline("text-generation", model=str(directory), tokenizer=attnswap.DEFAULT_MODEL)
     assert attnswap.surgery.swapped_variant(generator.model).spec == attnswap.get_variant(SPEC).spec
     assert generator("Hello world", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("Hello world")
+
+
+EVERY_WAY = """
+import json, sys, torch
+directory, ids_file, concrete_name = sys.argv[1:4]
+ids, outcome = torch.load(ids_file), {}
+import transformers
+concrete = getattr(transformers, concrete_name)
+try:  # before attnswap is imported: transformers itself must refuse the folder
+    concrete.from_pretrained(directory)(ids)
+    outcome["concrete_without_import"] = "ran"
+except Exception as exc:
+    outcome["concrete_without_import"] = str(exc).splitlines()[0]
+import attnswap
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+logits = {"load": attnswap.load(directory)(ids).logits,
+          "auto": AutoModelForCausalLM.from_pretrained(directory)(ids).logits}
+model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True)
+logits["auto_with_info"] = model(ids).logits
+outcome["missing"] = sorted(info["missing_keys"])
+outcome["bf16"] = str(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).dtype)
+heads = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=3)
+outcome["classifier"] = [type(heads).__name__, heads.config.num_labels, attnswap.surgery.is_swapped(heads)]
+try:
+    concrete.from_pretrained(directory)(ids)
+    outcome["concrete_with_import"] = "ran"
+except Exception as exc:
+    outcome["concrete_with_import"] = str(exc).splitlines()[0]
+torch.save(logits, ids_file + ".logits")
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_every_way_of_loading_a_saved_swap_in_a_fresh_process_equals_it_or_fails_loudly(family, tmp_path):
+    import json
+
+    from tests.conftest import MODEL_FACTORIES
+
+    model = attnswap.swap(MODEL_FACTORIES[family](), SPEC)
+    ids = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(2))
+    expected = model(ids).logits
+    stock = attnswap.unswap(MODEL_FACTORIES[family]())(ids).logits
+    assert not torch.allclose(expected, stock, atol=1e-4)  # so "equals the saved model" means "runs the variant"
+    directory = attnswap.save(model, tmp_path / "model")
+    torch.save(ids, tmp_path / "ids.pt")
+    concrete = type(model).__name__
+    run = subprocess.run([sys.executable, "-c", EVERY_WAY, str(directory), str(tmp_path / "ids.pt"), concrete],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    for way, logits in torch.load(str(tmp_path / "ids.pt") + ".logits").items():
+        torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6, msg=f"{way} differs from the saved model")
+    assert "attn_implementation=\"attnswap\"" in outcome["concrete_without_import"]  # refused by transformers
+    assert "load the folder with attnswap.load" in outcome["concrete_with_import"]  # refused by attnswap, one line
+    assert outcome["missing"] == [] and outcome["bf16"] == "torch.bfloat16"
+    assert outcome["classifier"] == [concrete.replace("LMHeadModel", "ForSequenceClassification").replace(
+        "ForCausalLM", "ForSequenceClassification"), 3, True]

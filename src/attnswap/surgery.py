@@ -516,18 +516,26 @@ def load(directory: str | Path, device: str = "cpu", dtype: str = "float32") -> 
     return model
 
 
-def load_swapped(directory: Path, config, **from_pretrained_kwargs) -> nn.Module:
-    """The model ``save`` wrote to ``directory`` (config: its ``AttnswapConfig``), swapped, in eval mode."""
+def load_swapped(directory: Path, config, auto_class=None, **from_pretrained_kwargs):
+    """The model ``save`` wrote to ``directory`` (config: its ``AttnswapConfig``) under ``auto_class``'s head
+    (default: the causal LM), swapped, in eval mode. ``from_pretrained_kwargs``: the caller's public arguments, passed
+    to the original architecture's own ``from_pretrained``; ``output_loading_info=True`` returns (model, info)."""
     from transformers import AutoModelForCausalLM
 
+    from attnswap.hf_integration import head_class
+
     swap_info = config.attnswap
-    original = swap_info.get("original_attn_implementation", "sdpa")
-    if from_pretrained_kwargs.get("attn_implementation") in (None, IMPL_NAME):  # swap() sets ours after loading
-        from_pretrained_kwargs["attn_implementation"] = original
-    model = AutoModelForCausalLM.from_pretrained(str(directory), config=config.base(), **from_pretrained_kwargs)
+    base_config = config.base()
+    requested = from_pretrained_kwargs.pop("attn_implementation", None) or config.base_overrides.get("attn_implementation")
+    if requested in (None, IMPL_NAME):  # swap() sets ours after loading, beside the implementation it was saved with
+        requested = swap_info.get("original_attn_implementation", "sdpa")
+    model_class = head_class(auto_class or AutoModelForCausalLM, base_config)
+    loaded = model_class.from_pretrained(str(directory), config=base_config, attn_implementation=requested,
+                                         **from_pretrained_kwargs)
+    model, info = loaded if isinstance(loaded, tuple) else (loaded, None)
     swap(model, swap_info["variant"], layers=swap_info["layers"])
     load_variant_tensors(model, directory)
-    return model.eval()
+    return model.eval() if info is None else (model.eval(), info)
 
 
 def load_variant_tensors(model: nn.Module, directory: Path) -> None:
