@@ -16,34 +16,34 @@ step() { local limit=$1; shift; echo "== $* (limit ${limit}s)"; /usr/bin/time -f
 case "${1:-1}" in
   1)
     step 120 python3 -m attnswap.cli eval --device cuda --dtype bfloat16 --batch_size 8 --context 1024 --stride 512 --gen_tokens 0 --out runs/anchor_gpu_bf16
-    step 240 python3 -m attnswap.cli run configs/experiments/window_sweep_untrained.yaml --device cuda
+    step 240 python3 -m attnswap.cli run configs/experiments/window_sweep.yaml --runs untrained --device cuda
     ;;
   2)
-    step 420 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --device cuda
+    step 420 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --runs windows --device cuda
     step 110 python3 -m attnswap.cli bench --config configs/experiments/bench_rope_long.yaml --device cuda
     ;;
   3)
-    step 290 python3 -m attnswap.cli run configs/experiments/distill_compare_rest.yaml --device cuda
+    step 290 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --runs rest --device cuda
     step 170 python3 -m attnswap.cli bench --config configs/experiments/bench_gpt2_train.yaml --device cuda
     ;;
   4)
-    step 420 python3 -m attnswap.cli run configs/experiments/distill_compare_fp32.yaml --device cuda
+    step 420 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --runs fp32 --device cuda
     ;;
   5)
     step 390 python3 -m attnswap.cli bench-kernel --config configs/experiments/bench_kernel_graphs.yaml --device cuda
     ;;
   6)
-    step 200 python3 -m attnswap.cli run configs/experiments/distill_performer.yaml --device cuda
-    step 80 python3 -m attnswap.cli run configs/experiments/distill_performer.yaml --variants performer:m=64 --out runs/distill_performer_m64 --device cuda
+    step 200 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --runs performer --device cuda
+    step 80 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --runs performer --variants performer:m=64 --out runs/distill_performer_m64 --device cuda
     ;;
   7)
-    step 390 python3 -m attnswap.cli run configs/experiments/distill_window_sweep.yaml --device cuda
+    step 390 python3 -m attnswap.cli run configs/experiments/window_sweep.yaml --runs distilled --device cuda
     ;;
   8)
-    step 200 python3 -m attnswap.cli run configs/experiments/distill_mixture.yaml --device cuda
-    step 150 python3 -m attnswap.cli harden --swapped runs/distill_mixture/mixture_k10_head/distill/model --rule weight --threshold 0.1 --lengths 1024,8192 --device cuda --out runs/mixture_hardened
+    step 200 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --runs mixture_lr_scale200 --device cuda
+    step 150 python3 -m attnswap.cli harden --swapped runs/distill_compare/mixture_lr_scale200/mixture_k10_head/distill/model --rule weight --threshold 0.1 --lengths 1024,8192 --device cuda --out runs/mixture_hardened
     step 90 python3 -m attnswap.cli eval --swapped runs/mixture_hardened/model --device cuda --dtype bfloat16 --batch_size 8 --context 1024 --stride 512 --gen_tokens 0 --edge_cases false --out runs/mixture_hardened/eval
-    step 120 python3 -m attnswap.cli run configs/experiments/distill_hedgehog.yaml --device cuda
+    step 120 python3 -m attnswap.cli run configs/experiments/distill_compare.yaml --runs hedgehog_lr_scale20 --device cuda
     ;;
 esac
 tail -n 3 runs/log-*.txt

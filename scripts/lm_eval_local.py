@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TASK_DIR = REPO / "benchmarks" / "results" / "lm_eval_local" / "task"
+TASK_DIR = REPO / "scripts" / "lm_eval_task"
 DOCS = REPO / "runs" / "lm_eval_local" / "wikitext2_valid_docs.jsonl"  # the path the task YAML names
 TASK = "wikitext2_valid_local"
 

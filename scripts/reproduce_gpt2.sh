@@ -9,10 +9,10 @@ A=".venv/bin/attnswap"
 EVAL="--eval {dtype: bfloat16, batch_size: 8, context: 1024, stride: 512, gen_tokens: 0, data: wikitext-2-raw-v1}"
 $A eval --model gpt2 --data wikitext-2-raw-v1 --device cuda --dtype bfloat16 --batch_size 8 --context 1024 --stride 512 \
   --gen_tokens 0 --out runs/gpt2/anchor
-$A run configs/experiments/window_sweep_untrained.yaml --model gpt2 --device cuda --out runs/gpt2/window_sweep_untrained \
+$A run configs/experiments/window_sweep.yaml --runs untrained --model gpt2 --device cuda --out runs/gpt2/window_sweep \
   "$EVAL"
-for config in distill_compare distill_compare_rest distill_compare_fp32; do
-  $A run "configs/experiments/$config.yaml" --model gpt2 --device cuda --out "runs/gpt2/$config" "$EVAL" \
+for run in windows rest fp32; do
+  $A run configs/experiments/distill_compare.yaml --runs "$run" --model gpt2 --device cuda --out runs/gpt2/distill_compare "$EVAL" \
     --distill "{steps: 100, batch_size: 8, seq_len: 1024, lr: 0.0005, warmup_steps: 10, trainable: variant+attn, l1: 0.01, data: wikitext-103-raw-v1, val_data: "wikitext-2-raw-v1:validation"}"
 done
 $A bench --config configs/experiments/bench_gpt2_train.yaml --model gpt2 --device cuda --out runs/gpt2/bench_train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -74,7 +75,7 @@ def _config_class(path):
     from attnswap.distill import DistillConfig
     from attnswap.pipeline import RunConfig
 
-    if path.name.startswith("bench_kernel_"):
+    if path.name.startswith("bench_kernel"):
         return KernelBenchConfig
     if path.name.startswith("bench_"):
         return BenchConfig
@@ -91,9 +92,90 @@ def test_every_shipped_config_loads_and_names_real_variants(path):
     from attnswap.pipeline import RunConfig
     from attnswap.variants import get_variant
 
-    config = load_config(_config_class(path), path)
-    specs = getattr(config, "variants", None) or [config.variant]
-    for spec in specs:
-        get_variant(spec)
-    if isinstance(config, RunConfig) and config.distill.get("steps", 1) > 0:  # steps 0: evaluation only
-        load_config(DistillConfig, None, {**config.distill, "variant": specs[0]})
+    from attnswap.config import load_runs
+
+    for config in load_runs(_config_class(path), path):
+        specs = getattr(config, "variants", None) or [config.variant]
+        for spec in specs:
+            get_variant(spec)
+        if isinstance(config, RunConfig) and config.distill.get("steps", 1) > 0:  # steps 0: evaluation only
+            load_config(DistillConfig, None, {**config.distill, "variant": specs[0]})
+
+
+# ---- runs: one file per question, one entry per setting
+
+
+@dataclass
+class Staged:
+    name: str = "q"
+    variants: list[str] = field(default_factory=lambda: ["full"])
+    distill: dict = field(default_factory=dict)
+    steps: int = 1
+    out: str = "runs/q"
+
+
+def _runs_file(tmp_path, text):
+    path = tmp_path / "question.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_runs_share_the_file_keys_and_each_writes_to_its_own_folder(tmp_path):
+    from attnswap.config import load_runs
+
+    path = _runs_file(tmp_path, "name: style\nout: runs/style\ndistill: {steps: 5, data_style: plain}\nruns:\n"
+                                "  - {run: plain}\n  - {run: wikitext, distill: {data_style: wikitext}, steps: 3}\n")
+    plain, wikitext = load_runs(Staged, path)
+    assert (plain.name, plain.out, plain.distill, plain.steps) == ("style_plain", "runs/style/plain",
+                                                                 {"steps": 5, "data_style": "plain"}, 1)
+    assert (wikitext.name, wikitext.out, wikitext.steps) == ("style_wikitext", "runs/style/wikitext", 3)
+    assert wikitext.distill == {"steps": 5, "data_style": "wikitext"}, "a run's mapping updates the shared one"
+
+
+def test_command_line_overrides_apply_to_every_run_last_and_runs_picks_by_name(tmp_path):
+    from attnswap.config import load_runs
+
+    path = _runs_file(tmp_path, "runs:\n  - {run: a, steps: 3}\n  - {run: b}\n  - {run: c}\n")
+    assert [(c.out, c.steps) for c in load_runs(Staged, path, {"steps": "7", "out": "/tmp/x"})] == [
+        ("/tmp/x/a", 7), ("/tmp/x/b", 7), ("/tmp/x/c", 7)]
+    assert [c.out for c in load_runs(Staged, path, {"runs": "c,a"})] == ["runs/q/a", "runs/q/c"]
+
+
+def test_a_file_without_runs_loads_as_one_config(tmp_path):
+    from attnswap.config import load_runs
+
+    path = _runs_file(tmp_path, "steps: 4\n")
+    assert load_runs(Staged, path) == [load_config(Staged, path)]
+    assert load_runs(Staged, None, {"steps": "2"}) == [Staged(steps=2)]
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("runs: {run: a}\n", {}, "config key 'runs' = {'run': 'a'} has the wrong type; expected list"),
+    ("runs: [{steps: 2}]\n", {}, "runs[0] must be a mapping with run: NAME"),
+    ("runs: [{run: a/b}]\n", {}, "a run's name is a plain folder name"),
+    ("runs: [{run: a}, {run: a}]\n", {}, "run names repeat"),
+    ("runs: [{run: a, out: elsewhere}]\n", {}, "run 'a' sets out"),
+    ("runs: [{run: a, stepz: 2}]\n", {}, "unknown config key 'stepz'"),
+    ("runs: [{run: a, steps: many}]\n", {}, "config key 'steps' = 'many' has the wrong type"),
+    ("runs: [{run: a}]\n", {"runs": "b"}, "no run named 'b'"),
+    ("steps: 2\n", {"runs": "a"}, "has no runs: list"),
+], ids=["not-a-list", "no-name", "path-name", "repeated", "sets-out", "unknown-key", "wrong-type", "unknown-pick",
+        "pick-without-runs"])
+def test_bad_runs_are_refused_in_one_line(tmp_path, text, overrides, message):
+    from attnswap.config import load_runs
+
+    with pytest.raises(AttnswapError, match=re.escape(message)):
+        load_runs(Staged, _runs_file(tmp_path, text), overrides)
+
+
+def test_cli_runs_each_entry_of_a_runs_file_in_turn(tmp_path, monkeypatch):
+    import attnswap.pipeline
+
+    seen = []
+    monkeypatch.setattr(attnswap.pipeline, "run", seen.append)
+    path = _runs_file(tmp_path, f"out: {tmp_path / 'q'}\nvariants: [full]\nruns:\n  - {{run: a}}\n"
+                                "  - {run: b, variants: ['window:w=4']}\n")
+    assert main(["run", str(path), "--seed", "3"]) == 0
+    assert [(c.out, c.variants, c.seed) for c in seen] == [(str(tmp_path / "q" / "a"), ["full"], 3),
+                                                           (str(tmp_path / "q" / "b"), ["window:w=4"], 3)]
+    assert main(["run", str(path), "--runs", "zzz"]) == 2

@@ -45,7 +45,8 @@ commands:
   report         an HTML + markdown report from run folders
   run            the whole pipeline from one YAML config
 
-'attnswap COMMAND --help' lists a command's keys and defaults.
+'attnswap COMMAND --help' lists a command's keys and defaults. A config file with a top-level 'runs:' list
+runs each entry in turn, into OUT/NAME; '--runs A,B' picks some.
 
 exit codes: 0 done; 2 refused (one 'error: ...' line: a bad value, a damaged file, a busy --out);
 130 interrupted (Ctrl-C or SIGTERM: distill checkpoints first, continue it with --resume true)."""
@@ -112,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             for f in dataclasses.fields(config_cls):
                 print(f"  --{f.name.replace('_', '-'):<24} {_default(f)}")
             return 0
-        from attnswap.config import load_config
+        from attnswap.config import load_runs
 
         config_file, overrides = parse_overrides(rest, positional_field)
-        config = load_config(config_cls, config_file, overrides)
-        getattr(module, function_name)(config)
+        for config in load_runs(config_cls, config_file, overrides):  # one config unless the file lists runs
+            getattr(module, function_name)(config)
         return 0
     except AttnswapError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -94,3 +94,59 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
 
 def _allows_str(kind: Any) -> bool:
     return kind is str or str in typing.get_args(kind)
+
+
+def load_runs(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> list[C]:
+    """One config per entry of the file's top-level ``runs:`` list, or ``[load_config(...)]`` where it has none.
+
+    A question with several settings is one file: its keys are shared, and each entry of ``runs`` names the run
+    (``run: NAME``) and overrides some keys; a mapping (``distill: {data_style: wikitext}``) updates the shared one.
+    Each run writes to ``OUT/NAME`` and, where the config has a name, is named ``NAME_OF_FILE_NAME``. Overrides
+    from the command line apply to every run, last; ``runs=A,B`` picks runs by name.
+    """
+    overrides = dict(overrides or {})
+    picked = overrides.pop("runs", None)
+    with_runs = dataclasses.make_dataclass(cls.__name__, [("runs", list, dataclasses.field(default_factory=list))],
+                                           bases=(cls,))
+    shared = load_config(with_runs, path, overrides)
+    entries = shared.runs
+    if not entries:
+        if picked is not None:
+            raise AttnswapError(f"runs={picked} picks runs, but {path or 'the config'} has no runs: list")
+        return [load_config(cls, path, overrides)]
+    names = [_run_name(path, i, entry) for i, entry in enumerate(entries)]
+    if len(set(names)) < len(names):
+        raise AttnswapError(f"{path}: run names repeat ({', '.join(names)}); give each run its own name")
+    wanted = names if picked is None else [n.strip() for n in str(picked).split(",") if n.strip()]
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise AttnswapError(f"no run named '{missing[0]}' in {path}; choose from: {', '.join(names)}")
+    base = {f.name: getattr(shared, f.name) for f in dataclasses.fields(cls)}
+    configs = []
+    for name, entry in zip(names, entries):
+        if name not in wanted:
+            continue
+        values = dict(base)
+        for key, value in entry.items():
+            if key == "run":
+                continue
+            if key == "out":
+                raise AttnswapError(f"{path}: run '{name}' sets out; each run writes to the file's out/{name}")
+            merged = isinstance(values.get(key), dict) and isinstance(value, dict)
+            values[key] = {**values[key], **value} if merged else value
+        if "out" in base:
+            values["out"] = str(Path(str(base["out"])) / name)
+        if "name" in base and "name" not in entry:
+            values["name"] = f"{base['name']}_{name}"
+        configs.append(build_config(cls, {**values, **{k: v for k, v in overrides.items() if k != "out"}}))
+    return configs
+
+
+def _run_name(path: str | Path | None, index: int, entry: Any) -> str:
+    """The ``run:`` name of one entry of ``runs``, checked to be a plain folder name."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("run"), str):
+        raise AttnswapError(f"{path}: runs[{index}] must be a mapping with run: NAME (and the keys it changes)")
+    name = entry["run"]
+    if not name or name in (".", "..") or any(c in name for c in "/\\,"):
+        raise AttnswapError(f"{path}: runs[{index}] has run: {name!r}; a run's name is a plain folder name")
+    return name
