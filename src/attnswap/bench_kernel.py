@@ -329,7 +329,7 @@ def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchCon
         torch._dynamo.reset()
         attend = torch.compile(attend, backend=config.compile_backend)
     # A compiled case is not captured: capturing the compiled Hedgehog failed, and the failed capture left the CUDA
-    # generator unusable for every later case in the process (H200, this session's first call). Its kernels' own
+    # generator unusable for every later case in the process (seen on an H200). Its kernels' own
     # time is still measured: ``kernels_total_us`` of the profiled call.
     result, run, (q, k, _) = time_attention_case(
         attend, (config.batch, config.heads, n, config.head_dim), mode, device, dtype, config.seed, config.repeats,
@@ -460,7 +460,7 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
     if not isinstance(variant, LinearVariant):
         # Compiled flex_attention refuses FlopCounterMode's dispatch (a TypeError for the hybrid's window part), and
         # the failed trace left dynamo refusing every later flex call in the process ("Attempted to call function
-        # marked as skipped": NSA, then every window case after it, H200, session 7). The timing stands alone.
+        # marked as skipped": NSA, then every window case after it, on an H200). The timing stands alone.
         return None, "not counted", None
     with pytorch_scan():
         total = counted_flops(run)
@@ -472,7 +472,7 @@ def counted_flops(run: Callable[[Any], None]) -> int:
 
     A function compiled with ``torch.compile`` and called under the counter runs eagerly from then on, silently
     (Hedgehog's compiled feature map, counted at 16k, ran eagerly at 64k: H200, benchmarks/results/
-    bench_kernel_64k_h200/session8); dynamo forgets that once reset, and compiles it again on the next call.
+    bench_kernel_64k_h200/1e2b843); dynamo forgets that once reset, and compiles it again on the next call.
     """
     from torch.utils.flop_counter import FlopCounterMode
 

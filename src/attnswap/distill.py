@@ -95,7 +95,7 @@ class DistillConfig:
     # torch.compile the model for the KL passes (teacher and student: two graphs), to cut the host work per step, which
     # bounds a fused-KL step on the H200 (82-83 ms at batch 8 and 32, benchmarks/results/distill_speed_h200). Equal
     # losses on the CPU (tests/test_recipe.py); 971 k tokens/s against 400 k eager for the window at batch 32, its loss
-    # curve within 2.3 % of the eager one (H200, distill_speed_h200/session8); not measured with fla-core's kernels
+    # curve within 2.3 % of the eager one (H200, benchmarks/results/distill_speed_h200/f7a66e8); not measured with fla-core's kernels
     # inside, so it is off by default.
     compile: bool = False
     # variant (its own parameters only) | variant+mlp or variant+attn (also the MLPs or the attention projections
@@ -222,9 +222,9 @@ class Pair:
         ``compiled``: through the compiled base model where there is one."""
         base = self.compiled if compiled and self.compiled is not None else _unwrapped(self.model).base_model
         # Tokens alone: the swap's hook on the base model hands them a prepared mask saying the rows are whole
-        # (surgery.whole_rows_mask). A mask of ones instead, as session 7 passed when compiled, made a masked
+        # (surgery.whole_rows_mask). A mask of ones instead, when compiled, made a masked
         # variant's block mask per row and rebuilt at every call: 164 ms a compiled step of window 128 + 4 sinks at
-        # batch 32, against 33.7 ms with the prepared mask (H200, benchmarks/results/distill_speed_h200/session8).
+        # batch 32, against 33.7 ms with the prepared mask (H200, benchmarks/results/distill_speed_h200/93d463d).
         with self.autocast():
             return base(input_ids=ids, use_cache=False).last_hidden_state
 

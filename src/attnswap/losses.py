@@ -13,7 +13,7 @@ vocabulary-sized matmuls per chunk instead of five, and on CUDA the softmaxes, t
 gradient of a chunk run as one compiled kernel over bf16 logits. The vocabulary is padded to a multiple of 128 rows
 of the head's weight, with a bias that keeps the padding out of every softmax: cuBLAS has no fast kernel for 50,257
 columns (odd, so its rows are misaligned), and in the H200 profile of a window distillation step the LM-head matmuls
-took 22 % of GPU time and the fp32 loss arithmetic most of the rest (benchmarks/results/recipe_h200/call3/profile).
+took 22 % of GPU time and the fp32 loss arithmetic most of the rest (benchmarks/results/distill_speed_h200/profile_86fd6fd).
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ FlexAttention's backward gives each key block one program that walks every query
 row's sink block into every query block's selection, so that one program walked the whole sequence. The block mask
 keeps the whole pattern for the forward and the queries' gradients, and only the walk of the sink block (the block
 mask's transposed, ``q_indices`` half) is cut to the query blocks not wholly after it (``kernels/nsa.py``,
-``selected_split_block_mask``; NSA 19.7 ms at 64k against 22.2, session 9). The pairs that cut drops, a far key and a
+``selected_split_block_mask``; NSA 19.7 ms at 64k against 22.2, H200). The pairs that cut drops, a far key and a
 query from afar, get their key and value gradients here from the forward's output and log-sum-exp, as
 FlashAttention's backward does:
 p = exp(q·k·scale - lse), ds = p (dout·v - rowsum(dout ∘ out) + dlse), dv += pᵀ dout, dk += dsᵀ q · scale.
-(The window's sinks and Longformer's global keys took this split in session 9; they are now a branch of their own,
-kernels/far_branch.py, which also takes them out of the forward.)
+The window's sinks and Longformer's global keys are a branch of their own instead (kernels/far_branch.py), which
+also takes them out of the forward.
 
 On CUDA this is one Triton kernel that reads q, dout and out once, in tiles of queries, and a sum of its per-program
 partials; ``far_key_gradients_reference`` is the same sum in PyTorch: the CPU path and the kernel's test oracle.

@@ -37,7 +37,8 @@ RECOMPILE_LIMIT = 128  # compiled shapes × grad modes × mask constants per pro
 MASK_CACHE_SIZE = 32
 MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a block mask (bounds memory at 16k)
 # Far keys are a branch of their own (kernels/far_branch.py) from this many queries on: window 256 + 4 sinks took
-# 0.21 ms forward+backward so at 4096 against the single mask's 0.30 (H200, bf16, 12 heads of 64; session 10, call 1).
+# 0.21 ms forward+backward so at 4096 against the single mask's 0.30 (H200, bf16, 12 heads of 64;
+# benchmarks/results/bench_kernel_64k_h200/b3249e6).
 # Shorter lengths are not measured.
 FAR_KEYS_MIN_QUERIES = 4096
 

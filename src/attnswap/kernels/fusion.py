@@ -3,7 +3,7 @@
 Eager, a few lines of elementwise arithmetic over (B, H, T, ·) fp32 tensors are one kernel launch and one pass over
 memory each, forward and backward; at long sequences they rival the kernels they surround. Linear attention's values
 column and normalisation fused this way took Hedgehog from 3.48 to 2.77 ms forward+backward at 16k (H200,
-benchmarks/results/bench_kernel_64k_h200/session8).
+benchmarks/results/bench_kernel_64k_h200/1e2b843).
 ``fused(fn, like)`` hands back ``fn`` compiled where ``like`` is on CUDA, so the compiler writes the pass once, and
 ``fn`` itself elsewhere: on the CPU, where the tests compare it with the same code eager, and inside an outer
 ``torch.compile`` (``distill --compile true``), which fuses it with its neighbours anyway.

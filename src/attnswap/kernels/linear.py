@@ -99,7 +99,7 @@ def _causal_linear_attention(phi_q, phi_k, v, chunk, segment, key_log_scale, ret
     keys, own_scale = phi_k[..., prefix:, :], None if log_scale is None else log_scale[..., prefix:]
     # With fla, the ones column costs a second, all but empty tile of values (fla tiles them by 32 or 64). A running
     # sum of the keys' features as the normaliser instead cost more than that tile: the compiler's cumsum took 2.4 ms
-    # forward and 2.2 ms backward at 64k (H200, benchmarks/results/bench_kernel_64k_h200/session7).
+    # forward and 2.2 ms backward at 64k (H200, benchmarks/results/bench_kernel_64k_h200/0ce0b5d).
     fla = _fla_serving(phi_q, v) if use_fla else None
     if fla is not None and not prefix:  # training and prefill: all in fla's layout
         values = fused(_values_with_ones, v)(v.transpose(1, 2))  # (B, T, H, D+1)

@@ -3,7 +3,7 @@
 x (…, N, a) @ w (…, a, b) with w shared by all N positions: the gradient of w is x^T·g, an (a, b) output summed over
 N. cuBLAS runs that as one GEMM per leading index, on a few dozen tiles when a and b are small: 4.5 ms per side for
 Hedgehog's (64, 64) map at 64k positions, 12 heads (fp32), 2.15 ms for NSA's (64, 3) gates at 64k, 1.1 ms each for
-a sink branch's (64, 4) at 16k (H200, benchmarks/results/bench_kernel_64k_h200/session7). Positions taken in pieces
+a sink branch's (64, 4) at 16k (H200, benchmarks/results/bench_kernel_64k_h200/0ce0b5d). Positions taken in pieces
 make it one GEMM per piece and a sum: Hedgehog's GEMMs then left the list of its largest kernels. (Written as a
 broadcast product and a sum instead, the compiler's reduction over N was slower still: 1.6 ms at 16k.)
 """

@@ -18,9 +18,9 @@ from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pa
 # gradient norm 37 steps into stage 2 (configs/experiments/recipe_hedgehog.yaml at 86fd6fd, H200). Mixing each
 # softmax with 1e-4 of the uniform distribution bounds phi(q)·phi(k) away from 0 (tests/test_hedgehog.py builds maps
 # whose gradients are NaN without it, finite with it; 1e-6 already suffices there). The floor has a price: stage 1's
-# attention cross-entropy stalled at 3.78 instead of 3.52 (benchmarks/results/recipe_h200, calls 3 and 4), so a
-# smaller floor is the next thing to measure on a GPU: the spec's ``floor`` sets it. On the CPU (30 steps of stage 1,
-# scripts/diagnose_feature_floor.py) 1e-6 ends at 3.354 against 3.342 without a floor and 3.395 at 1e-4.
+# attention cross-entropy stalled at 3.78 instead of 3.52 (benchmarks/results/recipe_h200), so the spec's ``floor``
+# sets it. On the CPU (30 steps of stage 1, benchmarks/results/hedgehog_feature_floor_cpu) 1e-6 ends at 3.354 against
+# 3.342 without a floor and 3.395 at 1e-4.
 FEATURE_FLOOR = 1e-4
 
 

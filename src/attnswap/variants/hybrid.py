@@ -15,8 +15,7 @@ is the merge of (out_window, lse) with (out_far, lse + beta_h + log F) by log-su
 A row whose window holds no real key outputs 0 (only a padded query has such a window).
 
 Initial balance: beta = BALANCE_INIT = -4 in every head, chosen on the bundled teacher, untrained, WikiText-2 valid
-(first 4,096 tokens, no overlap; ``python scripts/hybrid_balance_init.py OUT.json 64 4 CONTEXT 4096 BETA ...``,
-results in benchmarks/results/hybrid_balance_init_cpu/). With w = 64 and 4 sinks, perplexity (teacher 90.1):
+(first 4,096 tokens, no overlap; benchmarks/results/hybrid_balance_init_cpu/, whose README names the command). With w = 64 and 4 sinks, perplexity (teacher 90.1):
 
     context 1024   window 256.0   beta -5: 203.5   -4.5: 193.6   -4: 188.5   -3.5: 195.4
     context 512    window 197.7   beta -6: 190.2   -5: 182.1   -4: 173.1   -3.5: 172.2   -3: 179.0   -2: 257.2   0: 825.1

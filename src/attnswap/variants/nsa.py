@@ -48,7 +48,7 @@ class NSAGates(nn.Module):
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         """q (B, H, T, D) -> gates (B, H, T, 3) fp32."""
         # The weight's gradient is (D, 3) summed over every position: as one GEMM, 2.15 ms at 64k on the H200
-        # (benchmarks/results/bench_kernel_64k_h200/session7, call 2), so in pieces (kernels/pieces.py).
+        # (benchmarks/results/bench_kernel_64k_h200/fd63970), so in pieces (kernels/pieces.py).
         logits = matmul_by_pieces(q.float(), self.weight) + self.bias[:, None, :]
         return torch.sigmoid(logits)
 
@@ -58,7 +58,7 @@ def gated_sum(gates: torch.Tensor, *branches: torch.Tensor) -> torch.Tensor:
 
     One compiled pass on CUDA (kernels/fusion.py): eager, each gate is a strided slice, and elementwise kernels over
     strided operands run unvectorised, likely the 14 such kernels, 1.6 ms, of NSA's forward+backward at 64k (H200,
-    benchmarks/results/bench_kernel_64k_h200/session8, call 2; the fused sum is not measured yet).
+    benchmarks/results/bench_kernel_64k_h200/f60d4ad; the fused sum is not measured yet).
     """
     total = sum(gates[..., i, None] * branch.float() for i, branch in enumerate(branches))
     return total.to(branches[0].dtype)
