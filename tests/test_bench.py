@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from attnswap.bench import BenchConfig, bench, fit_exponent, llama_surrogate
-from attnswap.bench_kernel import DENSE, KernelBenchConfig, allowed_fractions, bench_kernel, counted_flops
+from attnswap.bench_kernel import DENSE, KernelBenchConfig, bench_kernel
+from attnswap.kernels.counting import allowed_fractions, counted_flops
 from attnswap.config import load_config
 from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import causal, to_index_mask

@@ -36,14 +36,11 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.kernels.linear import pytorch_scan
-from attnswap.kernels.masks import mask_bands
+from attnswap.kernels.counting import BACKWARD_FLOP_FACTOR
 from attnswap.models import git_commit, resolve_device, resolve_dtype
 from attnswap.plots import Panel, Series, line_plot
 from attnswap.runs import holding_out_folder
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
-from attnswap.variants.linear_base import LinearVariant
-from attnswap.variants.masked import MaskedVariant
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +48,6 @@ DEFAULT_VARIANTS = ("window:w=256", "window:w=256,sinks=4", "longformer", "perfo
 DENSE = "sdpa_flash"  # label of the dense causal baseline
 MODES = ("forward", "forward+backward")
 # Backward of attention is 5 matmuls of the forward's size against its 2 (the FlashAttention papers' convention).
-BACKWARD_FLOP_FACTOR = 2.5
 
 
 @dataclass
@@ -441,61 +437,18 @@ def case_flops(variant: Variant | None, q, k, ctx: AttnContext, state, block: in
                run: Callable[[Any], None]) -> tuple[float | None, str, float | None]:
     """(FLOPs of one call, how they were counted, fraction of allowed (query, key) pairs).
 
-    Dense causal: 2·2·B·H·T²/2·D forward. Mask variants: the full 2·2·B·H·T·S·D times the fraction of
-    ``block``×``block`` tiles with any allowed pair (what a block-sparse kernel computes). Other variants:
-    linear attention counted by ``FlopCounterMode`` on one call through its PyTorch scan (the counter cannot see
-    inside fla's Triton kernels, which do the same products); the rest (NSA, the hybrid) not counted. Backward adds
-    ``BACKWARD_FLOP_FACTOR`` times the forward.
+    Dense causal: 2·2·B·H·T²/2·D forward; a variant counts its own (``Variant.call_flops``: mask variants by their
+    allowed tiles, linear attention by ``FlopCounterMode``; NSA and the hybrid are not counted, since compiled
+    flex_attention refuses the counter's dispatch and the failed trace left dynamo refusing every later flex call in
+    the process). Backward adds ``BACKWARD_FLOP_FACTOR`` times the forward.
     """
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[-2]
     factor = 1 + BACKWARD_FLOP_FACTOR if backward else 1
     if variant is None:
         return factor * 2.0 * batch * heads * q_len * kv_len * head_dim, "dense causal formula", None
-    if isinstance(variant, MaskedVariant):
-        with torch.no_grad():
-            index_mask, _, _ = variant.index_mask(q, k, ctx, state)
-            tiles, pairs = allowed_fractions(index_mask, batch, heads, q_len, kv_len, block, q.device)
-        return factor * 4.0 * batch * heads * q_len * kv_len * head_dim * tiles, f"allowed {block}x{block} tiles", pairs
-    if not isinstance(variant, LinearVariant):
-        # Compiled flex_attention refuses FlopCounterMode's dispatch (a TypeError for the hybrid's window part), and
-        # the failed trace left dynamo refusing every later flex call in the process ("Attempted to call function
-        # marked as skipped": NSA, then every window case after it, on an H200). The timing stands alone.
-        return None, "not counted", None
-    with pytorch_scan():
-        total = counted_flops(run)
-    return (float(total) if total else None), "counted (FlopCounterMode)", None
-
-
-def counted_flops(run: Callable[[Any], None]) -> int:
-    """The FLOPs ``FlopCounterMode`` sees in one ``run``, leaving compiled functions compiled.
-
-    A function compiled with ``torch.compile`` and called under the counter runs eagerly from then on, silently
-    (Hedgehog's compiled feature map, counted at 16k, ran eagerly at 64k: H200, benchmarks/results/
-    bench_kernel_64k_h200/1e2b843); dynamo forgets that once reset, and compiles it again on the next call.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        run(None)
-    torch._dynamo.reset()
-    return counter.get_total_flops()
-
-
-def allowed_fractions(index_mask, batch: int, heads: int, q_len: int, kv_len: int, block: int,
-                      device) -> tuple[float, float]:
-    """(fraction of block×block tiles holding any allowed pair, fraction of allowed pairs) of an index mask.
-
-    Evaluated ``block`` query rows at a time, so memory stays B·H·block·S at any length.
-    """
-    kv_blocks = -(-kv_len // block)
-    tiles = pairs = 0
-    for allowed in mask_bands(index_mask, batch, heads, q_len, kv_len, device, block):  # (B, H, rows, S)
-        pairs += int(allowed.sum())
-        padded = F.pad(allowed, (0, kv_blocks * block - kv_len))
-        tiles += int(padded.view(batch, heads, allowed.shape[2], kv_blocks, block).any(dim=4).any(dim=2).sum())
-    q_blocks = -(-q_len // block)
-    return tiles / (batch * heads * q_blocks * kv_blocks), pairs / (batch * heads * q_len * kv_len)
+    flops, source, pairs = variant.call_flops(q, k, ctx, state, block, run)
+    return (factor * flops if flops is not None else None), source, pairs
 
 
 @functools.cache

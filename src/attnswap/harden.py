@@ -54,11 +54,12 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from attnswap.bench_kernel import (DENSE, MODES, allowed_fractions, dense_causal_attention, dtype_name, environment,
-                                   guarded, open_rows, scaling_figure, time_attention_case, write_results)
+from attnswap.bench_kernel import (DENSE, MODES, dense_causal_attention, dtype_name, environment, guarded,
+                                   open_rows, scaling_figure, time_attention_case, write_results)
 from attnswap.config import config_to_dict
 from attnswap.data import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
+from attnswap.kernels.counting import allowed_fractions
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
 from attnswap.plots import marked_grid

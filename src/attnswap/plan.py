@@ -50,24 +50,18 @@ from attnswap.config import config_to_dict
 from attnswap.data import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
 from attnswap.harden import write_csv
-from attnswap.kernels.masks import mask_bands, to_index_mask
 from attnswap.losses import kl_divergence
 from attnswap.models import DEFAULT_MODEL, git_commit, load_model, load_tokenizer, resolve_device
 from attnswap.plots import bar_plot
 from attnswap.runs import holding_out_folder
 from attnswap.surgery import STATE_ATTR, attention_modules, head_shape, load, save, swap, swapped_variant, unswap
-from attnswap.variants import AttnContext, Variant, get_variant
+from attnswap.variants import Variant, get_variant
 from attnswap.variants.duo import Duo, DuoState
-from attnswap.variants.hybrid import Hybrid
-from attnswap.variants.linear_base import LinearVariant
-from attnswap.variants.masked import MaskedVariant
-from attnswap.variants.nsa import NSA
 
 log = logging.getLogger(__name__)
 
 MEASURES = ("flops", "kv")
 EXACT_LIMIT = 12  # layers up to which every subset is tried (4096 subsets)
-MASK_BAND_ROWS = 256  # query rows of the mask evaluated at once when counting pairs
 
 
 @dataclass
@@ -109,48 +103,7 @@ def head_costs(variant: "str | Variant", n: int, measure: str = "flops", state: 
     if measure not in MEASURES:
         raise AttnswapError(f"unknown measure {measure!r}; choose from: {', '.join(MEASURES)}")
     state = variant.make_state(heads, head_dim) if state is None else copy.deepcopy(state).cpu()
-    if isinstance(variant, MaskedVariant):
-        return _mask_costs(variant, n, measure, state, heads)
-    if isinstance(variant, LinearVariant):
-        return torch.full((heads,), _linear_cost(variant, n, measure, state, heads, head_dim), dtype=torch.float64)
-    if isinstance(variant, Hybrid):  # its window exactly, plus a linear scan over every token
-        linear = _linear_cost(variant.hedgehog, n, measure, state.feature_map, heads, head_dim)
-        return _mask_costs(variant.window_for(layer), n, measure, None, heads) + linear
-    if isinstance(variant, NSA):
-        return torch.full((heads,), _nsa_cost(variant, n, measure), dtype=torch.float64)
-    raise AttnswapError(f"no cost model for variant '{variant.name}'; it covers masked variants, linear attention, "
-                        "hybrid and nsa")
-
-
-def _mask_costs(variant: MaskedVariant, n: int, measure: str, state, heads: int) -> torch.Tensor:
-    """Pairs the mask allows over the causal triangle (flops), or keys the last query sees over n (kv)."""
-    positional = variant.positional_mask(AttnContext(scaling=1.0), 1, torch.device("cpu"), state)
-    index_mask = to_index_mask(positional, 0, 0, None)
-    pairs = torch.zeros(heads, dtype=torch.float64)
-    with torch.no_grad():
-        for rows in mask_bands(index_mask, 1, heads, n, n, "cpu", MASK_BAND_ROWS):  # (1, H, rows, n)
-            pairs += rows.sum(dim=(0, 2, 3)).double()
-    if measure == "flops":
-        return pairs / (n * (n + 1) / 2)
-    return rows[0, :, -1].sum(dim=-1).double() / n
-
-
-def _linear_cost(variant: LinearVariant, n: int, measure: str, state, heads: int, head_dim: int) -> float:
-    probe = torch.zeros(1, heads, 1, head_dim)
-    with torch.no_grad():
-        features = variant.feature_map(probe, probe, AttnContext(scaling=head_dim**-0.5), state).q.shape[-1]
-    if measure == "flops":
-        return 2 * features / (n + 1)
-    return features * (head_dim + 1) / (2 * head_dim * n)
-
-
-def _nsa_cost(variant: NSA, n: int, measure: str) -> float:
-    p = variant.params
-    if measure == "kv":
-        return (n + n // p.block) / n
-    seen = torch.arange(1, n + 1, dtype=torch.float64)  # keys in each query's causal prefix
-    pairs = seen.clamp(max=p.top_k * p.block) + seen.clamp(max=p.window) + seen // p.block
-    return float(pairs.clamp(max=seen).sum()) / (n * (n + 1) / 2)
+    return variant.cost(n, measure, state, heads, head_dim, layer)
 
 
 def model_cost(model: nn.Module, n: int, measure: str = "flops") -> float:

@@ -129,6 +129,22 @@ class Variant:
         """Sparsity penalty on mixture weights; None where a variant has none."""
         return None
 
+    # --- cost: what the cost model and the benchmarks read --------------------------------------
+    def cost(self, n: int, measure: str, state: nn.Module | None, heads: int, head_dim: int,
+             layer: int = 0) -> torch.Tensor:
+        """(H,) float64: each head's attention cost at context ``n`` as a fraction of full causal attention's.
+        ``measure``: "flops" (attention FLOPs) or "kv" (memory a generation keeps after n tokens). ``state``: the
+        variant's state on the CPU (a fresh one where nothing was learned); ``layer`` for patterns that vary by layer.
+        """
+        raise AttnswapError(f"no cost model for variant '{self.name}'; it covers masked variants, linear attention, "
+                            "hybrid and nsa")
+
+    def call_flops(self, q, k, ctx: "AttnContext", state: nn.Module | None, block: int,
+                   run) -> tuple[float | None, str, float | None]:
+        """(forward FLOPs of one ``attend`` call on q, k, how they were counted, fraction of allowed (query, key)
+        pairs or None). ``run(None)`` makes that call. Default: not counted (the timing stands alone)."""
+        return None, "not counted", None
+
     # --- computation ----------------------------------------------------------------------------
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """The attention matrix the variant implies, (B, H, T, S) fp32: materialises T×S, for tests and evaluation."""

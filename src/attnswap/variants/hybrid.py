@@ -143,6 +143,11 @@ class Hybrid(Variant):
         return HybridState(num_heads, head_dim, self.params.feature_dim or head_dim, self.params.floor)
 
     # --- the dense reference ----------------------------------------------------------------------
+    def cost(self, n, measure, state, heads, head_dim, layer=0) -> torch.Tensor:
+        """Its window exactly (its slots, for kv), plus a linear scan over every token (its state)."""
+        linear = self.hedgehog.cost(n, measure, state.feature_map, heads, head_dim)
+        return self.window_for(layer).cost(n, measure, None, heads, head_dim) + linear
+
     def probs(self, q, k, ctx: AttnContext, state: HybridState) -> torch.Tensor:
         """The implied attention matrix (B, H, T, S) fp32: causal, padding excluded, rows summing to 1 (0 for a
         row whose window holds no real key)."""

@@ -7,7 +7,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from attnswap.kernels.linear import causal_linear_attention
+from attnswap.kernels.counting import counted_flops
+from attnswap.kernels.linear import causal_linear_attention, pytorch_scan
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.variants.base import AttnContext, Variant
 
@@ -43,6 +44,27 @@ class LinearVariant(Variant):
         if ctx.key_valid is None:
             return features
         return features._replace(k=features.k * ctx.key_valid[:, None, :, None])
+
+    def feature_count(self, state: nn.Module | None, heads: int, head_dim: int) -> int:
+        """m, the width of phi's output for ``head_dim``-wide heads."""
+        probe = torch.zeros(1, heads, 1, head_dim)
+        with torch.no_grad():
+            return self.feature_map(probe, probe, AttnContext(scaling=head_dim**-0.5), state).q.shape[-1]
+
+    def cost(self, n, measure, state, heads, head_dim, layer=0) -> torch.Tensor:
+        """flops: m features spend 4·m·D per token (the state update and its read), so 2m / (n + 1) of the causal
+        triangle's 4·D·n(n+1)/2; the feature map is not counted. kv: the state, m·(D + 1) floats, over a full
+        cache's 2·D·n."""
+        m = self.feature_count(state, heads, head_dim)
+        share = 2 * m / (n + 1) if measure == "flops" else m * (head_dim + 1) / (2 * head_dim * n)
+        return torch.full((heads,), share, dtype=torch.float64)
+
+    def call_flops(self, q, k, ctx, state, block, run):
+        """Counted by ``FlopCounterMode`` on one call through the PyTorch scan: the counter cannot see inside fla's
+        Triton kernels, which do the same products."""
+        with pytorch_scan():
+            total = counted_flops(run)
+        return (float(total) if total else None), "counted (FlopCounterMode)", None
 
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """The implied attention matrix (B, H, T, S) fp32: causal, padded keys excluded, rows summing to 1 (or 0)."""

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from attnswap.kernels.counting import allowed_fractions, allowed_pairs_by_head
 from attnswap.kernels.dense import dense_probs
 from attnswap.kernels.flex import FarKeys, far_keys_pay, masked_attention
 from attnswap.kernels.masks import MaskFn, materialize, materialize_bias, to_index_mask
@@ -44,6 +45,24 @@ class MaskedVariant(Variant):
         positional = self.positional_mask(ctx, q.shape[0], q.device, state)
         q_map, kv_map = ctx.position_maps(q.shape[-2], k.shape[-2])
         return to_index_mask(positional, q_map, kv_map, ctx.key_valid, ctx.model_mask), q_pos, kv_pos
+
+    def cost(self, n, measure, state, heads, head_dim, layer=0) -> torch.Tensor:
+        """flops: the pairs the mask allows over the causal triangle's n(n+1)/2. kv: the keys the last query sees,
+        over n; exact where a key out of sight stays out of sight (windows, sinks, strides, full), an undercount for
+        dilations and Longformer, whose later queries see keys the last one does not."""
+        positional = self.positional_mask(AttnContext(scaling=1.0), 1, torch.device("cpu"), state)
+        pairs, last_row = allowed_pairs_by_head(to_index_mask(positional, 0, 0, None), heads, n)
+        return pairs / (n * (n + 1) / 2) if measure == "flops" else last_row / n
+
+    def call_flops(self, q, k, ctx, state, block, run):
+        """The full 4·B·H·T·S·D times the fraction of ``block``×``block`` tiles with any allowed pair: what a
+        block-sparse kernel computes."""
+        batch, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[-2]
+        with torch.no_grad():
+            index_mask, _, _ = self.index_mask(q, k, ctx, state)
+            tiles, pairs = allowed_fractions(index_mask, batch, heads, q_len, kv_len, block, q.device)
+        return 4.0 * batch * heads * q_len * kv_len * head_dim * tiles, f"allowed {block}x{block} tiles", pairs
 
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """Dense attention probabilities (B, H, T, S) in fp32, for evaluation and tests."""

@@ -127,6 +127,18 @@ class NSA(Variant):
         win = dense_probs(q, k, (causal & (q_pos - kv_pos < p.window))[:, None], ctx.scaling)
         return compressed, sel, win
 
+    def cost(self, n, measure, state, heads, head_dim, layer=0) -> torch.Tensor:
+        """flops: per query, its top_k·block selected keys, its window and one compressed summary per block, each
+        capped by the causal prefix. kv: every key and its block summaries are kept."""
+        p = self.params
+        if measure == "kv":
+            share = (n + n // p.block) / n
+        else:
+            seen = torch.arange(1, n + 1, dtype=torch.float64)  # keys in each query's causal prefix
+            pairs = seen.clamp(max=p.top_k * p.block) + seen.clamp(max=p.window) + seen // p.block
+            share = float(pairs.clamp(max=seen).sum()) / (n * (n + 1) / 2)
+        return torch.full((heads,), share, dtype=torch.float64)
+
     def probs(self, q, k, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """The gate-weighted sum of the three branches' attention matrices, (B, H, T, S) fp32."""
         gates = self.gates(q, state)[..., None]  # (B, H, T, 3, 1)
