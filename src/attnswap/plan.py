@@ -37,7 +37,6 @@ import copy
 import itertools
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -56,7 +55,8 @@ from attnswap.plots import bar_plot
 from attnswap.runs import holding_out_folder
 from attnswap.surgery import STATE_ATTR, attention_modules, head_shape, load, save, swap, swapped_variant, unswap
 from attnswap.variants import Variant, get_variant
-from attnswap.variants.duo import Duo, DuoState
+from attnswap.variants.duo import DuoState
+from attnswap.variants.duo import route_heads as route_duo_heads
 
 log = logging.getLogger(__name__)
 
@@ -196,36 +196,21 @@ def layer_sensitivity(model: nn.Module, variant: "str | Variant", blocks: torch.
 
 # --- heads of a distilled duo --------------------------------------------------------------------
 def duo_states(model: nn.Module) -> list[DuoState]:
-    """The duo states of a swapped model, in layer order."""
-    states = [getattr(m, STATE_ATTR) for m in attention_modules(model) if isinstance(getattr(m, STATE_ATTR, None),
-                                                                                      DuoState)]
+    """The routing states of a swapped model whose variant routes heads, in layer order."""
+    variant = swapped_variant(model)
+    states = [getattr(m, STATE_ATTR) for m in attention_modules(model)
+              if variant is not None and variant.routes_heads and getattr(m, "attnswap_variant", None) is variant]
     if not states:
         raise AttnswapError("no duo state found; plan heads on a model distilled with --variant duo")
     return states
 
 
 def route_heads(model: nn.Module, budget: float, cheap_cost: float) -> list[list[bool]]:
-    """Harden every duo layer of ``model`` in place: over the whole model, the heads with the highest gates keep
-    full attention, as many as keep the cost within ``budget`` (a full head costs 1, a cheap head ``cheap_cost``,
-    and the heads of layers without duo count as full). Returns the routing, per layer and head (True = full)."""
+    """Harden every duo layer of ``model`` in place (``variants.duo.route_heads`` over its states; the heads of
+    layers without duo count as full). Returns the routing, per layer and head (True = full)."""
     states = duo_states(model)
-    shares = torch.cat([s.share().detach().cpu() for s in states])  # (duo heads,)
-    routed = shares.numel()
     fixed = (len(attention_modules(model)) - len(states)) * states[0].gate.numel()  # heads that stay full anyway
-    lowest = (fixed + routed * cheap_cost) / (fixed + routed)
-    if lowest > budget + 1e-12:
-        raise AttnswapError(f"budget {budget} is below the cheapest routing (every duo head cheap costs "
-                            f"{lowest:.4f}); raise the budget")
-    # (fixed + k + (routed - k)·cheap) / (fixed + routed) <= budget, for the largest k
-    spare = budget * (fixed + routed) - fixed - routed * cheap_cost
-    full_count = min(routed, math.floor(spare / max(1.0 - cheap_cost, 1e-12) + 1e-9))
-    full = torch.zeros(routed, dtype=torch.bool)
-    full[torch.argsort(shares, descending=True, stable=True)[:full_count]] = True
-    routing = []
-    for state, flags in zip(states, full.split([s.gate.numel() for s in states])):
-        state.harden(flags.to(state.full_heads.device))
-        routing.append(flags.tolist())
-    return routing
+    return route_duo_heads(states, budget, cheap_cost, fixed)
 
 
 # --- the `attnswap plan` command -----------------------------------------------------------------
@@ -246,7 +231,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
 
 def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[str, Any]:
     variant = get_variant(config.variant)  # a bad spec fails before any loading
-    if isinstance(variant, Duo):
+    if variant.routes_heads:
         raise AttnswapError("duo routes heads, not layers: distil it (attnswap distill --variant duo --l1 ...), then "
                             "plan its heads with attnswap plan --swapped OUT/model")
     refuse_test_source(config.data, "validation")  # layers chosen on the test text would flatter every result
@@ -283,14 +268,14 @@ def _plan_layers(config: PlanConfig, device: torch.device, out: Path) -> dict[st
 def _plan_heads(config: PlanConfig, device: torch.device, out: Path) -> dict[str, Any]:
     model = load(config.swapped, device=str(device), dtype=config.dtype)
     variant = swapped_variant(model)
-    if not isinstance(variant, Duo):
+    if variant is None or not variant.routes_heads:
         raise AttnswapError(f"{config.swapped} holds {variant.spec if variant else 'no swapped attention'}, not a "
                             "duo; plan heads on a model distilled with --variant duo")
     head_dim, heads = head_shape(model)
     cheap = float(head_costs(variant.cheap, config.context, config.measure, heads=1, head_dim=head_dim)[0])
     shares = [s.share().detach().cpu().tolist() for s in duo_states(model)]
     routing = route_heads(model, config.budget, cheap)
-    layers = [m.layer_idx for m in attention_modules(model) if isinstance(getattr(m, STATE_ATTR, None), DuoState)]
+    layers = [m.layer_idx for m in attention_modules(model) if getattr(m, "attnswap_variant", None) is variant]
     rows = [{"layer": layer, "head": h, "gate": share, "full": full}
             for layer, layer_shares, layer_routes in zip(layers, shares, routing)
             for h, (share, full) in enumerate(zip(layer_shares, layer_routes))]

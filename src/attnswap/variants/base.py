@@ -94,6 +94,8 @@ class Variant:
     honours_query_positions: ClassVar[bool] = False
     # ``ctx.documents``: sequences packed into rows, where the model's mask says no more than that.
     honours_packed_documents: ClassVar[bool] = False
+    # Whether the variant routes each head between full attention and a cheap pattern (planned per head once trained).
+    routes_heads: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()

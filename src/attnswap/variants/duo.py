@@ -17,11 +17,13 @@ the window (+ sinks) for the others, so FlexAttention runs both kinds of head in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import MaskFn, draw, materialize, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.full import Full
@@ -67,6 +69,7 @@ class DuoState(nn.Module):
 
 class Duo(MaskedVariant):
     name = "duo"
+    routes_heads = True
     Params = DuoParams
     summary = "per-head gates between full attention and a window + sinks, trained with L1, hardened per head"
 
@@ -117,6 +120,28 @@ class Duo(MaskedVariant):
         share = state.share().view(1, -1, 1, 1)
         full, window = FULL.attend(q, k, v, ctx, None), self.cheap.attend(q, k, v, ctx, None)
         return (share * full.float() + (1 - share) * window.float()).to(q.dtype)
+
+
+def route_heads(states: list[DuoState], budget: float, cheap_cost: float, fixed_heads: int = 0) -> list[list[bool]]:
+    """Harden ``states`` (one per duo layer) in place: over all of them, the heads with the highest gates keep full
+    attention, as many as keep the cost within ``budget`` (a full head costs 1, a cheap head ``cheap_cost``, and
+    ``fixed_heads`` more heads stay full anyway). Returns the routing, per layer and head (True = full)."""
+    shares = torch.cat([s.share().detach().cpu() for s in states])  # (duo heads,)
+    routed = shares.numel()
+    lowest = (fixed_heads + routed * cheap_cost) / (fixed_heads + routed)
+    if lowest > budget + 1e-12:
+        raise AttnswapError(f"budget {budget} is below the cheapest routing (every duo head cheap costs "
+                            f"{lowest:.4f}); raise the budget")
+    # (fixed + k + (routed - k)·cheap) / (fixed + routed) <= budget, for the largest k
+    spare = budget * (fixed_heads + routed) - fixed_heads - routed * cheap_cost
+    full_count = min(routed, math.floor(spare / max(1.0 - cheap_cost, 1e-12) + 1e-9))
+    full = torch.zeros(routed, dtype=torch.bool)
+    full[torch.argsort(shares, descending=True, stable=True)[:full_count]] = True
+    routing = []
+    for state, flags in zip(states, full.split([s.gate.numel() for s in states])):
+        state.harden(flags.to(state.full_heads.device))
+        routing.append(flags.tolist())
+    return routing
 
 
 def main() -> None:
