@@ -79,3 +79,49 @@ def _register() -> None:
 
 
 _register()
+
+
+# --- other heads on a saved swap's checkpoint ---------------------------------------------------
+class _AttnswapHeadLoader:
+    """``Auto<head>.from_pretrained(saved_swap)`` for the heads a user puts on a causal LM's checkpoint: the
+    original architecture's class for that head, loaded through its own ``from_pretrained`` (never the Auto
+    dispatch again), with the saved swap and its variant tensors."""
+
+    config_class = AttnswapConfig
+    auto_class: str  # the transformers Auto class whose mapping names the head for the base config
+
+    @classmethod
+    def from_pretrained(cls, directory, *model_args, config: AttnswapConfig | None = None, **kwargs):
+        import transformers
+
+        from attnswap.surgery import IMPL_NAME, load_variant_tensors, swap
+
+        config = config or AttnswapConfig.from_pretrained(directory)
+        base = config.base()
+        for name in [k for k in kwargs if k in base.to_dict() or k in ("num_labels", "id2label", "label2id")]:
+            setattr(base, name, kwargs.pop(name))  # config overrides (num_labels, …), as from_pretrained takes them
+        for hub_only in ("trust_remote_code", "code_revision", "_commit_hash", "adapter_kwargs", "_from_auto"):
+            kwargs.pop(hub_only, None)
+        if kwargs.get("attn_implementation") in (None, IMPL_NAME):  # swap() sets ours after loading
+            kwargs["attn_implementation"] = config.attnswap.get("original_attn_implementation", "sdpa")
+        head = getattr(transformers, cls.auto_class)._model_mapping[type(base)]
+        model = head.from_pretrained(str(directory), *model_args, config=base, **kwargs)
+        swap(model, config.attnswap["variant"], layers=config.attnswap["layers"])
+        load_variant_tensors(model, Path(directory))
+        return model.eval()
+
+
+HEAD_AUTO_CLASSES = ("AutoModel", "AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+                     "AutoModelForQuestionAnswering")
+
+
+def _register_heads() -> None:
+    import transformers
+
+    for auto_class in HEAD_AUTO_CLASSES:
+        loader = type(f"Attnswap{auto_class.removeprefix('AutoModel') or 'Model'}Loader", (_AttnswapHeadLoader,),
+                      {"auto_class": auto_class, "__module__": __name__})
+        getattr(transformers, auto_class).register(AttnswapConfig, loader, exist_ok=True)
+
+
+_register_heads()

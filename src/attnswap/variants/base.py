@@ -94,6 +94,8 @@ class Variant:
     honours_query_positions: ClassVar[bool] = False
     # ``ctx.documents``: sequences packed into rows, where the model's mask says no more than that.
     honours_packed_documents: ClassVar[bool] = False
+    # ``ctx.dense_mask`` as a float 4-D mask added to the scores, any finite bias included, as SDPA adds it.
+    honours_score_bias: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
