@@ -145,6 +145,17 @@ def test_cross_attention_is_left_stock(implementation):
     assert not hasattr(model.transformer.h[0].crossattention, "attnswap_variant")
 
 
+def test_an_encoder_decoder_is_refused_in_one_line():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    model = BartForConditionalGeneration(BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=32, decoder_ffn_dim=32))
+    with pytest.raises(AttnswapError, match="BartForConditionalGeneration is an encoder-decoder"):
+        attnswap.swap(model, "full")
+    assert model.config._attn_implementation != "attnswap"
+
+
 @pytest.mark.parametrize("head", ["AutoModel", "AutoModelForSequenceClassification",
                                   "AutoModelForTokenClassification"])
 def test_a_saved_swap_loads_into_other_heads_swapped(tmp_path, head):

@@ -383,6 +383,9 @@ def swap(model: nn.Module, variant: "str | Variant", layers: Sequence[int] | Non
     Returns the model. The original weights are shared, not copied: ``original_attention(model)``
     runs the same model as the original.
     """
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise AttnswapError(f"{type(model).__name__} is an encoder-decoder; attnswap swaps the self-attention of "
+                            "decoder-only causal LMs (GPT-2 with add_cross_attention keeps its cross-attention stock)")
     if is_swapped(model):
         unswap(model)
     variant = get_variant(variant)
