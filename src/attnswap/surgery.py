@@ -68,6 +68,10 @@ class ModelMask:
     shape: tuple[int, int, int, int]  # (B, 1, T, S), read by model code that checks a prepared mask's rank
     # packed_documents' answer, worked out at the forward's first attention call and kept for the other layers
     documents: "torch.Tensor | None | bool" = field(default=False, repr=False)
+    # The mask the original implementation's own mask function makes from the same arguments, for the modules
+    # that run stock (cross-attention); made at the first such call.
+    stock_arguments: dict | None = field(default=None, repr=False)
+    stock_mask: "torch.Tensor | None | bool" = field(default=False, repr=False)
 
     # generate() prepares the mask of a StaticCache step before the forward; model code passes a 4-D mask through.
     ndim = 4
@@ -77,6 +81,16 @@ class ModelMask:
         if self.documents is False:
             self.documents = packed_documents(self.function, positions)
         return self.documents
+
+    def stock(self, implementation: str):
+        """What ``implementation``'s registered mask function (sdpa_mask, eager_mask, …) returns for this call."""
+        if self.stock_mask is False:
+            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+            make = ALL_MASK_ATTENTION_FUNCTIONS[implementation if implementation in ALL_MASK_ATTENTION_FUNCTIONS
+                                                else "sdpa"]
+            self.stock_mask = make(**(self.stock_arguments or {}))
+        return self.stock_mask
 
 
 def packed_documents(function: Callable, positions: torch.Tensor) -> torch.Tensor | None:
@@ -114,6 +128,11 @@ def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: "int | 
     """AttentionMaskInterface entry: transformers' mask for this forward, composed the way its flex backend does."""
     if isinstance(attention_mask, ModelMask):  # prepared by generate() for this step already
         return attention_mask
+    stock_arguments = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                           kv_offset=kv_offset, attention_mask=attention_mask, local_size=local_size,
+                           allow_is_causal_skip=allow_is_causal_skip, **kwargs)
+    if mask_function is not None:
+        stock_arguments["mask_function"] = mask_function
     from transformers.masking_utils import (add_offsets_to_mask_function, and_masks, causal_mask_function,
                                             padding_mask_function, prepare_padding_mask)
 
@@ -136,7 +155,7 @@ def model_mask(batch_size: int, q_length: int, kv_length: int, q_offset: "int | 
             padding = None
     function = None if plain else add_offsets_to_mask_function(function, q_offset, kv_offset)
     return ModelMask(padding=padding, function=function, q_offset=q_offset, kv_offset=kv_offset,
-                     shape=(batch_size, 1, q_length, kv_length))
+                     shape=(batch_size, 1, q_length, kv_length), stock_arguments=stock_arguments)
 
 
 def whole_rows_mask(config, ids: torch.Tensor) -> ModelMask | None:
@@ -165,7 +184,10 @@ def _whole_rows_unless_told_otherwise(module: nn.Module, args: tuple, kwargs: di
     """Forward pre-hook on a swapped model's base: a call with tokens alone (``_PLAIN_CALL_INPUTS``) gets
     ``whole_rows_mask`` as its attention mask, which is what transformers would conclude eagerly. Without it a
     compiled ``model(ids, use_cache=False)`` got a packing mask, which Hedgehog, Performer, NSA, the mixture and the
-    hybrid refused (tests/test_dropin.py)."""
+    hybrid refused (tests/test_dropin.py). Under another implementation (``set_attn_implementation("sdpa")`` on a
+    swapped model) it does nothing: that model runs stock."""
+    if module.config._attn_implementation != IMPL_NAME:
+        return None
     given = {name for name, value in kwargs.items() if value is not None}
     if len(args) > 1 or not given <= _PLAIN_CALL_INPUTS:
         return None
@@ -188,7 +210,11 @@ def attention_context(module: nn.Module, variant: Variant, attention_mask, scali
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
         return dataclasses.replace(ctx, key_valid=attention_mask.bool())
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
-        ctx = dataclasses.replace(ctx, dense_mask=attention_mask, model_mask=dense_mask_function(attention_mask))
+        if attention_mask.dtype != torch.bool and variant.honours_score_bias:
+            # Added to the scores as SDPA adds it (a 0/1 float mask included, which is a bias, not a mask).
+            return dataclasses.replace(ctx, dense_mask=attention_mask)
+        ctx = dataclasses.replace(ctx, dense_mask=attention_mask,
+                                  model_mask=dense_mask_function(attention_mask, variant))
     elif isinstance(attention_mask, ModelMask):
         ctx = dataclasses.replace(ctx, key_valid=attention_mask.padding, model_mask=attention_mask.function)
         q_start = attention_mask.q_offset - attention_mask.kv_offset  # query 0's key slot
@@ -226,14 +252,21 @@ def attention_context(module: nn.Module, variant: Variant, attention_mask, scali
     return ctx
 
 
-def dense_mask_function(mask: torch.Tensor) -> Callable:
-    """A caller's 4-D mask (B|1, H|1, T, S) as an index predicate: bool as given; an additive one allows its zeros and
-    is refused if it holds any other finite bias, which a mask cannot express."""
+def dense_mask_function(mask: torch.Tensor, variant: Variant | None = None) -> Callable:
+    """A caller's 4-D mask (B|1, H|1, T, S) as an index predicate: bool as given; an additive float one allows its
+    zeros and blocks its minimum values, and is refused where it holds any other bias (0/1 floats included: SDPA adds
+    them to the scores, it masks nothing), which a predicate cannot express, or under torch.compile, where its values
+    cannot be checked."""
     if mask.dtype != torch.bool:
+        name = variant.spec if variant is not None else "this variant"
+        if torch.compiler.is_compiling():
+            raise AttnswapError(f"variant {name!r} cannot check a float 4-D attention mask under torch.compile (only "
+                                "full adds it to the scores as SDPA does); pass a boolean 4-D mask")
         blocked = mask <= torch.finfo(mask.dtype).min / 2
-        if torch.compiler.is_compiling() or not bool(((mask == 0) | blocked).all()):
-            raise AttnswapError("a float 4-D attention mask with values other than 0 and -inf is a score bias, which "
-                                "only the full variant applies; pass a boolean 4-D mask")
+        if not bool(((mask == 0) | blocked).all()):
+            raise AttnswapError(f"variant {name!r} cannot apply a float 4-D attention mask holding a score bias "
+                                "(values other than 0 and the dtype's minimum; SDPA adds them to the scores, 0/1 "
+                                "floats included), only full can; pass a boolean 4-D mask")
         mask = ~blocked
 
     def given(b, h, q_idx, kv_idx):
@@ -248,6 +281,8 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
     ``dropout`` is not applied: distillation keeps the model in eval mode so teacher and student are deterministic.
     """
     variant = getattr(module, "attnswap_variant", None)
+    if variant is None and not _is_self_attention(module):
+        return _stock_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if variant is None:
         # A layer a saved swap never reached (the folder was loaded without attnswap.load): refuse, never full.
         saved = getattr(getattr(module, "config", None), "attnswap", None)
@@ -278,6 +313,26 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
+def _stock_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """A module swap leaves alone (cross-attention) under the model's original implementation, with the mask that
+    implementation's own mask function makes: exactly what the unswapped model runs."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    original = (getattr(module.config, "attnswap", None) or {}).get("original_attn_implementation", "sdpa")
+    if isinstance(attention_mask, ModelMask):
+        attention_mask = attention_mask.stock(original)
+    if original == "eager":
+        function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if function is None:
+            raise AttnswapError(f"{type(module).__name__} has no eager_attention_forward to run unswapped; load the "
+                                "model with attn_implementation='sdpa' before swapping")
+    else:
+        function = ALL_ATTENTION_FUNCTIONS[original]
+    return function(module, query, key, value, attention_mask, **kwargs)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -293,17 +348,17 @@ _register()
 # --- finding the attention layers --------------------------------------------------------------
 def attention_modules(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of a decoder, in layer order."""
-    found = [
-        m
-        for m in model.modules()
-        if type(m).__name__.endswith("Attention")
-        and isinstance(getattr(m, "layer_idx", None), int)
-        and not getattr(m, "is_cross_attention", False)
-    ]
+    found = [m for m in model.modules() if _is_self_attention(m)]
     found.sort(key=lambda m: m.layer_idx)
     n_layers = getattr(model.config, "num_hidden_layers", len(found))
     assert len(found) == n_layers, f"found {len(found)} attention modules for {n_layers} layers"
     return found
+
+
+def _is_self_attention(module: nn.Module) -> bool:
+    """A decoder layer's self-attention: what swap replaces; any other attention module runs stock."""
+    return (type(module).__name__.endswith("Attention") and isinstance(getattr(module, "layer_idx", None), int)
+            and not getattr(module, "is_cross_attention", False))
 
 
 def _resolve_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
@@ -328,6 +383,9 @@ def swap(model: nn.Module, variant: "str | Variant", layers: Sequence[int] | Non
     Returns the model. The original weights are shared, not copied: ``original_attention(model)``
     runs the same model as the original.
     """
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise AttnswapError(f"{type(model).__name__} is an encoder-decoder; attnswap swaps the self-attention of "
+                            "decoder-only causal LMs (GPT-2 with add_cross_attention keeps its cross-attention stock)")
     if is_swapped(model):
         unswap(model)
     variant = get_variant(variant)

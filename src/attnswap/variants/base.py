@@ -96,6 +96,8 @@ class Variant:
     honours_packed_documents: ClassVar[bool] = False
     # Whether the variant routes each head between full attention and a cheap pattern (planned per head once trained).
     routes_heads: ClassVar[bool] = False
+    # ``ctx.dense_mask`` as a float 4-D mask added to the scores, any finite bias included, as SDPA adds it.
+    honours_score_bias: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()

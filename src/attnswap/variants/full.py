@@ -22,6 +22,7 @@ class Full(MaskedVariant):
     Params = FullParams
     summary = "ordinary causal softmax attention (identity)"
     mask_varies_by_head = False
+    honours_score_bias = True  # attend() hands a float 4-D mask to SDPA as the stock model does
 
     def positional_mask(self, ctx, batch, device, state):
         return causal
@@ -32,6 +33,12 @@ class Full(MaskedVariant):
         # The model's own mask is the whole answer: causality included, or left out as a caller's 4-D mask may.
         q_pos, kv_pos = ctx.positions(q.shape[-2], k.shape[-2], q.device)
         return ctx.model_mask, q_pos, kv_pos
+
+    def probs(self, q, k, ctx, state):
+        if ctx.dense_mask is not None and ctx.dense_mask.dtype != torch.bool:  # the score bias, added in fp32
+            scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * ctx.scaling
+            return torch.softmax(scores + ctx.dense_mask[..., : k.shape[-2]].float(), dim=-1)
+        return super().probs(q, k, ctx, state)
 
     def attend(self, q, k, v, ctx, state):
         q_len, kv_len = q.shape[-2], k.shape[-2]
