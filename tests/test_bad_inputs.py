@@ -150,7 +150,7 @@ CASES = [
     ("distill_out_is_a_file", lambda a: distill_args(a, "--out", a.file), "is a file"),
     ("distill_out_under_a_file", lambda a: distill_args(a, "--out", a.file + "/run"), "which is a file"),
     ("distill_data_not_utf8", lambda a: distill_args(a, "--data", str(a.root / "not_utf8.txt")),
-     "give a UTF-8 text file"),
+     "is not UTF-8 text: byte 0xff at byte offset 6"),
     ("distill_data_missing", lambda a: distill_args(a, "--data", str(a.root / "nope.txt")), "no data at"),
     ("distill_test_data", lambda a: distill_args(a, "--data", str(ROOT / "data/wikitext-2/wiki.test.tokens")),
      "refusing to train on test data"),
