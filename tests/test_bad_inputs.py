@@ -7,6 +7,8 @@ command's ``logging.basicConfig`` does; two cases cross the process boundary to 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,14 +18,21 @@ import pytest
 import torch
 
 from attnswap.surgery import save, swap
-from tests.cli_helpers import (ROOT, assert_refused, cli_command, distill_args, make_assets, run_cli,
+from tests.cli_helpers import (ROOT, assert_refused, cli_command, digests, distill_args, make_assets, run_cli,
                                subprocess_env)
 from tests.conftest import tiny_gpt2, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def a(tmp_path_factory) -> SimpleNamespace:
-    return make_assets(tmp_path_factory.mktemp("bad-inputs"))
+    cache = tmp_path_factory.mktemp("token-cache")  # the token cache outside the assets and the repository
+    previous = os.environ.get("ATTNSWAP_CACHE")
+    os.environ["ATTNSWAP_CACHE"] = str(cache)
+    yield make_assets(tmp_path_factory.mktemp("bad-inputs"))
+    if previous is None:
+        del os.environ["ATTNSWAP_CACHE"]
+    else:
+        os.environ["ATTNSWAP_CACHE"] = previous
 
 
 def damaged(a: SimpleNamespace, name: str, damage, source: str | None = None) -> str:
@@ -111,7 +120,8 @@ CASES = [
     ("eval_out_is_a_file", lambda a: eval_args(a, "--out", a.file), "is a file; give a folder path"),
     ("eval_out_under_a_file", lambda a: eval_args(a, "--out", a.file + "/sub"), "which is a file"),
     ("eval_data_missing", lambda a: eval_args(a, "--data", str(a.root / "nope.tokens")), "no eval text at"),
-    ("eval_data_not_utf8", lambda a: eval_args(a, "--data", str(a.root / "not_utf8.txt")), "cannot read eval text"),
+    ("eval_data_not_utf8", lambda a: eval_args(a, "--data", str(a.root / "not_utf8.txt")),
+     "eval text"),
     ("eval_data_empty", lambda a: eval_args(a, "--data", str(a.root / "empty.txt")), "is empty"),
     ("eval_prompts_not_utf8", lambda a: eval_args(a, "--gen-tokens", "2", "--prompts",
                                                   str(a.root / "not_utf8.txt")), "is not UTF-8"),
@@ -180,6 +190,187 @@ CASES = [
 ]
 
 
+# --- the cases of issue 32: values past real bounds, outputs over inputs, models that do not load whole ---------
+def model_copy(a: SimpleNamespace, name: str, damage) -> str:
+    """A copy of the plain tiny GPT-2 folder with ``damage(folder)`` applied."""
+    return damaged(a, name, damage, source=a.model)
+
+
+def edit_config(**changes):
+    def damage(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text())
+        config.update(changes)
+        (folder / "config.json").write_text(json.dumps(config))
+    return damage
+
+
+def edit_weights(drop: str | None = None, add: str | None = None):
+    def damage(folder: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(folder / "model.safetensors")
+        if drop:
+            del tensors[next(k for k in tensors if k.endswith(drop))]
+        if add:
+            tensors[add] = torch.zeros(4)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return damage
+
+
+def text_file(a: SimpleNamespace, name: str, data: bytes) -> str:
+    (a.root / name).write_bytes(data)
+    return str(a.root / name)
+
+
+def data_folder(a: SimpleNamespace) -> str:
+    folder = a.root / "data-folder"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(a.train, folder / "train.txt")
+    return str(folder)
+
+
+def symlink_loop(a: SimpleNamespace) -> str:
+    loop = a.root / "loop"
+    if not os.path.lexists(loop):
+        os.symlink(loop, loop)
+    return str(loop)
+
+
+def checkpoint_run(a: SimpleNamespace, name: str, record: dict, tensors: bytes | None = None) -> str:
+    """A run folder holding ``record`` as its checkpoint.json (and ``tensors`` as checkpoint.safetensors)."""
+    folder = a.root / name
+    folder.mkdir(exist_ok=True)
+    (folder / "checkpoint.json").write_text(json.dumps(record))
+    if tensors is not None:
+        (folder / "checkpoint.safetensors").write_bytes(tensors)
+    return str(folder)
+
+
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.join(['x'] * 10)}]\n"
+                 for i in range(6)) + "layers: [*l5, *l5, *l5, *l5, *l5, *l5, *l5, *l5, *l5, *l5]\n"
+SWAP = ["swap", "--device", "cpu"]
+
+ISSUE_CASES = [
+    # numbers against real bounds
+    ("seed_past_64_bits", lambda a: distill_args(a, "--seed", str(10**30)), "seed=1000000000000000000000000000000 "
+     "does not fit in 64 bits"),
+    ("seed_negative", lambda a: distill_args(a, "--seed", "-1"), "seed must be in 0..2**63-1"),
+    ("batch_size_past_64_bits", lambda a: distill_args(a, "--batch-size", str(10**30)), "batch_size="),
+    ("batch_size_past_memory", lambda a: distill_args(a, "--batch-size", str(10**15)),
+     "more tokens than this machine's"),
+    ("seq_len_times_batch_past_memory", lambda a: eval_args(a, "--batch-size", "1000000", "--context", str(10**12)),
+     "context=1000000000000 at batch_size 1000000"),
+    ("lr_inf", lambda a: distill_args(a, "--lr", "inf"), "lr=inf is not a finite number"),
+    ("lr_nan", lambda a: distill_args(a, "--lr", "nan"), "lr=nan is not a finite number"),
+    ("lr_overflowing", lambda a: distill_args(a, "--lr", "1e400"), "lr=inf is not a finite number"),
+    ("temperature_huge_integer", lambda a: distill_args(a, "--temperature", "9" * 400), "is beyond any float"),
+    ("integer_past_4300_digits", lambda a: distill_args(a, "--steps", "9" * 5000), "config key 'steps'"),
+    # devices against what torch offers
+    ("device_tpu", lambda a: distill_args(a, "--device", "tpu"), "device 'tpu' is not one this machine offers"),
+    ("device_meta", lambda a: eval_args(a, "--device", "meta"), "device 'meta' is not one this machine offers"),
+    ("device_cuda_index", lambda a: swap_args(a, "--device", "cuda:7"), "cuda:7"),
+    ("device_garbage", lambda a: eval_args(a, "--device", "gpu please"), "is not one this machine offers"),
+    # YAML
+    ("yaml_duplicate_key", lambda a: ["distill", "--config", str(write(a, "dup.yaml", "steps: 3\nlr: 1\nsteps: 5\n"))],
+     "key 'steps' is given twice (lines 1 and 3)"),
+    ("yaml_billion_laughs", lambda a: ["distill", "--config", str(write(a, "laughs.yaml", LAUGHS))],
+     "its aliases expand to more than 100,000 values"),
+    ("override_billion_laughs", lambda a: distill_args(a, "--layers", LAUGHS.replace("\n", "\n")),
+     "config key 'layers'"),
+    # variant specs
+    ("performer_m_10_30", lambda a: eval_args(a, "--variant", f"performer:m={10**30}"), "out of range; give a value in"),
+    ("performer_m_10_12", lambda a: eval_args(a, "--variant", f"performer:m={10**12}"), "out of range; give a value in"),
+    ("performer_m_past_features", lambda a: eval_args(a, "--variant", "performer:m=100000"),
+     "performer m (random features per head) must be in 1..16384"),
+    ("hybrid_wide_layers_duplicate", lambda a: eval_args(a, "--variant", "hybrid:w=4,wide_w=8,wide_layers=1+1"),
+     "wide_layers=1+1 names 1 twice"),
+    # config.json fields, and a config that does not match its weights
+    ("config_n_embd_string", lambda a: eval_args(a, "--model", model_copy(a, "n-embd", edit_config(n_embd="abc"))),
+     "n_embd='abc' must be an integer in 1..2**31-1"),
+    ("config_model_type_number", lambda a: eval_args(a, "--model", model_copy(a, "type-num", edit_config(model_type=7))),
+     "model_type=7 must be a string"),
+    ("config_relabelled_llama", lambda a: eval_args(a, "--model", model_copy(a, "llama", edit_config(
+        model_type="llama"))), "describes"),
+    ("config_more_layers", lambda a: eval_args(a, "--model", model_copy(a, "n-layer-3", edit_config(n_layer=3))),
+     "config and weights disagree"),
+    ("config_fewer_layers", lambda a: eval_args(a, "--model", model_copy(a, "n-layer-1", edit_config(n_layer=1))),
+     "weight(s) unused"),
+    ("weights_missing", lambda a: eval_args(a, "--model", model_copy(a, "missing", edit_weights(drop="h.1.ln_1.bias"))),
+     "weight(s) missing (randomly initialised)"),
+    ("weights_extra", lambda a: eval_args(a, "--model", model_copy(a, "extra", edit_weights(add="transformer.extra"))),
+     "1 weight(s) unused, e.g. transformer.extra"),
+    ("swapped_weights_missing", lambda a: eval_args(a, "--swapped", damaged(a, "swapped-missing", edit_weights(
+        drop="h.1.ln_1.bias"))), "weight(s) missing"),
+    ("swap_weights_missing", lambda a: swap_args(a, "--model", model_copy(a, "missing", edit_weights(
+        drop="h.1.ln_1.bias"))), "or pass --allow-partial true"),
+    ("distill_weights_extra", lambda a: distill_args(a, "--model", model_copy(a, "extra", edit_weights(
+        add="transformer.extra"))), "does not load whole"),
+    # nothing given is overwritten: --out never equals, contains or lies inside an input
+    ("swap_out_is_the_model", lambda a: swap_args(a, "--out", a.model), "is the input --model"),
+    ("swap_out_inside_the_model", lambda a: swap_args(a, "--out", a.model + "/swapped"), "lies inside the input"),
+    ("swap_out_above_the_model", lambda a: swap_args(a, "--out", str(a.root)), "contains the input --model"),
+    ("swap_out_empty", lambda a: swap_args(a, "--out", ""), "--out is empty"),
+    ("swap_out_symlink_loop", lambda a: swap_args(a, "--out", symlink_loop(a)), "cannot follow its symlinks"),
+    ("swap_out_through_symlink_to_model", lambda a: swap_args(a, "--out", link_to(a, "model-link", a.model)),
+     "is the input --model"),
+    ("distill_out_is_the_data", lambda a: distill_args(a, "--data", data_folder(a), "--out", data_folder(a)),
+     "is the input --data"),
+    ("distill_out_is_the_model", lambda a: distill_args(a, "--out", a.model), "is the input --model"),
+    ("eval_out_is_the_swapped_model", lambda a: eval_args(a, "--swapped", a.swapped, "--out", a.swapped),
+     "is the input --swapped"),
+    ("eval_out_above_the_data", lambda a: eval_args(a, "--out", str(a.root)), "contains the input"),
+    ("report_out_is_the_run", lambda a: ["report", run_folder(a), "--out", run_folder(a)], "is the input --run_dirs"),
+    ("report_out_above_the_run", lambda a: ["report", run_folder(a), "--out", str(a.root)], "contains the input"),
+    ("report_out_holds_results", lambda a: ["report", run_folder(a), "--out", run_folder(a) + "/eval"],
+     "holds result files (eval.json)"),
+    # training text is text
+    ("data_nul_bytes", lambda a: distill_args(a, "--data", text_file(a, "nul.txt", b"\0" * 3000)),
+     "holds control byte 0x00 at byte offset 0"),
+    ("data_control_byte_midway", lambda a: distill_args(a, "--data", text_file(a, "ctl.txt", b"w4 w5\n" * 100 + b"\x1b[0m")),
+     "holds control byte 0x1b at byte offset 600"),
+    ("data_undecodable_midway", lambda a: distill_args(a, "--data", text_file(a, "latin1.txt", b"w4 w5\n" * 50 + "café w4\n".encode("latin-1"))),
+     "byte 0xe9 at byte offset 303"),
+    ("data_cut_character", lambda a: distill_args(a, "--data", text_file(a, "cut.txt", b"w4 w5 " + "é".encode()[:1])),
+     "ends inside a character at byte offset"),
+    ("data_folder_with_a_nul_file", lambda a: distill_args(a, "--data", nul_folder(a)), "holds control byte 0x00"),
+    ("eval_text_nul_bytes", lambda a: eval_args(a, "--data", text_file(a, "nul.txt", b"\0" * 3000)),
+     "eval text"),
+    # checkpoints
+    ("checkpoint_path_escapes_the_run", lambda a: distill_args(a, "--resume", "true", "--out", checkpoint_run(
+        a, "escape-run", {"step": 1, "config": {}, "param_groups": [], "tensors": "../model/model.safetensors"})),
+     "is not a plain file name inside"),
+    ("checkpoint_absolute_path", lambda a: distill_args(a, "--resume", "true", "--out", checkpoint_run(
+        a, "absolute-run", {"step": 1, "config": {}, "param_groups": [], "tensors": a.model + "/model.safetensors"})),
+     "is not a plain file name inside"),
+    ("checkpoint_tampered_tensors", lambda a: distill_args(a, "--resume", "true", "--out", checkpoint_run(
+        a, "tampered-run", {"step": 1, "config": {}, "param_groups": [], "tensors": "checkpoint.safetensors"},
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")), "corrupt checkpoint"),
+]
+
+
+def swap_args(a: SimpleNamespace, *args: str) -> list[str]:
+    return [*SWAP, "--model", a.model, "--variant", "window:w=4", "--out", str(a.root / "swap-out"), *args]
+
+
+def link_to(a: SimpleNamespace, name: str, target: str) -> str:
+    link = a.root / name
+    if not os.path.lexists(link):
+        os.symlink(target, link)
+    return str(link)
+
+
+def run_folder(a: SimpleNamespace) -> str:
+    return report_folder(a, "a-run", {"eval/eval.json": json.dumps({"variant": "full"}).encode()})
+
+
+def nul_folder(a: SimpleNamespace) -> str:
+    folder = a.root / "nul-folder"
+    folder.mkdir(exist_ok=True)
+    (folder / "a.txt").write_text("w4 w5\n")
+    (folder / "b.txt").write_bytes(b"w4\0w5\n")
+    return str(folder)
+
+
 def write(a: SimpleNamespace, name: str, text: str) -> Path:
     (a.root / name).write_text(text)
     return a.root / name
@@ -192,14 +383,29 @@ def corrupt_run(a: SimpleNamespace) -> Path:
     return run.parent
 
 
-def test_at_least_forty_cases():
-    assert len(CASES) >= 40 and len({name for name, _, _ in CASES}) == len(CASES)
+ALL_CASES = CASES + ISSUE_CASES
 
 
-@pytest.mark.parametrize("make_args, expected", [(m, e) for _, m, e in CASES], ids=[n for n, _, _ in CASES])
+def test_every_case_has_a_name_of_its_own():
+    assert len(ALL_CASES) >= 100 and len({name for name, _, _ in ALL_CASES}) == len(ALL_CASES)
+
+
+def out_of(args: list[str]) -> str | None:
+    return args[len(args) - 1 - args[::-1].index("--out") + 1] if "--out" in args else None
+
+
+@pytest.mark.parametrize("make_args, expected", [(m, e) for _, m, e in ALL_CASES], ids=[n for n, _, _ in ALL_CASES])
 def test_bad_input_is_refused_in_one_line(a, make_args, expected):
-    code, _, stderr = run_cli(make_args(a))
+    """Exit 2, one error line naming what is wrong, no traceback, and every file the command was given (the whole
+    asset folder but this case's --out) byte-identical afterwards."""
+    args = make_args(a)
+    out = out_of(args)
+    before = digests(a.root, skip=[out] if out and out != str(a.root) and Path(out).is_dir()
+                     and not any(Path(out) == Path(p) for p in (a.model, a.swapped)) else [])
+    code, _, stderr = run_cli(args)
     assert_refused(code, stderr, expected)
+    after = digests(*before)  # the same files: none removed, none changed
+    assert after == before, sorted(k for k in before if after.get(k) != before[k])
 
 
 def test_refused_commands_leave_no_output_folder(a):
