@@ -8,6 +8,7 @@ command's ``logging.basicConfig`` does; two cases cross the process boundary to 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -428,3 +429,245 @@ def test_the_real_process_agrees(a):
     result = subprocess.run(cli_command(*args), capture_output=True, text=True, timeout=120, cwd=a.root,
                             env=subprocess_env())
     assert_refused(result.returncode, result.stderr, "model.safetensors is damaged")
+
+
+# --- every field of every command: past 64 bits, not finite, a device torch does not offer ----------------------
+def field_cases() -> list[tuple[str, str, str, str]]:
+    """(command, field, value, expected) for every int, float and device field of every command's config."""
+    import dataclasses
+    import importlib
+    import typing
+
+    from attnswap.cli import COMMANDS
+
+    cases = []
+    for command, (module_name, config_name, _function, _positional) in COMMANDS.items():
+        config_cls = getattr(importlib.import_module(module_name), config_name)
+        hints = typing.get_type_hints(config_cls)
+        for field in dataclasses.fields(config_cls):
+            kinds = {hints[field.name], *typing.get_args(hints[field.name])}
+            kinds |= {inner for kind in list(kinds) for inner in typing.get_args(kind)}
+            flag = f"--{field.name.replace('_', '-')}"
+            if field.name == "device":
+                cases.append((command, flag, "tpu", "device 'tpu' is not one this machine offers"))
+            elif bool in kinds:
+                continue
+            elif int in kinds:
+                cases.append((command, flag, str(2**64), f"{field.name}=18446744073709551616 does not fit in 64 bits"))
+            elif float in kinds:
+                cases.append((command, flag, "-inf", f"{field.name}=-inf is not a finite number"))
+    return cases
+
+
+FIELD_CASES = field_cases()
+
+
+def test_every_command_has_field_rows():
+    assert {command for command, *_ in FIELD_CASES} >= {"swap", "distill", "eval", "generate", "bench", "report"}
+    assert len(FIELD_CASES) >= 60
+
+
+@pytest.mark.parametrize("command, flag, value, expected", FIELD_CASES,
+                         ids=[f"{c}{f}" for c, f, _, _ in FIELD_CASES])
+def test_every_numeric_field_is_bounded(a, command, flag, value, expected):
+    code, _, stderr = run_cli([command, flag, value, "--out", str(a.root / "field-out")])
+    assert_refused(code, stderr, expected)
+    assert not (a.root / "field-out").exists()
+
+
+# --- ranges, property-based --------------------------------------------------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from attnswap.config import load_config  # noqa: E402
+from attnswap.distill import DistillConfig  # noqa: E402
+from attnswap.errors import AttnswapError  # noqa: E402
+from attnswap.validate import INT64_MAX, check_text_file, memory_bytes  # noqa: E402
+from attnswap.variants import get_variant  # noqa: E402
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def refused(overrides: dict[str, str]) -> str | None:
+    """The error line load_config (what the CLI calls with the raw strings) gives ``overrides``, or None."""
+    try:
+        load_config(DistillConfig, None, overrides)
+    except AttnswapError as exc:
+        return str(exc)
+    return None
+
+
+@FAST
+@given(st.one_of(st.integers(), st.integers(-2, 2**70), st.sampled_from([0, INT64_MAX, INT64_MAX + 1, -1])))
+def test_seed_accepted_exactly_in_0_to_2_63(seed):
+    error = refused({"seed": str(seed)})
+    if 0 <= seed <= INT64_MAX:
+        assert error is None and load_config(DistillConfig, None, {"seed": str(seed)}).seed == seed
+    else:
+        assert error is not None and "seed" in error and len(error) < 300
+
+
+@FAST
+@given(st.integers(1, 2**70))
+def test_batch_size_accepted_exactly_within_memory(batch_size):
+    error = refused({"batch_size": str(batch_size)})
+    fits = batch_size <= INT64_MAX and batch_size * 512 <= memory_bytes() // 8  # seq_len 512, int64 ids
+    assert (error is None) == fits, error
+    if not fits:
+        assert "batch_size" in error or "seq_len" in error
+
+
+@FAST
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_lr_accepted_exactly_when_finite_and_positive(lr):
+    error = refused({"lr": repr(lr)})
+    if math.isfinite(lr) and lr > 0:
+        assert error is None, error
+    else:
+        assert error is not None and "lr" in error
+
+
+@FAST
+@given(st.integers(-2**80, 2**80))
+def test_performer_features_accepted_exactly_in_range(m):
+    try:
+        get_variant(f"performer:m={m}")
+        accepted = True
+    except AttnswapError as exc:
+        accepted = False
+        assert "m" in str(exc) and ("1..16384" in str(exc) or "out of range" in str(exc))
+    assert accepted == (1 <= m <= 16384)
+
+
+@FAST
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=5))
+def test_hybrid_wide_layers_refused_exactly_when_repeated(layers):
+    spec = f"hybrid:w=4,wide_w=8,wide_layers={'+'.join(map(str, layers))}"
+    try:
+        get_variant(spec)
+        accepted = True
+    except AttnswapError as exc:
+        accepted = False
+        assert "twice" in str(exc)
+    assert accepted == (len(set(layers)) == len(layers))
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_text_refused_at_the_first_bad_byte(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("text") / "t.txt"
+    path.write_bytes(data)
+    control = next((i for i, byte in enumerate(data) if byte < 0x20 and byte not in b"\t\n\x0c\r" or byte == 0x7f),
+                   None)
+    try:
+        data.decode("utf-8")
+        undecodable = None
+    except UnicodeDecodeError as exc:
+        undecodable = exc
+    try:
+        check_text_file(path)
+        error = None
+    except AttnswapError as exc:
+        error = str(exc)
+    if control is not None:
+        assert error is not None and f"control byte 0x{data[control]:02x} at byte offset {control:,}" in error
+    elif undecodable is not None:
+        assert error is not None
+        assert f"at byte offset {undecodable.start:,}" in error, error
+    else:
+        assert error is None
+
+
+def test_a_poisoned_token_cache_is_refused(tmp_path):
+    import numpy as np
+
+    from attnswap.data import token_stream
+
+    (tmp_path / "t.txt").write_text("w4 w5 w6\n\nw7 w8\n")
+    tokenizer = tiny_tokenizer()
+    token_stream(tmp_path / "t.txt", tokenizer, cache_dir=tmp_path / "cache")
+    (cache,) = (tmp_path / "cache").glob("tokens-*.npy")
+    np.save(cache, np.array([4, 5, 10_000], dtype=np.int32))
+    with pytest.raises(AttnswapError, match=r"holds token id 10000, outside the vocabulary 0\.\.96"):
+        token_stream(tmp_path / "t.txt", tokenizer, cache_dir=tmp_path / "cache")
+
+
+# --- nothing given is overwritten ---------------------------------------------------------------------------------
+def test_no_command_writes_into_its_own_input(a):
+    """swap, distill, eval and report pointed at their own input folders are refused; every input's sha256 stays,
+    and so it does when each runs into a fresh folder."""
+    run = run_folder(a)
+    inputs = digests(a.model, a.swapped, a.train, a.valid, run)
+    for args in (swap_args(a, "--out", a.model), distill_args(a, "--out", a.model),
+                 distill_args(a, "--data", data_folder(a), "--out", data_folder(a)),
+                 eval_args(a, "--out", a.model), eval_args(a, "--swapped", a.swapped, "--out", a.swapped),
+                 ["report", run, "--out", run]):
+        code, _, stderr = run_cli(args)
+        assert_refused(code, stderr, "a run never writes where it reads")
+    assert digests(*inputs) == inputs
+
+    fresh = a.root / "fresh"
+    for args in (swap_args(a, "--out", str(fresh / "swap")),
+                 distill_args(a, "--out", str(fresh / "distill")),
+                 eval_args(a, "--variant", "window:w=4", "--max-tokens", "200", "--stride", "32", "--attn-sample-len", "16",
+                           "--grad-len", "16", "--out", str(fresh / "eval")),
+                 ["report", str(fresh), run, "--out", str(a.root / "fresh-report")]):
+        code, _, stderr = run_cli(args)
+        assert code == 0, stderr[-3000:]
+    assert digests(*inputs) == inputs
+    assert not list(fresh.rglob("*.tmp")) and not list(fresh.rglob(".attnswap.lock"))
+    assert (fresh / "eval" / "eval.json").is_file() and (a.root / "fresh-report" / "report.html").is_file()
+
+
+def test_a_model_without_a_tokenizer_is_saved_without_one(a, tmp_path):
+    from attnswap.models import load_tokenizer
+
+    bare = tmp_path / "bare"
+    shutil.copytree(a.model, bare, ignore=lambda _d, names: [n for n in names if "token" in n or n in (
+        "vocab.json", "merges.txt")])
+    code, stdout, stderr = run_cli(swap_args(a, "--model", str(bare), "--out", str(tmp_path / "swapped")))
+    assert code == 0, stderr[-3000:]
+    assert "no tokenizer" in stdout
+    saved = json.loads((tmp_path / "swapped" / "config.json").read_text())
+    assert saved["attnswap"]["tokenizer"] is False
+    assert not any((tmp_path / "swapped" / name).exists() for name in ("tokenizer.json", "tokenizer_config.json",
+                                                                         "vocab.json"))
+    with pytest.raises(AttnswapError, match="was saved without one"):
+        load_tokenizer(str(tmp_path / "swapped"))
+
+
+def test_two_swaps_into_one_folder_take_turns(a, tmp_path):
+    """swap holds its --out's lock: a second swap while the first runs is refused."""
+    from attnswap.runs import run_lock
+
+    with run_lock(tmp_path / "busy"):
+        code, _, stderr = run_cli(swap_args(a, "--out", str(tmp_path / "busy")))
+    assert_refused(code, stderr, "is in use by another run")
+
+
+def test_a_full_disk_is_one_line(a, tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import attnswap.runs as runs
+
+    def full(*_args, **_kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                              'left on device" })')
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    out = tmp_path / "full"
+    code, _, stderr = run_cli(distill_args(a, "--out", str(out)))
+    lines = stderr.strip().splitlines()  # after the run's own log lines: the disk filled while it ran
+    assert code == 2 and "Traceback" not in stderr and sum(line.startswith("error:") for line in lines) == 1
+    assert lines[-1].startswith("error: the disk is full writing"), lines[-1]
+    assert not list(out.glob("*.tmp")) and not (out / "checkpoint.json").exists()
+
+    def no_space(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", no_space)
+    with pytest.raises(AttnswapError, match="the disk is full writing"):
+        runs.atomic_write(tmp_path / "eval.json", "{}")
+    assert not list(tmp_path.glob("eval.json*"))

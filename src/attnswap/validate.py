@@ -199,10 +199,15 @@ def check_text_file(path: Path, what: str = "data file") -> None:
                     raise AttnswapError(f"{what} {path} is not UTF-8 text: byte 0x{byte:02x} at byte offset "
                                         f"{at:,}{unpacked} ({exc.reason}); save it as UTF-8") from None
                 offset += len(piece)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise AttnswapError(f"{what} {path} is not UTF-8 text: it ends inside a character at byte offset "
-                            f"{offset:,}{unpacked}; save it as UTF-8") from None
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError as exc:
+                at = offset - len(pending) + exc.start
+                problem = ("it ends inside a character" if exc.reason == "unexpected end of data"
+                           else f"byte 0x{pending[exc.start]:02x} ({exc.reason})")
+                raise AttnswapError(f"{what} {path} is not UTF-8 text: {problem} at byte offset {at:,}{unpacked}; "
+                                    "save it as UTF-8") from None
     except (OSError, EOFError) as exc:
         raise AttnswapError(f"cannot read {what} {path}: {exc}; give a UTF-8 text file") from None
 
