@@ -38,7 +38,7 @@ LOCK_FILE = ".attnswap.lock"
 TEMP_SUFFIX = ".tmp"
 R = TypeVar("R")
 # Config fields that name what a command reads: its output folder may not be, hold or sit inside any of them.
-INPUT_FIELDS = ("model", "swapped", "data", "val_data", "prompts", "map_text", "run_dirs", "config")
+INPUT_FIELDS = ("model", "swapped", "data", "val_data", "prompts", "map_text", "run_dirs")
 
 
 # --- the run lock -------------------------------------------------------------------------------
@@ -71,8 +71,14 @@ def holding_out_folder(command: Callable[[Any], R]) -> Callable[[Any], R]:
 
 
 def command_inputs(config: Any) -> dict[str, Any]:
-    """The fields of ``config`` that name what the command reads (INPUT_FIELDS), by name."""
-    return {name: getattr(config, name) for name in INPUT_FIELDS if getattr(config, name, None)}
+    """The fields of ``config`` that name what the command reads (INPUT_FIELDS), by name; an empty ``model`` is the
+    bundled teacher."""
+    from attnswap.models import DEFAULT_MODEL
+
+    found = {name: getattr(config, name) for name in INPUT_FIELDS if getattr(config, name, None)}
+    if hasattr(config, "model") and not config.model:
+        found["model"] = DEFAULT_MODEL
+    return found
 
 
 def _acquire(lock: Path):
