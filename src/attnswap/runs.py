@@ -198,16 +198,21 @@ def disk_errors(where: str | Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (blocked, not lost) for the duration, then arrive."""
+    """SIGINT and SIGTERM wait for the duration (recorded, not lost), then arrive. Handlers, not a signal mask: a
+    mask holds only this thread, and the kernel hands a process's signal to any thread that does not block it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+    previous = {number: signal.signal(number, lambda number, _frame: pending.append(number))
+                for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        if pending:
+            signal.raise_signal(pending[0])
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
