@@ -296,10 +296,17 @@ def test_resume_is_refused_after_any_input_changed(tmp_path):
     refused_with("training data (")
     train.write_bytes(text)
 
-    refused_with("dtype 'auto' -> 'bfloat16'", "--dtype", "bfloat16")
+    refused_with("dtype='bfloat16' but the checkpoint", "--dtype", "bfloat16")
     refused_with("dtype (weights float32, autocast off -> weights float32, autocast bfloat16)", "--dtype", "bfloat16")
-    refused_with("variant_lr_scale 1.0 -> 2.0", "--variant-lr-scale", "2")
-    code, _, stderr = run_cli([*args, "--steps", "2", "--resume", "true"])
+    refused_with("variant_lr_scale=2.0 but the checkpoint", "--variant-lr-scale", "2")
+    refused_with("was made with variant_lr_scale=1.0, dtype='auto'", "--variant-lr-scale", "2", "--dtype", "bfloat16")
+
+    # Content, not names: the same model and text moved elsewhere resume.
+    moved_model, moved_train = tmp_path / "moved-model", tmp_path / "moved-train.txt"
+    shutil.copytree(model, moved_model)
+    shutil.copy(train, moved_train)
+    code, _, stderr = run_cli([*args, "--model", str(moved_model), "--data", str(moved_train), "--steps", "2",
+                               "--resume", "true"])
     assert code == 0, stderr[-3000:]
     assert "resuming from" in stderr
 

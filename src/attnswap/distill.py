@@ -51,10 +51,11 @@ from attnswap.wikitext_style import STYLES
 log = logging.getLogger(__name__)
 TRAINABLE = ("variant", "variant+mlp", "variant+attn", "variant+lora")
 CKPT_JSON = "checkpoint.json"
-# What a resumed run may change: how long it runs, when it logs, evaluates and checkpoints, and how (not what) it
-# computes. Every other setting must equal its checkpoint's, and so must the content of what it reads (run_inputs).
+# What a resumed run may change: how long it runs, when it logs, evaluates and checkpoints, how (not what) it computes,
+# and where its inputs lie. Every other setting must equal its checkpoint's, and so must the content of what it reads
+# (run_inputs): a model or text moved elsewhere resumes, one whose bytes changed does not.
 RESUME_MAY_CHANGE = ("steps", "resume", "out", "log_every", "ckpt_every", "eval_every", "early_stop", "max_seconds",
-                     "device", "compile", "kl_chunk")
+                     "device", "compile", "kl_chunk", "model", "data", "val_data")  # the last three: by content
 
 
 @dataclass
@@ -576,17 +577,21 @@ def _check_resumable(record: dict, config: DistillConfig, inputs: dict[str, str]
     checkpoint's; the error lists everything that changed."""
     saved, current = record["config"], config_to_dict(config)
     defaults = config_to_dict(DistillConfig())  # a key newer than the checkpoint had its default then
-    changed = [f"{key} {shown(saved.get(key, defaults[key]))} -> {shown(current[key])}" for key in current
-               if key not in RESUME_MAY_CHANGE and saved.get(key, defaults[key]) != current[key]]
+    settings = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key, defaults[key]) != current[key]]
+    problems = []
+    if settings:
+        problems.append(f"{', '.join(f'{k}={shown(current[k])}' for k in settings)} but the checkpoint {path} was made "
+                        f"with {', '.join(f'{k}={shown(saved.get(k, defaults[k]))}' for k in settings)}")
     made_from = record.get("inputs")
     if made_from is None:
         log.warning("%s records no input digests (an older attnswap); resuming on the settings alone", path)
     else:
-        changed += [f"{what} ({_short_digest(made_from.get(what))} -> {_short_digest(now)})"
-                    for what, now in inputs.items() if made_from.get(what) != now]
-    if changed:
-        raise AttnswapError(f"--resume: since the checkpoint {path} was made, {'; '.join(changed)} changed; "
-                            "restore them or start a new run in another --out")
+        changed = [f"{what} ({_short_digest(made_from.get(what))} -> {_short_digest(now)})"
+                   for what, now in inputs.items() if made_from.get(what) != now]
+        if changed:
+            problems.append(f"since the checkpoint {path} was made, these inputs changed: {', '.join(changed)}")
+    if problems:
+        raise AttnswapError(f"--resume: {'; '.join(problems)}; use the same settings and inputs, or another --out")
 
 
 def _short_digest(value: str | None) -> str:
