@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterable
 
 from attnswap import cli
 from attnswap.surgery import save, swap
@@ -36,6 +38,18 @@ def make_assets(root: Path) -> SimpleNamespace:
     (root / "config_list.yaml").write_text("- 1\n- 2\n")
     return SimpleNamespace(root=root, model=str(model_dir), swapped=str(swapped), train=str(root / "train.txt"),
                            valid=str(root / "valid.txt"), prompts=str(root / "prompts.txt"), file=str(root / "a_file"))
+
+
+def digests(*roots: str | Path, skip: Iterable[str | Path] = ()) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (files or folders), by path; files under ``skip`` left out."""
+    skipped = [Path(p).resolve() for p in skip]
+    found = {}
+    for root in map(Path, roots):
+        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            resolved = path.resolve()
+            if not any(resolved == s or s in resolved.parents for s in skipped):
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
 
 
 def distill_args(a: SimpleNamespace, *args: str) -> list[str]:
@@ -81,3 +95,4 @@ def assert_refused(code: int, stderr: str, expected: str) -> None:
     assert "Traceback" not in stderr, stderr
     assert len(lines) <= 3, f"{len(lines)} lines on stderr:\n{stderr}"
     assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-1]
+    assert sum(line.startswith("error: ") for line in lines) == 1 and len(lines[-1]) < 600, stderr[-3000:]

@@ -138,3 +138,46 @@ def test_every_command_that_writes_a_folder_holds_its_lock(tmp_path, command):
     with run_lock(tmp_path / "busy"):
         code, _, stderr = run_cli([command, *args] + ([] if command == "run" else ["--out", str(tmp_path / "busy")]))
     assert_refused(code, stderr, f"in use by another run (pid {os.getpid()}")
+
+
+def test_atomic_files_replace_a_folder_whole_or_not_at_all(tmp_path):
+    from attnswap.runs import atomic_files
+
+    folder = tmp_path / "swap"
+    with atomic_files(folder) as building:
+        (building / "model.safetensors").write_text("1")
+        (building / "config.json").write_text("{}")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_files(folder) as building:
+            (building / "model.safetensors").write_text("half")
+            raise KeyboardInterrupt  # a signal mid-save: the old files stay, no temporary is left
+    assert (folder / "model.safetensors").read_text() == "1" and (folder / "config.json").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_signals_held_defers_sigterm_until_the_renames_are_done(tmp_path):
+    from attnswap.runs import signals_held
+
+    arrived = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: arrived.append("now"))
+    try:
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            arrived.append("renamed")
+        assert arrived == ["renamed", "now"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_output_paths_never_overlap_inputs(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for out, relation in ((model, "is the input"), (model / "sub", "lies inside"), (tmp_path, "contains")):
+        with pytest.raises(AttnswapError, match=relation):
+            check_output_dir(out, inputs={"model": str(model)})
+    check_output_dir(model / "report", inputs={"run_dirs": [str(model)]}, allow_inside=True)
+    with pytest.raises(AttnswapError, match="--out is empty"):
+        check_output_dir("")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(AttnswapError, match="cannot follow its symlinks"):
+        check_output_dir(tmp_path / "loop")

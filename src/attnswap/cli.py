@@ -2,16 +2,24 @@
 
 Every command takes ``--config FILE.yaml`` and ``--key value`` (or ``--key=value``) overrides for any
 field of its config dataclass. User mistakes print ``error: …`` on stderr and exit with code 2; each command checks
-its inputs and output folder before any work. A command that writes a folder holds that folder's lock while it
-runs (``attnswap.runs``), so a second one on the same ``--out`` is refused.
+its inputs and output folder before any work (``attnswap.validate``, through ``attnswap.config`` and
+``attnswap.runs``). A command that writes a folder holds that folder's lock while it runs (``attnswap.runs``), so a
+second one on the same ``--out`` is refused. SIGTERM is Ctrl-C: the command cleans up and exits 130. Nothing else
+reaches the user as a traceback: running out of memory is an error line (exit 2), a bug is one line naming it (exit 1;
+``ATTNSWAP_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
+import os
+import signal
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 from attnswap.errors import AttnswapError
@@ -116,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         from attnswap.config import load_runs
 
         config_file, overrides = parse_overrides(rest, positional_field)
-        for config in load_runs(config_cls, config_file, overrides):  # one config unless the file lists runs
-            getattr(module, function_name)(config)
+        with sigterm_interrupts():
+            for config in load_runs(config_cls, config_file, overrides):  # one config unless the file lists runs
+                getattr(module, function_name)(config)
         return 0
     except AttnswapError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -125,6 +134,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:  # torch.OutOfMemoryError included
+        detail = str(exc).splitlines()[0][:160] if str(exc) else "the allocation failed"
+        print(f"error: out of memory ({detail}); use a smaller batch_size, length or model", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        if os.environ.get("ATTNSWAP_DEBUG"):
+            raise
+        where = exc.__traceback__
+        while where is not None and where.tb_next is not None:
+            where = where.tb_next
+        place = f" at {Path(where.tb_frame.f_code.co_filename).name}:{where.tb_lineno}" if where else ""
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        print(f"error: internal error {type(exc).__name__}{place}: {detail} (a bug in attnswap; ATTNSWAP_DEBUG=1 "
+              "shows the traceback)", file=sys.stderr)
+        return 1
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: every command cleans up (temporary files, locks) and exits
+    130. distill installs its own handler for its loop (checkpoint first) and puts this one back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_number, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _default(f: dataclasses.Field) -> Any:

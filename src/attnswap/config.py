@@ -1,7 +1,9 @@
 """Command configs: dataclasses loaded from YAML, then ``key=value`` overrides, strictly checked.
 
 Unknown keys and values of the wrong type are refused with one line that names the key, as in
-nanoGPT's configurator. The resolved config is a plain dict in every run folder and result file.
+nanoGPT's configurator; YAML goes through ``attnswap.validate.load_yaml`` (no duplicate keys, aliases capped) and the
+built config through ``check_config_values`` (64-bit integers, finite floats, seeds, devices, batch sizes against
+memory). The resolved config is a plain dict in every run folder and result file.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any, TypeVar
 import yaml
 
 from attnswap.errors import AttnswapError
+from attnswap.validate import check_config_values, check_numbers, load_yaml, shown
 
 C = TypeVar("C")
 
@@ -26,7 +29,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         if not path.is_file():
             raise AttnswapError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            loaded = load_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
         except UnicodeDecodeError as exc:
             raise AttnswapError(f"config file {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
         except yaml.YAMLError as exc:
@@ -45,7 +48,10 @@ def build_config(cls: type[C], values: dict[str, Any]) -> C:
     if unknown:
         raise AttnswapError(f"unknown config key '{unknown[0]}' for {cls.__name__}; known keys: {', '.join(fields)}")
     typed = {key: _typed(key, value, hints[key]) for key, value in values.items()}
-    return cls(**typed)
+    check_numbers(typed)  # before the config's own checks, which would compare an inf or a nan
+    config = cls(**typed)
+    check_config_values(config)
+    return config
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -55,9 +61,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def _typed(key: str, value: Any, kind: Any) -> Any:
     if isinstance(value, str) and kind is not str and not _allows_str(kind):
         try:
-            value = yaml.safe_load(value) if value.strip() else None
+            value = load_yaml(value, f"config key '{key}'") if value.strip() else None
         except yaml.YAMLError:
-            raise AttnswapError(f"config key '{key}' = {value!r} cannot be read; give a plain value") from None
+            raise AttnswapError(f"config key '{key}' = {shown(value)} cannot be read; give a plain value") from None
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         if value is None and type(None) in args:
@@ -68,7 +74,7 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
                 return _typed(key, value, candidate)
             except AttnswapError:
                 continue
-        raise AttnswapError(f"config key '{key}' = {value!r} has the wrong type; expected {kind}")
+        raise AttnswapError(f"config key '{key}' = {shown(value)} has the wrong type; expected {kind}")
     if origin in (list, tuple):
         (item_kind, *_rest) = args or (Any,)
         # Variant specs contain commas ("window:w=64,sinks=4"), so lists of strings split on ";".
@@ -79,7 +85,11 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
     if kind is Any:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise AttnswapError(f"config key '{key}' = {shown(value)} is beyond any float; give a finite value") \
+                from None
     if kind is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
         try:
             return float(value)
@@ -88,7 +98,7 @@ def _typed(key: str, value: Any, kind: Any) -> Any:
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise AttnswapError(f"config key '{key}' = {value!r} has the wrong type; expected {kind.__name__}")
+        raise AttnswapError(f"config key '{key}' = {shown(value)} has the wrong type; expected {kind.__name__}")
     return value
 
 

@@ -14,7 +14,6 @@ Documents are joined into one token stream with EOS between them (``token_stream
 
 from __future__ import annotations
 
-import codecs
 import gzip
 import hashlib
 import json
@@ -27,6 +26,7 @@ import torch
 
 from attnswap.errors import AttnswapError
 from attnswap.models import REPO_ROOT
+from attnswap.validate import check_text_file, check_token_ids
 from attnswap.wikitext_style import restyle
 
 HUB_DATASETS = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
@@ -95,19 +95,13 @@ def refuse_test_source(source: str, split: str | None = None) -> None:
 
 
 def check_readable(source: str, split: str | None = None) -> None:
-    """Every local file ``source`` stands for opens and decodes as UTF-8 (checked in 1 MiB pieces, nothing kept),
-    so that a damaged text is refused before any weights load. Hub names and an empty source pass."""
+    """Every local file ``source`` stands for is text: UTF-8 without control bytes (``validate.check_text_file``,
+    which names the offending byte offset), so that a damaged text is refused before any weights load. Hub names and
+    an empty source pass."""
     if not source or parse_hub(source, split) is not None:
         return
     for file in data_files(resolve_path(source)):
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        try:
-            with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as handle:
-                for piece in iter(lambda: handle.read(1 << 20), b""):
-                    decoder.decode(piece)
-            decoder.decode(b"", final=True)
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
-            raise AttnswapError(f"cannot read data file {file}: {exc}; give a UTF-8 text file") from None
+        check_text_file(file)
 
 
 # --- reading documents --------------------------------------------------------------------------
@@ -204,14 +198,16 @@ def token_stream(source: str | Path, tokenizer, split: str | None = None,
         content = hashlib.sha256("\0".join(texts).encode()).hexdigest()
     else:
         files = data_files(resolve_path(source))
-        content = _hash_files(files)
+        content = files_digest(files)
     style_tag = "" if style == "plain" else f"|{style}"  # plain keeps the keys of caches made before styles
     key = f"{CACHE_FORMAT}|{content}|{tokenizer_fingerprint(tokenizer)}{style_tag}"
     key = hashlib.sha256(key.encode()).hexdigest()[:24]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = _load_cached(cache / f"tokens-{key}.npy")
     if cached is not None:
-        return torch.from_numpy(cached.astype(np.int64))
+        ids = torch.from_numpy(cached.astype(np.int64))
+        check_token_ids(ids, len(tokenizer), f"token cache {cache / f'tokens-{key}.npy'}")
+        return ids
     texts = restyle(texts if texts is not None else load_texts(source, split), style)
     encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
     lengths = np.array([len(ids) + 1 for ids in encoded])
@@ -221,6 +217,17 @@ def token_stream(source: str | Path, tokenizer, split: str | None = None,
         stream[start : start + len(ids)] = ids
     _save_atomic(cache / f"tokens-{key}.npy", stream)
     return torch.from_numpy(stream.astype(np.int64))
+
+
+def source_digest(source: str, split: str | None = None) -> str:
+    """What a source holds, as a sha256: of its files' names and bytes, or of a hub text's name and split (the hub's
+    own versioning decides its content). "" for no source."""
+    if not source:
+        return ""
+    hub = parse_hub(source, split)
+    if hub is not None:
+        return ":".join(hub)
+    return files_digest(data_files(resolve_path(source)))
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -233,7 +240,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{described}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def _hash_files(files: list[Path]) -> str:
+def files_digest(files: list[Path]) -> str:
+    """sha256 of the files' names and bytes, in order."""
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.name.encode() + b"\0")
@@ -291,7 +299,9 @@ def block_order(n_blocks: int, seed: int, start: int, count: int) -> torch.Tenso
     epochs, offsets = samples // n_blocks, samples % n_blocks
     order = torch.empty(count, dtype=torch.long)
     for epoch in epochs.unique().tolist():
-        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        # Reduced to 63 bits: any seed in 0..2**63-1 (validate.SEED_FIELDS) gives a valid generator seed.
+        generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+        perm = torch.randperm(n_blocks, generator=generator)
         chosen = epochs == epoch
         order[chosen] = perm[offsets[chosen]]
     return order

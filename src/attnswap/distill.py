@@ -34,27 +34,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnswap.config import config_to_dict
-from attnswap.data import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, check_readable, pack_blocks, refuse_test_source,
-                           split_blocks, token_stream)
+from attnswap.data import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, check_readable, pack_blocks, parse_hub,
+                           refuse_test_source, resolve_path, source_digest, split_blocks, token_stream)
 from attnswap.errors import AttnswapError
 from attnswap.losses import DEFAULT_CHUNK, attention_cross_entropy, chunked_kl
-from attnswap.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, resolve_device
-from attnswap.runs import atomic_directory, remove_stale_temps, run_lock
+from attnswap.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, model_digest, resolve_device
+from attnswap.runs import atomic_directory, atomic_write, disk_errors, remove_stale_temps, run_lock
 from attnswap.surgery import (STATE_ATTR, attention_modules, l1_penalty, observe_attention, original_attention, save,
                               swap, variant_state_dict)
 from attnswap.variants import Variant, get_variant
 from attnswap.variants.base import check
+from attnswap.validate import check_token_ids, contained_file, shown
 from attnswap.variants.full import Full
 from attnswap.wikitext_style import STYLES
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("variant", "variant+mlp", "variant+attn", "variant+lora")
 CKPT_JSON = "checkpoint.json"
-# A resumed run must agree with its checkpoint on these, or it would not continue the same run.
-RESUME_MUST_MATCH = ("model", "variant", "layers", "data", "data_style", "val_data", "val_fraction", "batch_size",
-                     "seq_len", "grad_accum", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "clip_grad",
-                     "temperature", "l1", "transfer_steps", "transfer_attn_ce", "transfer_lr", "trainable", "lora_r",
-                     "seed")
+# What a resumed run may change: how long it runs, when it logs, evaluates and checkpoints, how (not what) it computes,
+# and where its inputs lie. Every other setting must equal its checkpoint's, and so must the content of what it reads
+# (run_inputs): a model or text moved elsewhere resumes, one whose bytes changed does not.
+RESUME_MAY_CHANGE = ("steps", "resume", "out", "log_every", "ckpt_every", "eval_every", "early_stop", "max_seconds",
+                     "device", "compile", "kl_chunk", "model", "data", "val_data")  # the last three: by content
 
 
 @dataclass
@@ -113,6 +114,7 @@ class DistillConfig:
     log_every: int = 10
     max_seconds: float | None = None  # stop (checkpointed, with results) once this much time has passed
     parallel: str = "ddp"  # under torchrun: every rank a whole replica, gradients averaged
+    allow_partial: bool = False  # load a model whose weights do not all match its config (missing ones random)
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "lora_r", "log_every"):
@@ -295,15 +297,20 @@ def has_attention_matrix(variant: Variant) -> bool:
 _FULL = Full()
 
 
+def precision(config: DistillConfig, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """(dtype of the frozen weights, autocast dtype or None) for ``config.dtype`` on ``device``."""
+    low_precision = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
+    autocast = torch.bfloat16 if low_precision else None
+    # Frozen weights in bf16 on a GPU (autocast computes in bf16 anyway); whatever trains is fp32.
+    return ("bfloat16" if autocast is not None and device.type == "cuda" else "float32"), autocast
+
+
 def build_pair(config: DistillConfig, device: torch.device) -> tuple[Pair, object]:
     """Load the teacher, swap in the variant, choose what trains. Returns (pair, tokenizer)."""
     name = config.model or DEFAULT_MODEL
     variant = get_variant(config.variant)  # a bad spec fails before any weights load
-    low_precision = config.dtype == "bfloat16" or (config.dtype == "auto" and device.type == "cuda")
-    autocast = torch.bfloat16 if low_precision else None
-    # Frozen weights in bf16 on a GPU (autocast computes in bf16 anyway); whatever trains is fp32.
-    weights_dtype = "bfloat16" if autocast is not None and device.type == "cuda" else "float32"
-    model = load_model(name, device=str(device), dtype=weights_dtype)
+    weights_dtype, autocast = precision(config, device)
+    model = load_model(name, device=str(device), dtype=weights_dtype, allow_partial=config.allow_partial)
     check_length(model, config.seq_len)
     torch.manual_seed(config.seed)  # the variant's initial state
     swap(model, variant, layers=config.layers, trainable="variant")
@@ -448,7 +455,7 @@ def save_checkpoint(out: Path, step: int, pair: Pair, optimizer: torch.optim.Opt
         tensors["rng/cuda"] = torch.cuda.get_rng_state(pair_device(pair))
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tensor_file = out / f"checkpoint-{step:07d}.safetensors"
-    _atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp)))
+    _atomic(tensor_file, lambda tmp: save_file(tensors, str(tmp)))  # a full disk: one line (runs.disk_errors)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
     meta = {**record, "step": step, "tensors": tensor_file.name, "param_groups": groups}
     _atomic(out / CKPT_JSON, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
@@ -470,9 +477,10 @@ def read_checkpoint(out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     path = out / CKPT_JSON
     try:
         meta = json.loads(path.read_text())
-        tensors = load_file(str(out / meta["tensors"]))
+        tensor_file = contained_file(out, meta["tensors"], f"checkpoint {path}")  # never a file outside the run
+        tensors = load_file(str(tensor_file))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise _corrupt(path, f"unreadable record ({type(exc).__name__}: {exc})") from None
+        raise _corrupt(path, f"unreadable record ({type(exc).__name__}: {shown(str(exc))})") from None
     except (SafetensorError, OSError, ValueError) as exc:
         raise _corrupt(path, f"unreadable tensors ({exc})") from None
     for key in ("step", "config", "param_groups"):
@@ -542,19 +550,54 @@ def pair_device(pair: Pair) -> torch.device:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    """``write(tmp)``, then ``tmp`` renamed to ``path``; on any error or signal the temporary is removed."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with disk_errors(path):
+            write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def _check_resumable(saved: dict, config: DistillConfig, path: Path) -> None:
-    current = config_to_dict(config)
+def run_inputs(config: DistillConfig, device: torch.device) -> dict[str, str]:
+    """The content a run depends on, as digests: the model's weights and tokenizer (file bytes), the training and
+    validation texts (file bytes; a hub text by name and split), and the dtypes it computes in. Read from the files
+    before anything loads, so a resume that would not continue the same run is refused first."""
+    name = config.model or DEFAULT_MODEL
+    weights_dtype, autocast = precision(config, device)
+    return {"model weights": model_digest(name, "weights"), "tokenizer": model_digest(name, "tokenizer"),
+            "training data": source_digest(config.data), "validation data": source_digest(config.val_data),
+            "dtype": f"weights {weights_dtype}, autocast {str(autocast).removeprefix('torch.') if autocast else 'off'}"}
+
+
+def _check_resumable(record: dict, config: DistillConfig, inputs: dict[str, str], path: Path) -> None:
+    """Refuse to resume unless every setting outside RESUME_MAY_CHANGE and every input's content equal the
+    checkpoint's; the error lists everything that changed."""
+    saved, current = record["config"], config_to_dict(config)
     defaults = config_to_dict(DistillConfig())  # a key newer than the checkpoint had its default then
-    for key in RESUME_MUST_MATCH:
-        made_with = saved.get(key, defaults[key])
-        if made_with != current[key]:
-            raise AttnswapError(f"--resume: {key}={current[key]!r} but the checkpoint {path} was made with "
-                                f"{key}={made_with!r}; use the same value or another --out")
+    settings = [key for key in current if key not in RESUME_MAY_CHANGE and saved.get(key, defaults[key]) != current[key]]
+    problems = []
+    if settings:
+        problems.append(f"{', '.join(f'{k}={shown(current[k])}' for k in settings)} but the checkpoint {path} was made "
+                        f"with {', '.join(f'{k}={shown(saved.get(k, defaults[k]))}' for k in settings)}")
+    made_from = record.get("inputs")
+    if made_from is None:
+        log.warning("%s records no input digests (an older attnswap); resuming on the settings alone", path)
+    else:
+        changed = [f"{what} ({_short_digest(made_from.get(what))} -> {_short_digest(now)})"
+                   for what, now in inputs.items() if made_from.get(what) != now]
+        if changed:
+            problems.append(f"since the checkpoint {path} was made, these inputs changed: {', '.join(changed)}")
+    if problems:
+        raise AttnswapError(f"--resume: {'; '.join(problems)}; use the same settings and inputs, or another --out")
+
+
+def _short_digest(value: str | None) -> str:
+    if value is None:
+        return "unrecorded"
+    return value[:12] if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else value
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -565,9 +608,9 @@ class Metrics:
         self.path, self.enabled = path, enabled
         if enabled and keep_until is not None and path.is_file():  # drop what a killed run wrote after its checkpoint
             kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_until]
-            path.write_text("".join(line + "\n" for line in kept))
+            atomic_write(path, "".join(line + "\n" for line in kept))
         elif enabled:
-            path.write_text("")
+            atomic_write(path, "")
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -586,7 +629,8 @@ def distill(config: DistillConfig) -> dict:
     """Train ``config.variant`` inside ``config.model`` to match the original; returns (and writes) results.json."""
     ranks = start_ranks(config.device)
     try:
-        with run_lock(config.out) if ranks.main else contextlib.nullcontext():  # rank 0 speaks for the job
+        locked = run_lock(config.out, inputs=_read_paths(config)) if ranks.main else contextlib.nullcontext()
+        with locked:  # rank 0 speaks for the job
             return _distill(config, ranks)
     finally:
         if dist.is_initialized():
@@ -595,16 +639,20 @@ def distill(config: DistillConfig) -> dict:
 
 def _distill(config: DistillConfig, ranks: Ranks) -> dict:
     out = Path(config.out)
-    record, tensors = _open_run(config, ranks, out)
+    record, tensors, inputs = _open_run(config, ranks, out)
 
     # --- teacher, student, data, optimizer
     pair, tokenizer = build_pair(config, ranks.device)
     # On the device once (tens of MB): a host-to-device copy per step would wait for the GPU every step.
     train_blocks, val_blocks = (blocks.to(ranks.device) for blocks in load_blocks(config, tokenizer))
-    _announce_run(config, ranks, out, record)
+    vocabulary = _unwrapped(pair.model).get_input_embeddings().num_embeddings
+    for what, blocks in (("training", train_blocks), ("validation", val_blocks)):
+        check_token_ids(blocks, vocabulary, f"the {what} tokens of {config.data if what == 'training' else config.val_data}"
+                                            f" (tokenizer or token cache)")
     optimizer = make_optimizer(pair, config)
-    if record:
+    if record:  # a damaged checkpoint is named before the run announces itself
         restore_checkpoint(record, tensors, pair, optimizer, out / CKPT_JSON)
+    _announce_run(config, ranks, out, record)
     start_step = record.get("step", 0)
     metrics = Metrics(out / "metrics.jsonl", ranks.main, start_step if record else None)
     before = record.get("before") or evaluate_blocks(pair, val_blocks, config, ranks)
@@ -642,7 +690,7 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
             due = step == config.steps or (config.ckpt_every and step % config.ckpt_every == 0)
             if ranks.main and (stopped_by or due):
                 save_checkpoint(out, step, pair, optimizer, {
-                    "config": config_to_dict(config), "before": before, "world_size": ranks.world,
+                    "config": config_to_dict(config), "inputs": inputs, "before": before, "world_size": ranks.world,
                     "data": {"samples_seen": step * config.batch_size * config.grad_accum,
                              "train_blocks": train_blocks.shape[0]},
                     "scheduler": {"kind": "warmup+cosine", "next_lr": learning_rate(step, config)},
@@ -668,16 +716,29 @@ def _distill(config: DistillConfig, ranks: Ranks) -> dict:
     if ranks.device.type == "cuda":
         results["peak_memory_mib"] = torch.cuda.max_memory_allocated(ranks.device) / 2**20
     if ranks.main:
-        with atomic_directory(out / "model") as building:  # a kill mid-save leaves no half-written model/
+        # A kill mid-save leaves no half-written model/; SIGTERM or Ctrl-C here (KeyboardInterrupt, see cli) removes the
+        # temporary folder and exits 130, and the last checkpoint finishes the run with --resume true.
+        with atomic_directory(out / "model") as building, disk_errors(out / "model"):
             save(pair.model.merge_and_unload() if pair.lora else pair.model, building, tokenizer)
-        _atomic(out / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+        atomic_write(out / "results.json", json.dumps(results, indent=1))
         log.info("KL %.4f -> %.4f, top-1 agreement %.3f -> %.3f; model in %s",
                  before["kl"], after["kl"], before["top1"], after["top1"], out / "model")
     return results
 
 
-def _open_run(config: DistillConfig, ranks: Ranks, out: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Check the run can start (or continue) in ``out``; the checkpoint to resume from, or ({}, {})."""
+def _read_paths(config: DistillConfig) -> dict[str, str]:
+    """What the run reads, as paths (the teacher's folder, the texts), which its --out may not overlap."""
+    paths = {"model": config.model or DEFAULT_MODEL}
+    for key in ("data", "val_data"):
+        source = getattr(config, key)
+        if source and parse_hub(source, None) is None:
+            paths[key] = str(resolve_path(source))
+    return paths
+
+
+def _open_run(config: DistillConfig, ranks: Ranks, out: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Check the run can start (or continue) in ``out``: (the checkpoint to resume from, or ({}, {}), and the
+    digests of its inputs, ``run_inputs``)."""
     if config.batch_size % ranks.world:
         raise AttnswapError(f"batch_size {config.batch_size} does not split over {ranks.world} ranks; "
                             f"use a multiple of {ranks.world}")
@@ -692,11 +753,12 @@ def _open_run(config: DistillConfig, ranks: Ranks, out: Path) -> tuple[dict, dic
         raise AttnswapError(f"--resume true, but {out} holds no run (no {CKPT_JSON}); check --out, or drop --resume "
                             "to start a new run there")
     record, tensors = read_checkpoint(out) if has_checkpoint else ({}, {})
+    inputs = run_inputs(config, ranks.device)
     if record:
-        _check_resumable(record["config"], config, out / CKPT_JSON)
+        _check_resumable(record, config, inputs, out / CKPT_JSON)
     if ranks.main:
         remove_stale_temps(out)  # what a killed save left; under the run lock, so no live writer's
-    return record, tensors
+    return record, tensors, inputs
 
 
 def _announce_run(config: DistillConfig, ranks: Ranks, out: Path, record: dict) -> None:
@@ -706,7 +768,7 @@ def _announce_run(config: DistillConfig, ranks: Ranks, out: Path, record: dict) 
     import yaml
 
     log.info("distill config:\n%s", "\n".join(f"  {k}: {v}" for k, v in config_to_dict(config).items()))
-    (out / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+    atomic_write(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     if record:
         log.info("resuming from %s at step %d", out / CKPT_JSON, record["step"])
 

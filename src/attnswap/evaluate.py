@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import gzip
 import inspect
+import io
 import json
 import math
 import time
@@ -32,7 +33,8 @@ from attnswap.errors import AttnswapError
 from attnswap.generate import (generate_all, generation_cases, load_swapped, markdown_table, read_prompts, run_info,
                                side_by_side_rows)
 from attnswap.models import REPO_ROOT, check_length, max_positions
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
+from attnswap.validate import check_text_file
 from attnswap.surgery import attention_modules, observe_attention, original_attention, swapped_variant
 from attnswap.variants.base import check
 from attnswap.variants.full import Full
@@ -83,6 +85,7 @@ def _read_text(source: str) -> str:
     if not path.is_file():
         raise AttnswapError(f"no eval text at {path}; give a .tokens/.txt/.raw file (.gz allowed) "
                             f"or a hub name ({', '.join(HUB_TEXTS)})")
+    check_text_file(path, "eval text")  # UTF-8 without control bytes, or the offending offset
     try:
         with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")) as f:
             text = f.read()
@@ -385,19 +388,20 @@ def evaluate(config: EvalConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
-    (out / "eval.md").write_text(markdown_summary(result))
-    _write_layers_csv(out / "eval_layers.csv", mse, cosine, len(attention_modules(model)))
+    atomic_write(out / "eval.json", json.dumps(result, indent=1))
+    atomic_write(out / "eval.md", markdown_summary(result))
+    atomic_write(out / "eval_layers.csv", _layers_csv(mse, cosine, len(attention_modules(model))))
     print(f"wrote {out / 'eval.json'}, eval.md, eval_layers.csv in {result['seconds']} s")
     return result
 
 
-def _write_layers_csv(path: Path, mse, cosine, n_layers: int) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["layer", "attention_mse", "grad_cosine"])
-        for i in range(n_layers):
-            writer.writerow([i, _na(mse[i] if mse else None, "g"), _na(cosine[i] if cosine else None, "g")])
+def _layers_csv(mse, cosine, n_layers: int) -> str:
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["layer", "attention_mse", "grad_cosine"])
+    for i in range(n_layers):
+        writer.writerow([i, _na(mse[i] if mse else None, "g"), _na(cosine[i] if cosine else None, "g")])
+    return text.getvalue()
 
 
 def _na(value: float | None, fmt: str) -> str:

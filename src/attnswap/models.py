@@ -13,12 +13,17 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.validate import check_device, check_loading_info, check_model_config, check_weights_fit_config
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = str(REPO_ROOT / "models" / "teacher-gpt2-19m")  # bundled: runs with no network
 # The JSON files of a model folder that loading reads; a damaged one is named before transformers trips over it.
 MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.json")
+# What a tokenizer leaves in a folder; a folder with none of them has no tokenizer (transformers would build an empty one).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -48,16 +53,17 @@ def resolve_dtype(dtype: "str | torch.dtype") -> torch.dtype:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise AttnswapError(f"device {device!r} asked for, but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
+    """``device`` (auto, cpu, cuda[:i], mps) as a torch device that exists on this machine, else refused."""
+    return check_device(device)
 
 
 def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "str | torch.dtype" = "float32",
-               attn_implementation: str = "sdpa") -> nn.Module:
-    """A pretrained causal LM in eval mode: ``gpt2``, ``distilgpt2``, a Llama/Mistral/Qwen2 name, or a local dir."""
+               attn_implementation: str = "sdpa", allow_partial: bool = False) -> nn.Module:
+    """A pretrained causal LM in eval mode: ``gpt2``, ``distilgpt2``, a Llama/Mistral/Qwen2 name, or a local dir.
+
+    Loaded whole or not at all: a config.json that asks for more weights than the folder holds is refused before
+    anything is allocated, and missing, unused or misshapen weights after loading (``attnswap.validate``), unless
+    ``allow_partial``, which loads what fits and warns."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -67,13 +73,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
     local = Path(name_or_path).expanduser()
     if _looks_like_path(name_or_path) and not (local / "config.json").is_file():
         raise AttnswapError(f"no model at {local} (expected {local / 'config.json'}); give a model directory or hub name")
+    saved_swap = False
     if local.is_dir():
         check_model_files(local)
+        saved_swap = _check_config_against_weights(local, allow_partial)
     try:
         with _load_report_held_back():
-            model = AutoModelForCausalLM.from_pretrained(
+            loaded = AutoModelForCausalLM.from_pretrained(
                 str(local) if local.exists() else name_or_path, dtype=torch_dtype,
-                attn_implementation=attn_implementation
+                attn_implementation=attn_implementation,
+                # A saved swap's loader (hf_integration) returns the model alone; its weights were compared above.
+                **({} if saved_swap else {"output_loading_info": True})
             )
     except OSError as exc:
         raise AttnswapError(
@@ -88,7 +98,31 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
         if "mismatch" not in str(exc):
             raise
         raise _cannot_load(name_or_path, local, exc) from None
+    model, info = (loaded, {}) if saved_swap else loaded
+    for problem in check_loading_info(info, name_or_path, allow_partial):
+        log.warning("--allow-partial: %s: %s", name_or_path, problem)
     return model.to(torch_device).eval()
+
+
+def _check_config_against_weights(directory: Path, allow_partial: bool) -> bool:
+    """Its config read by transformers and compared with its weights (``check_weights_fit_config``) before any
+    tensor is allocated; returns whether the folder is a saved swap."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except Exception as exc:  # transformers' strict config classes raise many types for a bad field
+        detail = str(exc).replace("\n", " ")[:200] if str(exc) else type(exc).__name__
+        raise AttnswapError(f"{directory / 'config.json'} cannot be read by transformers ({detail}); restore it from "
+                            "the original model") from None
+    saved_swap = hasattr(config, "base")  # hf_integration.AttnswapConfig: the original's config inside
+    try:
+        base = config.base() if saved_swap else config
+    except Exception as exc:
+        raise AttnswapError(f"{directory / 'config.json'}: its base_config cannot be read by transformers "
+                            f"({str(exc).splitlines()[0][:200]}); save the model again") from None
+    check_weights_fit_config(directory, base, exact=saved_swap, allow_partial=allow_partial)
+    return saved_swap
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
@@ -97,6 +131,12 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         check_model_files(local)
+        if not has_tokenizer(local):
+            saved_without = (read_json_object(local / "config.json").get("attnswap") or {}).get("tokenizer") is False \
+                if (local / "config.json").is_file() else False
+            why = "was saved without one (its model had none)" if saved_without else "holds no tokenizer files"
+            raise AttnswapError(f"{local} {why}; give the original model's folder or hub name for the tokenizer "
+                                "(--model)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
@@ -104,6 +144,32 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def model_digest(name_or_path: str, part: str) -> str:
+    """sha256 of a model's weight files (``part`` "weights") or tokenizer files ("tokenizer"), names and bytes: a
+    local folder, or a hub model as cached on this machine (else its name, all that can be known offline)."""
+    from attnswap.data import files_digest
+
+    directory = Path(name_or_path).expanduser()
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(name_or_path, local_files_only=True))
+        except Exception:  # not cached, not a repo name: nothing to hash
+            return f"hub:{name_or_path}"
+    if part == "weights":
+        files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+    else:
+        files = sorted(directory / name for name in (*TOKENIZER_FILES, "merges.txt", "special_tokens_map.json")
+                       if (directory / name).is_file())
+    return files_digest(files)
+
+
+def has_tokenizer(directory: Path) -> bool:
+    """Whether a model folder holds tokenizer files of its own."""
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
 def read_json_object(path: Path) -> dict:
@@ -125,7 +191,10 @@ def check_model_files(directory: Path) -> None:
     """Read every JSON file of a model folder that loading will read, so a damaged one is named."""
     for name in MODEL_JSON_FILES:
         if (directory / name).is_file():
-            read_json_object(directory / name)
+            data = read_json_object(directory / name)
+            if name == "config.json":
+                check_model_config(directory / name, data)
+                check_model_config(directory / name, data.get("base_config") or {})  # a saved swap's original
 
 
 @contextlib.contextmanager

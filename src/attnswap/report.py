@@ -42,7 +42,7 @@ from attnswap.bench import bench_plots
 from attnswap.bench_kernel import DENSE, kernel_plots
 from attnswap.errors import AttnswapError
 from attnswap.plots import Panel, Series, frontier_plot, heatmaps, line_plot
-from attnswap.runs import check_output_dir
+from attnswap.runs import atomic_write, check_output_dir, run_lock
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,21 @@ def report(config: ReportConfig) -> Path:
     missing = [d for d in config.run_dirs if not Path(d).exists()]
     if missing:
         raise AttnswapError(f"run folder {missing[0]} does not exist; give folders written by attnswap commands")
-    out = check_output_dir(config.out if config.out else Path(config.run_dirs[0]) / "report")
+    # Beside its runs (the default: <first run folder>/report) but never equal to or above one; its own folder is
+    # left out of what it reads.
+    out = check_output_dir(config.out if config.out else Path(config.run_dirs[0]) / "report",
+                           inputs={"run_dirs": config.run_dirs, "swapped": config.swapped, "map_text": config.map_text},
+                           allow_inside=True)
+    results_there = [p for p in out.rglob("*.json*") if "figures" not in p.relative_to(out).parts] \
+        if out.is_dir() else []
+    if results_there:
+        raise AttnswapError(f"--out {out} holds result files ({results_there[0].name}), which a report there would "
+                            "leave out; choose an empty folder or one that holds only a report")
+    with run_lock(out):
+        return _write_report(config, out)
+
+
+def _write_report(config: ReportConfig, out: Path) -> Path:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     runs = Runs(config.run_dirs, exclude=out)
@@ -171,8 +185,8 @@ def report(config: ReportConfig) -> Path:
     meta = {"generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "run folders": ", ".join(config.run_dirs)}
     html_path, md_path = out / "report.html", out / "report.md"
-    html_path.write_text(render_html(config.title, meta, sections))
-    md_path.write_text(render_markdown(config.title, meta, sections, out))
+    atomic_write(html_path, render_html(config.title, meta, sections))
+    atomic_write(md_path, render_markdown(config.title, meta, sections, out))
     present = sum(1 for s in sections if s.blocks)
     log.info("wrote %s and %s (%d of %d sections have data)", html_path, md_path, present, len(sections))
     return html_path

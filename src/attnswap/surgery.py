@@ -543,6 +543,8 @@ def save(model: nn.Module, directory: str | Path, tokenizer=None, **save_pretrai
     type(model).save_pretrained(model, directory, state_dict=base_state, **save_pretrained_kwargs)  # not ours again
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    elif is_swapped(model):  # recorded, so that loading its tokenizer says why there is none
+        model.config.attnswap = {**model.config.attnswap, "tokenizer": False}
     if is_swapped(model):
         state = {k: v.detach().contiguous().cpu() for k, v in variant_state_dict(model).items()}
         tmp = directory / (STATE_FILE + ".tmp")
@@ -635,18 +637,26 @@ class SwapConfig:
     out: str = "runs/swapped"
     device: str = "cpu"
     dtype: str = "float32"
+    allow_partial: bool = False  # load a model whose weights do not all match its config (missing ones random)
 
 
 def swap_to_disk(config: SwapConfig) -> Path:
-    """Load ``config.model``, swap in ``config.variant``, save model + tokenizer to ``config.out``."""
-    from attnswap.models import DEFAULT_MODEL, load_model, load_tokenizer
-    from attnswap.runs import check_output_dir
+    """Load ``config.model``, swap in ``config.variant``, save model + tokenizer (when the model has one) to
+    ``config.out``: under its lock, never into the model's own folder, each file renamed into place with
+    config.json last (``runs.atomic_files``)."""
+    from attnswap.models import DEFAULT_MODEL, has_tokenizer, load_model, load_tokenizer
+    from attnswap.runs import atomic_files, remove_stale_temps, run_lock
 
     name = config.model or DEFAULT_MODEL
-    check_output_dir(config.out)  # a bad output path or spec fails before the weights load
-    variant = get_variant(config.variant)
-    model = load_model(name, device=config.device, dtype=config.dtype)
-    swap(model, variant, layers=config.layers)
-    out = save(model, config.out, tokenizer=load_tokenizer(name))
-    print(f"saved {variant.spec} swapped into {name} -> {out}")
-    return out
+    variant = get_variant(config.variant)  # a bad spec fails before the weights load
+    with run_lock(config.out, inputs={"model": name}) as lock:
+        remove_stale_temps(lock.parent)
+        model = load_model(name, device=config.device, dtype=config.dtype, allow_partial=config.allow_partial)
+        swap(model, variant, layers=config.layers)
+        local = Path(name).expanduser()
+        tokenizer = None if local.is_dir() and not has_tokenizer(local) else load_tokenizer(name)
+        with atomic_files(config.out) as building:
+            save(model, building, tokenizer=tokenizer)
+    note = "" if tokenizer is not None else f" (no tokenizer: {name} has none; recorded in config.json)"
+    print(f"saved {variant.spec} swapped into {name} -> {config.out}{note}")
+    return Path(config.out)

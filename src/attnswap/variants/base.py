@@ -172,20 +172,33 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+SPEC_INT_LIMIT = 2**31 - 1  # kernels index tokens and features in 32 bits
+
+
 def _coerce(variant: str, key: str, raw: str, kind: Any) -> Any:
     origin = typing.get_origin(kind)
     try:
         if origin is tuple:
             (item_kind, *_rest) = typing.get_args(kind)
-            return tuple(_coerce(variant, key, part, item_kind) for part in raw.split("+") if part)
+            items = tuple(_coerce(variant, key, part, item_kind) for part in raw.split("+") if part)
+            repeated = sorted({item for item in items if items.count(item) > 1})
+            if repeated:
+                raise AttnswapError(f"variant '{variant}': {key}={raw} names {repeated[0]} twice; name each once")
+            return items
         if kind is bool:
             if raw.lower() not in {"true", "false", "1", "0", "yes", "no"}:
                 raise ValueError(raw)
             return raw.lower() in {"true", "1", "yes"}
-        return kind(raw)
+        value = kind(raw)
+        if kind is int and not -SPEC_INT_LIMIT <= value <= SPEC_INT_LIMIT:
+            raise AttnswapError(f"variant '{variant}': parameter {key}={raw[:30]} is out of range; give a value in "
+                                f"-{SPEC_INT_LIMIT}..{SPEC_INT_LIMIT}")
+        return value
+    except AttnswapError:
+        raise
     except ValueError:
         name = getattr(kind, "__name__", str(kind))
-        raise AttnswapError(f"variant '{variant}': parameter {key}={raw!r} is not a valid {name}") from None
+        raise AttnswapError(f"variant '{variant}': parameter {key}={raw[:40]!r} is not a valid {name}") from None
 
 
 def parse_params(variant: str, params_cls: type, text: str) -> Any:

@@ -12,6 +12,9 @@ from attnswap.variants.base import AttnContext, check
 from attnswap.variants.linear_base import LinearFeatures, LinearVariant, show_pattern
 
 
+MAX_FEATURES = 16384  # per head: the feature maps of one layer are heads x m x head_dim fp32 values
+
+
 @dataclass(frozen=True)
 class PerformerParams:
     m: int = 256  # random features per head
@@ -21,7 +24,8 @@ class PerformerParams:
     chunk: int = 64  # chunk length of the linear-attention kernel
 
     def __post_init__(self):
-        check(self.m >= 1, f"performer needs m >= 1 random features, got m={self.m}")
+        check(1 <= self.m <= MAX_FEATURES, f"performer m (random features per head) must be in 1..{MAX_FEATURES}, "
+                                            f"got m={self.m}")
         check(self.redraw >= 0, f"redraw must be >= 0 (0 = never), got redraw={self.redraw}")
         check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
 
