@@ -88,8 +88,8 @@ def _filler(vocab: Vocabulary, n: int) -> list[int]:
 
 
 def passkey_sample(vocab: Vocabulary, length: int, depth: float, seed: int, sample: int) -> Sample:
-    """Intro, filler with the needle at ``depth`` of it (snapped to a filler-sentence boundary), the question,
-    then the answer (scored): exactly ``length`` tokens."""
+    """Intro, filler with the needle at ``depth`` of it (snapped to a filler-sentence boundary), the question after
+    a whole sentence, then the answer (scored): exactly ``length`` tokens."""
     rng = _rng(seed, 0, length, round(depth * 1000), sample)
     key = str(rng.integers(10_000, 100_000))
     intro = vocab.encode(PASSKEY_INTRO)
@@ -101,8 +101,8 @@ def passkey_sample(vocab: Vocabulary, length: int, depth: float, seed: int, samp
         raise AttnswapError(f"passkey length {length} is too short for the needle and question; use >= "
                             f"{length - n_filler + len(vocab.filler)} tokens")
     step = len(vocab.filler)
-    at = min(round(depth * n_filler / step) * step, n_filler)  # a sentence boundary
-    haystack = _filler(vocab, n_filler)
+    haystack = (list(vocab.filler) * (n_filler // step + 1))[-n_filler:]  # ends on a whole sentence
+    at = max(n_filler - round((1 - depth) * n_filler / step) * step, 0)  # a sentence boundary
     ids = intro + haystack[:at] + needle + haystack[at:] + question + answer
     start = len(ids) - len(answer)
     return Sample(torch.tensor(ids), torch.arange(start, len(ids)),
