@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
     "bench-kernel": ("attnswap.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
     "harden": ("attnswap.harden", "HardenConfig", "harden_model", None),
     "plan": ("attnswap.plan", "PlanConfig", "plan", None),
+    "recall": ("attnswap.recall", "RecallConfig", "recall", None),
     "report": ("attnswap.report", "ReportConfig", "report", "run_dirs"),
     "run": ("attnswap.pipeline", "RunConfig", "run", "config"),
 }
@@ -50,6 +51,7 @@ commands:
   bench-kernel   attention-kernel time and memory against sequence length
   harden         harden a distilled mixture: surviving candidates, density, the hardened model, its speed
   plan           which layers (or a duo's heads) to make cheap within a cost budget
+  recall         passkey, copy at a distance, associative recall, loss by position: each swap beside its teacher
   report         an HTML + markdown report from run folders
   run            the whole pipeline from one YAML config
 

@@ -68,6 +68,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from attnswap.model_sources import resolve_model_source
+
+    name_or_path = resolve_model_source(name_or_path)  # a named or .gguf model: its cached plain folder
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a model that loads in a second
     torch_dtype, torch_device = resolve_dtype(dtype), resolve_device(device)
     local = Path(name_or_path).expanduser()
@@ -128,6 +131,9 @@ def _check_config_against_weights(directory: Path, allow_partial: bool) -> bool:
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
+    from attnswap.model_sources import resolve_model_source
+
+    name_or_path = resolve_model_source(name_or_path)
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         check_model_files(local)

@@ -161,3 +161,27 @@ def _save(fig: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def score_grids(grids: Sequence[tuple[str, np.ndarray]], row_labels: Sequence[str], column_labels: Sequence[str],
+                path: str | Path, title: str = "", xlabel: str = "", ylabel: str = "") -> Path:
+    """(rows, columns) tables of scores in [0, 1] side by side on one colour scale, each cell's value written in."""
+    fig = Figure(figsize=(1.2 + (1.0 + 0.6 * len(column_labels)) * len(grids), 1.6 + 0.45 * len(row_labels)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, len(grids), i + 1) for i in range(len(grids))]
+    for ax, (name, grid) in zip(axes, grids):
+        image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+        for (row, column), value in np.ndenumerate(grid):
+            if np.isfinite(value):
+                ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(len(column_labels)), column_labels, fontsize=8)
+        ax.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel(ylabel)
+    fig.colorbar(image, ax=axes, shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
