@@ -282,7 +282,7 @@ ISSUE_CASES = [
     ("performer_m_10_30", lambda a: eval_args(a, "--variant", f"performer:m={10**30}"), "out of range; give a value in"),
     ("performer_m_10_12", lambda a: eval_args(a, "--variant", f"performer:m={10**12}"), "out of range; give a value in"),
     ("performer_m_past_features", lambda a: eval_args(a, "--variant", "performer:m=100000"),
-     "performer m (random features per head) must be in 1..16384"),
+     "(m in 1..16384), got m=100000"),
     ("hybrid_wide_layers_duplicate", lambda a: eval_args(a, "--variant", "hybrid:w=4,wide_w=8,wide_layers=1+1"),
      "wide_layers=1+1 names 1 twice"),
     # config.json fields, and a config that does not match its weights

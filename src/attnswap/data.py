@@ -220,14 +220,16 @@ def token_stream(source: str | Path, tokenizer, split: str | None = None,
 
 
 def source_digest(source: str, split: str | None = None) -> str:
-    """What a source holds, as a sha256: of its files' names and bytes, or of a hub text's name and split (the hub's
-    own versioning decides its content). "" for no source."""
+    """What a source holds, as a sha256: of a file's bytes (its name aside: a moved text is the same text), of a
+    folder's files' names and bytes, or a hub text's name and split (the hub's own versioning decides its content).
+    "" for no source."""
     if not source:
         return ""
     hub = parse_hub(source, split)
     if hub is not None:
         return ":".join(hub)
-    return files_digest(data_files(resolve_path(source)))
+    path = resolve_path(source)
+    return files_digest(data_files(path), names=path.is_dir())
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -240,11 +242,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{described}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def files_digest(files: list[Path]) -> str:
-    """sha256 of the files' names and bytes, in order."""
+def files_digest(files: list[Path], names: bool = True) -> str:
+    """sha256 of the files' bytes in order, and of their names unless ``names`` is False."""
     digest = hashlib.sha256()
     for file in files:
-        digest.update(file.name.encode() + b"\0")
+        digest.update(file.name.encode() + b"\0" if names else b"\0")
         with open(file, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)

@@ -24,8 +24,8 @@ class PerformerParams:
     chunk: int = 64  # chunk length of the linear-attention kernel
 
     def __post_init__(self):
-        check(1 <= self.m <= MAX_FEATURES, f"performer m (random features per head) must be in 1..{MAX_FEATURES}, "
-                                            f"got m={self.m}")
+        check(1 <= self.m <= MAX_FEATURES, f"performer needs m >= 1 random features per head, at most "
+                                            f"{MAX_FEATURES} (m in 1..{MAX_FEATURES}), got m={self.m}")
         check(self.redraw >= 0, f"redraw must be >= 0 (0 = never), got redraw={self.redraw}")
         check(self.chunk >= 1, f"chunk must be >= 1, got chunk={self.chunk}")
 
