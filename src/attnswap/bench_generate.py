@@ -21,6 +21,7 @@ to ``hf_sdpa`` (``decode_x_sdpa``, ``prefill_x_sdpa``, ``peak_x_sdpa``) and to `
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import logging
 import shlex
@@ -78,6 +79,10 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
     model, model_name = _load(config, device, dtype)
     impls = [b for b in config.baselines if compiling or b != "hf_static_compile"]
     impls += [get_variant(spec).spec for spec in config.variants]
+    out, env = Path(config.out), environment(device)
+    summary = {"gpu": env["gpu"], "torch": env["torch"], "transformers": env["transformers"],
+               "command": shlex.join(["attnswap", *sys.argv[1:]]) if sys.argv[1:2] == ["bench-generate"] else
+               shlex.join(sys.argv), "environment": env, "config": config_to_dict(config)}
     rows = []
     cases = [(impl, batch, prompt) for batch in config.batches for prompt in config.prompts for impl in impls]
     for impl, batch, prompt in tqdm(cases, desc="generation cases"):
@@ -86,13 +91,8 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
         row.update(_guarded(lambda: _case(model, impl, batch, prompt, config, device, compiling), device))
         rows.append(row)
         log.info("%s", json.dumps(row))
-    _add_ratios(rows)
-    out = Path(config.out)
-    env = environment(device)
-    summary = {"gpu": env["gpu"], "torch": env["torch"], "transformers": env["transformers"],
-               "command": shlex.join(["attnswap", *sys.argv[1:]]) if sys.argv[0].endswith("attnswap") else
-               shlex.join(sys.argv), "environment": env, "config": config_to_dict(config), "rows": rows}
-    _write(out, summary)
+        _add_ratios(rows)
+        _write(out, {**summary, "rows": rows})  # after every case: an interrupted run keeps what it measured
     return out
 
 
@@ -100,6 +100,12 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
 def _case(model: nn.Module, impl: str, batch: int, prompt: int, config: GenerateBenchConfig, device: torch.device,
           compiling: bool) -> dict[str, Any]:
     _use(model, impl)
+    if compiling:
+        # Each case compiles its own graphs: the last case's graphs (and their CUDA-graph memory pools) go first,
+        # so that no case's peak memory holds another's.
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
     g = torch.Generator().manual_seed(config.seed)
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=g).to(device)
     total = prompt + config.new_tokens
@@ -170,12 +176,20 @@ def _cache_bytes(cache: Any) -> int:
 
 
 def _guarded(case: Callable[[], dict[str, Any]], device: torch.device) -> dict[str, Any]:
-    """Out of memory becomes a recorded status, as in the other benchmarks; other failures stop the run."""
+    """Out of memory and kernel or compiler failures become a recorded status and message, so that one case does
+    not end the run; a user's mistake (AttnswapError) still does."""
     try:
         return case()
     except torch.OutOfMemoryError:
         return {"status": "oom"}
+    except AttnswapError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- the row records it; the other cases still run
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        log.warning("case failed: %s: %s", type(exc).__name__, message)
+        return {"status": "error", "error": f"{type(exc).__name__}: {message}"}
     finally:
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
