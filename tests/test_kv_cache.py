@@ -89,6 +89,19 @@ def _held(layer):
     return [tuple(t.shape) for t in layer.state]
 
 
+def _record_decode_steps(cache) -> list[int]:
+    """The keys each decode step's attention reads, per layer call: slots for a window, the new token for a linear
+    state."""
+    seen = []
+    for layer in cache.layers:
+        def recorded(module, variant, q, *args, _decode=layer.decode, _layer=layer):
+            keys = _layer.rolling.keys if isinstance(_layer, RollingLayer) else _layer.step_keys
+            seen.append(keys.shape[-2])
+            return _decode(module, variant, q, *args)
+        layer.decode = recorded
+    return seen
+
+
 @pytest.mark.parametrize("factory,variant,length", CASES.values(), ids=CASES.keys())
 def test_bounded_cache_generates_like_full_recomputation(factory, variant, length):
     """Left-padded batch of 2: the same tokens and scores as no cache and as DynamicCache, each row the same as
@@ -105,12 +118,12 @@ def test_bounded_cache_generates_like_full_recomputation(factory, variant, lengt
     else:  # performer: m random features, and the keys' running log-scale
         m = variant.params.m
         slots, held = 1, [(2, heads, m, head_dim), (2, heads, m), (2, heads)]
-    keys_seen = []
     cache = bounded_cache(model)
-    with observe_attention(model, lambda module, variant, q, k, *rest: keys_seen.append((q.shape[-2], k.shape[-2]))):
-        tokens, scores = _generate(model, ids, mask, past_key_values=cache)
+    keys_seen = _record_decode_steps(cache)
+    tokens, scores = _generate(model, ids, mask, past_key_values=cache)
 
-    assert {s for t, s in keys_seen if t == 1} == {slots}, f"decode steps attended over {keys_seen} keys"
+    assert len(keys_seen) == (4 * W - 1) * len(cache.layers), "every decode step takes the layers' decode path"
+    assert set(keys_seen) == {slots}, f"decode steps attended over {set(keys_seen)} keys"
     assert all(_held(layer) == held for layer in cache.layers), f"cache holds {[_held(x) for x in cache.layers]}"
     for reference in ({"use_cache": False}, {"past_key_values": DynamicCache()}):
         ref_tokens, ref_scores = _generate(model, ids, mask, **reference)

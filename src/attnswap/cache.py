@@ -11,6 +11,13 @@ How an attention call learns what the cache holds: the keys a bounded layer retu
 It turns the call's context into one for the slots (``context``) and runs the variant on them (``attend``).
 The tag travels with the tensor, so the same model may run with any other cache in between.
 
+A decode step (one new token) takes a path of its own: the layer writes the token into its preallocated slots
+in place and tags them with itself, and ``surgery.attnswap_attention`` hands the step to the layer's ``decode``,
+which runs the variant's ``decode`` over the slots as cached (grouped key heads unexpanded) and the running state:
+no mask built, no host sync, the same shapes every step. ``decode_greedy`` (attnswap.decoding) captures such
+steps as one CUDA graph; ``bounded_cache(model, max_length=...)`` gives the unswapped layers preallocated slots
+for that (``FullLayer``), as a StaticCache does.
+
 Padding: every layer's ``get_mask_sizes`` asks for the padding mask of all positions seen so far, as a
 growing cache would (so mixed caches agree), and that (B, seen) mask reaches the attention call. The
 window context picks each slot's entry out of it and finds each row's first real token, which the cache
@@ -26,12 +33,10 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from attnswap.errors import AttnswapError
-from attnswap.kernels.kv_cache import CacheView, RollingKV, linear_attention_extend
-from attnswap.surgery import attention_modules, swapped_variant
+from attnswap.kernels.decode import DecodeStep
+from attnswap.kernels.kv_cache import CacheView, KeptState, RollingKV, linear_attention_extend
+from attnswap.surgery import ModelMask, attention_modules, swapped_variant
 from attnswap.variants.base import AttnContext, Variant
-from attnswap.variants.hybrid import Hybrid
-from attnswap.variants.linear_base import LinearVariant
-from attnswap.variants.window import Window
 
 SLOTS_ATTR = "attnswap_slots"  # the attribute on returned keys that surgery.attnswap_attention looks for
 
@@ -57,42 +62,90 @@ class RollingSlots:
             # A row with no real token yet gets a first real token past the end: no sink before it.
             first_real = torch.where(real.any(dim=-1), real.long().argmax(dim=-1), real.shape[-1])
             key_valid = present & real.gather(1, token_positions.clamp(min=0))
-        self.rolling.first_real = first_real
+        self.rolling.first_real, self.rolling.real = first_real, ctx.key_valid
         return dataclasses.replace(ctx, key_valid=key_valid, q_positions=self.view.q_positions,
                                    kv_positions=self.view.positions, first_real=first_real)
 
     def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         # Sink slots sit at stand-in positions that only the same sink count reads right (see CacheView).
-        window, sinks = self.rolling.window, self.rolling.sinks
-        if not (isinstance(variant, Window) and (variant.params.w, variant.params.sinks) == (window, sinks)):
-            raise AttnswapError(f"a cache of window {window} with {sinks} sinks cannot run variant {variant.spec!r} "
-                                "(original_attention?); generate with the default cache instead")
+        _check_kept(variant, ctx.layer_idx, KeptState(self.rolling.window, self.rolling.sinks))
         return variant.attend(q, k, v, ctx, state)
 
 
+def _check_kept(variant: Variant, layer_idx: int, kept: KeptState | None) -> None:
+    """Refuse a variant that needs another cache than the one this layer keeps (``original_attention`` on a
+    bounded cache, say)."""
+    if variant.kept_state(layer_idx) != kept:
+        held = ("every token" if kept is None else
+                f"a window of {kept.window} with {kept.sinks} sinks" + (" and a linear state" if kept.linear else "")
+                if kept.window else "a linear-attention state")
+        raise AttnswapError(f"a cache that keeps {held} cannot run variant {variant.spec!r} in layer {layer_idx} "
+                            "(original_attention?); generate with the default cache instead")
+
+
+def _decode_mask(attention_mask) -> torch.Tensor | None:
+    """The new token's padding (B,) bool from a decode step's mask, None where every row's is real; a mask that says
+    more than padding is refused, as for a longer call."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, ModelMask) or attention_mask.function is not None:
+        raise AttnswapError("the bounded cache serves causal attention with padding only, not this model's own "
+                            "mask (sliding window, 4-D mask); generate with the default cache instead")
+    return None if attention_mask.padding is None else attention_mask.padding[:, -1]
+
+
 class _BoundedLayer(CacheLayerMixin):
-    """What both bounded layers share: they learn dtype and device from the first keys they see."""
+    """What every layer here shares: dtype and device from the first keys it sees, a size in bytes, and host
+    counters (``seen``) that a captured run of decode steps leaves alone (``counting``) and advances after."""
+
+    counting = True  # False: a decode step leaves ``seen`` as it is; ``advance`` catches up
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def settle(self) -> None:
+        """Bring everything to the form a decode step writes in place."""
+
+    def advance(self, steps: int) -> None:
+        raise NotImplementedError
+
 
 class RollingLayer(_BoundedLayer):
     """A cache layer of ``window + sinks`` key/value slots (see ``kernels.kv_cache``)."""
+
+    reads_departing = False  # whether a decode step needs the token that leaves the window
 
     def __init__(self, window: int, sinks: int = 0):
         super().__init__()
         self.window, self.sinks = window, sinks
         self.rolling = RollingKV(window, sinks)
+        self._departing: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def kept(self) -> KeptState | None:
+        return KeptState(self.window, self.sinks)
 
     def __repr__(self) -> str:
-        return f"RollingLayer(window={self.window}, sinks={self.sinks})"
+        return f"{type(self).__name__}(window={self.window}, sinks={self.sinks})"
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """key/value_states (B, Hkv, T, D) -> the keys/values (B, Hkv, S, D) the T new queries attend over."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] == 1:
+            self._departing = self.rolling.step_(key_states, value_states, departing=self.reads_departing)
+            if self.counting:
+                self.rolling.seen += 1
+            self.keys, self.values = self.rolling.keys, self.rolling.values
+            setattr(self.keys, SLOTS_ATTR, self)  # surgery.attnswap_attention hands the step to ``decode``
+            return self.keys, self.values
         view = self.rolling.append(key_states, value_states)
         self.keys, self.values = self.rolling.keys, self.rolling.values
         setattr(view.keys, SLOTS_ATTR, self.slots(view))
@@ -101,6 +154,35 @@ class RollingLayer(_BoundedLayer):
     def slots(self, view: CacheView) -> RollingSlots:
         """What the attention call over ``view`` learns from the cache (see ``SLOTS_ATTR``)."""
         return RollingSlots(self.rolling, view)
+
+    def decode(self, module: nn.Module, variant: Variant, q: torch.Tensor, attention_mask, scaling: float,
+               state: nn.Module | None) -> torch.Tensor:
+        """The attention of a decode step's query q (B, H, 1, D) over the slots just written: (B, H, 1, D)."""
+        layer_idx = getattr(module, "layer_idx", 0) or 0
+        _check_kept(variant, layer_idx, self.kept)
+        real = _decode_mask(attention_mask)
+        if real is not None:
+            self.rolling.mark_padded(real)
+        step = self._step(scaling, real)
+        out = variant.decode(q, step, state)
+        self._stepped(step)
+        return out
+
+    def _stepped(self, step: DecodeStep) -> None:
+        """What the layer keeps of a step's running state (a hybrid's, which its first step may start)."""
+
+    def _step(self, scaling: float, real: torch.Tensor | None) -> DecodeStep:
+        return DecodeStep(scaling, new_keys=None, new_values=None, keys=self.rolling.keys,
+                          values=self.rolling.values, valid=self.rolling.valid, new_real=real)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return self.rolling.tensors()
+
+    def settle(self) -> None:
+        self.rolling.settle()
+
+    def advance(self, steps: int) -> None:
+        self.rolling.seen += steps
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.rolling.seen + query_length, 0  # all positions so far, as for a growing cache
@@ -113,11 +195,56 @@ class RollingLayer(_BoundedLayer):
 
     def reset(self) -> None:
         self.rolling = RollingKV(self.window, self.sinks)
-        self.keys = self.values = None
+        self.keys = self.values = self._departing = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise AttnswapError("the bounded cache does not support beam search; generate with num_beams=1")
+
+
+class FullLayer(RollingLayer):
+    """An unswapped layer's cache for captured decode steps: ``max_length`` preallocated key/value slots, position p
+    in slot p, as transformers' StaticLayer keeps them. A longer call reads the slots in position order, so the
+    variant's own path serves it."""
+
+    def __init__(self, max_length: int):
+        super().__init__(window=max_length, sinks=0)
+        self.max_length = max_length
+
+    @property
+    def kept(self) -> KeptState | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"FullLayer(max_length={self.max_length})"
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.rolling.seen + key_states.shape[-2] > self.max_length:
+            raise AttnswapError(f"this bounded cache keeps {self.max_length} tokens in its unswapped layers; build it "
+                                "with a larger max_length")
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def slots(self, view: CacheView) -> InOrderSlots:
+        return InOrderSlots(self.rolling)
+
+    def get_max_length(self) -> int:
+        return self.max_length
+
+
+@dataclasses.dataclass
+class InOrderSlots:
+    """A ``FullLayer`` call of several tokens: its keys are every position so far, in order, so the variant runs
+    as over a growing cache; the cache only learns which of them are real."""
+
+    rolling: RollingKV
+
+    def context(self, ctx: AttnContext) -> AttnContext:
+        self.rolling.first_real, self.rolling.real = ctx.first_real_token(self.rolling.keys.shape[0],
+                                                                          self.rolling.keys.device), ctx.key_valid
+        return ctx
+
+    def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
+        return variant.attend(q, k, v, ctx, state)
 
 
 # --- linear variants: a running state ---------------------------------------------------------------
@@ -135,32 +262,60 @@ class RecurrentSlots:
         return dataclasses.replace(ctx, key_valid=ctx.key_valid[:, -self.length :])
 
     def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
-        if not isinstance(variant, LinearVariant):
-            raise AttnswapError(f"a linear-attention cache cannot run variant {variant.spec!r}; "
-                                "generate with the default cache instead")
+        _check_kept(variant, ctx.layer_idx, RecurrentLayer.kept)
         held = self.layer.state
         running_scale = held[2] if held is not None and len(held) == 3 else None
         features = variant.features(q, k, ctx, state, running_scale)
-        out, self.layer.state = linear_attention_extend(features.q, features.k, v, held, variant.params.chunk,
-                                                        features.key_log_scale)
+        out, new_state = linear_attention_extend(features.q, features.k, v, held, variant.params.chunk,
+                                                 features.key_log_scale)
+        self.layer.state = list(new_state)
         return out
 
 
 class RecurrentLayer(_BoundedLayer):
-    """A linear-attention layer's cache: the running sums (kv (B, H, M, D), z (B, H, M)) instead of keys and values."""
+    """A linear-attention layer's cache: the running sums (kv (B, H, M, D), z (B, H, M)) instead of keys and values.
+    A decode step folds its token into them in place; its key and value pass through ``step_keys``/``step_values``
+    (B, Hkv, 1, D), kept so that every step hands the attention call the same tensors."""
+
+    kept = KeptState(linear=True)
 
     def __init__(self):
         super().__init__()
-        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.state: list[torch.Tensor] | None = None
+        self.step_keys = self.step_values = None
         self.seen = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Hands the T new keys/values (B, Hkv, T, D) through; the attention call folds them into the state."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if key_states.shape[-2] == 1:
+            if self.step_keys is None:
+                self.step_keys, self.step_values = torch.zeros_like(key_states), torch.zeros_like(value_states)
+            self.step_keys.copy_(key_states)
+            self.step_values.copy_(value_states)
+            if self.counting:
+                self.seen += 1
+            setattr(self.step_keys, SLOTS_ATTR, self)
+            return self.step_keys, self.step_values
         self.seen += key_states.shape[-2]
         setattr(key_states, SLOTS_ATTR, RecurrentSlots(self, key_states.shape[-2]))
         return key_states, value_states
+
+    def decode(self, module: nn.Module, variant: Variant, q: torch.Tensor, attention_mask, scaling: float,
+               state: nn.Module | None) -> torch.Tensor:
+        _check_kept(variant, getattr(module, "layer_idx", 0) or 0, self.kept)
+        step = DecodeStep(scaling, new_keys=self.step_keys, new_values=self.step_values, linear=self.state,
+                          new_real=_decode_mask(attention_mask))
+        out = variant.decode(q, step, state)
+        self.state = step.linear  # the same tensors, updated in place, unless this step started the state
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*(self.state or ()), self.step_keys, self.step_values) if t is not None]
+
+    def advance(self, steps: int) -> None:
+        self.seen += steps
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -173,6 +328,7 @@ class RecurrentLayer(_BoundedLayer):
 
     def reset(self) -> None:
         self.state, self.seen = None, 0
+        self.step_keys = self.step_values = None
         self.is_initialized = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -201,17 +357,15 @@ class HybridSlots(RollingSlots):
         return slots_ctx
 
     def attend(self, variant: Variant, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
-        window, sinks = self.rolling.window, self.rolling.sinks
-        exact = variant.window_for(ctx.layer_idx) if isinstance(variant, Hybrid) else None
-        if exact is None or (exact.params.w, exact.params.sinks) != (window, sinks):
-            raise AttnswapError(f"a hybrid cache of window {window} with {sinks} sinks cannot run variant "
-                                f"{variant.spec!r} (original_attention?); generate with the default cache instead")
+        _check_kept(variant, ctx.layer_idx, self.layer.kept)
+        exact = variant.window_for(ctx.layer_idx)
         out_window, lse_window = exact.attend(q, k, v, ctx, None, return_lse=True)
         groups = q.shape[1] // self.departing_keys.shape[1]  # grouped-query attention: as surgery expands k, v
         far_k, far_v = (x.repeat_interleave(groups, dim=1) for x in (self.departing_keys, self.departing_values))
         phi_q, phi_k = variant.far_features(q, far_k, ctx, state, self.far_keep)
-        (out_far, normaliser), self.layer.far_state = linear_attention_extend(
+        (out_far, normaliser), far_state = linear_attention_extend(
             phi_q, phi_k, far_v, self.layer.far_state, variant.params.chunk, return_normaliser=True)
+        self.layer.far_state = list(far_state)
         return variant.merge(out_window, lse_window, out_far, normaliser, state)
 
 
@@ -219,53 +373,108 @@ class HybridLayer(RollingLayer):
     """A hybrid layer's cache: ``window + sinks`` key/value slots, and the running linear-attention sums
     (kv (B, H, M, D), z (B, H, M)) of every non-sink key that has left the window."""
 
+    reads_departing = True
+
     def __init__(self, window: int, sinks: int = 0):
         super().__init__(window, sinks)
-        self.far_state: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._departing: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.far_state: list[torch.Tensor] | None = None
+        self._leaving: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __repr__(self) -> str:
-        return f"HybridLayer(window={self.window}, sinks={self.sinks})"
+    @property
+    def kept(self) -> KeptState | None:
+        return KeptState(self.window, self.sinks, linear=True)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # Before the append: it overwrites the ring slots the departing keys are read from.
+        # Before the append: it overwrites the ring slots the departing keys are read from. A decode step reads
+        # its one departing token itself (``RollingKV.step_``).
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self._departing = self.rolling.departing(key_states, value_states)
+        if key_states.shape[-2] > 1:
+            self._leaving = self.rolling.departing(key_states, value_states)
         return super().update(key_states, value_states, *args, **kwargs)
 
     def slots(self, view: CacheView) -> HybridSlots:
-        return HybridSlots(self.rolling, view, self, *self._departing)
+        return HybridSlots(self.rolling, view, self, *self._leaving)
+
+    def _step(self, scaling: float, real: torch.Tensor | None) -> DecodeStep:
+        step = super()._step(scaling, real)
+        step.departing_keys, step.departing_values, step.departing_keep = self._departing
+        step.linear = self.far_state
+        return step
+
+    def _stepped(self, step: DecodeStep) -> None:
+        self.far_state = step.linear  # the same tensors, updated in place, unless this step started the state
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + list(self.far_state or ())
 
     def reset(self) -> None:
         super().reset()
-        self.far_state = self._departing = None
+        self.far_state = self._leaving = None
 
 
 # --- building one ---------------------------------------------------------------------------------
 class BoundedCache(Cache):
-    """One cache layer per decoder layer: bounded where the variant allows it, growing elsewhere."""
+    """One cache layer per decoder layer: bounded where the variant allows it, growing (or ``max_length``
+    preallocated slots) elsewhere."""
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache keeps between calls: constant in the sequence length for bounded layers."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, _BoundedLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "is_initialized", False):
+                total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        return total
+
+    def start_captured_steps(self) -> None:
+        """Before decode steps that a CUDA graph captures: every layer settled into the tensors a step writes in
+        place, those tensors at fixed addresses, and the host counters left alone (``finish_captured_steps``)."""
+        for layer in self.layers:
+            if not isinstance(layer, _BoundedLayer):
+                raise AttnswapError("captured decode steps need every layer's cache preallocated; build the cache "
+                                    "with bounded_cache(model, max_length=...)")
+            layer.settle()
+            for tensor in layer.tensors():
+                torch._dynamo.mark_static_address(tensor)
+            layer.counting = False
+
+    def finish_captured_steps(self, steps: int) -> None:
+        """After ``steps`` captured decode steps: the host counters catch up."""
+        for layer in self.layers:
+            layer.advance(steps)
+            layer.counting = True
 
 
-def bounded_cache(model: nn.Module) -> BoundedCache:
+def bounded_cache(model: nn.Module, max_length: int | None = None) -> BoundedCache:
     """A fresh cache for ``model.generate(..., past_key_values=bounded_cache(model))`` on a swapped model.
 
-    Window layers keep ``w + sinks`` slots, linear-attention layers (Hedgehog, Performer) a running state, with
-    Performer's key scale in it, hybrid layers both; unswapped layers keep every token.
+    Each swapped layer keeps what its variant names (``Variant.kept_state``): window layers ``w + sinks`` slots,
+    linear-attention layers (Hedgehog, Performer) a running state, with Performer's key scale in it, hybrid layers
+    both. Unswapped layers keep every token: growing (HF's ``DynamicLayer``), or in ``max_length`` preallocated
+    slots (``FullLayer``), which captured decode steps need.
     """
     variant = swapped_variant(model)
     if variant is None:
         raise AttnswapError("bounded_cache needs a swapped model; call swap(model, 'window:w=64,sinks=4') first")
-    if isinstance(variant, Window):
-        make_layer = lambda layer: RollingLayer(variant.params.w, variant.params.sinks)  # noqa: E731
-    elif isinstance(variant, Hybrid):
-        make_layer = lambda layer: HybridLayer(variant.window_for(layer).params.w, variant.params.sinks)  # noqa: E731
-    elif isinstance(variant, LinearVariant):
-        make_layer = lambda layer: RecurrentLayer()  # noqa: E731
-    else:
-        raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots), hedgehog and "
-                            "performer (a running state) and hybrid (both) have one; generate with the default cache "
-                            "instead")
-    swapped = [getattr(module, "attnswap_variant", None) is variant for module in attention_modules(model)]
-    return BoundedCache(layers=[make_layer(layer) if bounded else DynamicLayer()
-                                for layer, bounded in enumerate(swapped)])
+    layers = []
+    for layer_idx, module in enumerate(attention_modules(model)):
+        swapped = getattr(module, "attnswap_variant", None) is variant
+        kept = variant.kept_state(layer_idx) if swapped else None
+        if swapped and kept is None:
+            raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots), hedgehog "
+                                "and performer (a running state) and hybrid (both) have one; generate with the "
+                                "default cache instead")
+        layers.append(_layer_for(kept, max_length))
+    return BoundedCache(layers=layers)
+
+
+def _layer_for(kept: KeptState | None, max_length: int | None) -> CacheLayerMixin:
+    if kept is None:
+        return DynamicLayer() if max_length is None else FullLayer(max_length)
+    if kept.window and kept.linear:
+        return HybridLayer(kept.window, kept.sinks)
+    if kept.window:
+        return RollingLayer(kept.window, kept.sinks)
+    return RecurrentLayer()

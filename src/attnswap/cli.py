@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
     "generate": ("attnswap.generate", "GenerateConfig", "generate_side_by_side", None),
     "bench": ("attnswap.bench", "BenchConfig", "bench", None),
     "bench-kernel": ("attnswap.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
+    "bench-generate": ("attnswap.bench_generate", "GenerateBenchConfig", "bench_generate", None),
     "harden": ("attnswap.harden", "HardenConfig", "harden_model", None),
     "plan": ("attnswap.plan", "PlanConfig", "plan", None),
     "recall": ("attnswap.recall", "RecallConfig", "recall", None),
@@ -49,6 +50,7 @@ commands:
   generate       generations of the original and swapped models side by side
   bench          whole-model time and memory against sequence length
   bench-kernel   attention-kernel time and memory against sequence length
+  bench-generate decode tokens/s, prefill and memory against HF sdpa and StaticCache + compile
   harden         harden a distilled mixture: surviving candidates, density, the hardened model, its speed
   plan           which layers (or a duo's heads) to make cheap within a cost budget
   recall         passkey, copy at a distance, associative recall, loss by position: each swap beside its teacher

@@ -295,6 +295,13 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
         variant = _FULL
     # A bounded cache (attnswap.cache) tags the keys it returns with what it holds; read it before GQA copies them.
     cache_slots = getattr(key, "attnswap_slots", None)
+    if hasattr(cache_slots, "decode"):  # a bounded cache's decode step reads its slots and state as it keeps them
+        scaling, state = scaling if scaling is not None else query.shape[-1] ** -0.5, getattr(module, STATE_ATTR, None)
+        for observer in getattr(module, "attnswap_observers", ()):  # the keys as cached: Hkv heads
+            observer(module, variant, query, key, value, AttnContext(scaling=scaling, layer_idx=module.layer_idx), state)
+        with torch.profiler.record_function("attnswap.attention"):
+            out = cache_slots.decode(module, variant, query, attention_mask, scaling, state)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: expand once, here, so variants see H key heads
         key = key.repeat_interleave(groups, dim=1)

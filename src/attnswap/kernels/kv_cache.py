@@ -11,8 +11,10 @@ once that token has left the ring; sinks are per row, because padding puts them 
 Every token is in one slot at most, so attention over the slots never sees a key twice. Keys are cached
 as the model made them (after rotary embeddings), so evicting is exact: what is kept is what was computed.
 
-A decode step (one new token) writes the ring in place and attends over exactly the ``sinks + window``
-slots. A block of several tokens (the prompt) attends over the kept slots plus the whole block, because
+A decode step (one new token, ``step_``) writes the ring in place and attends over exactly the ``sinks + window``
+slots. It reads no tensor value on the host: the position counter (``position``, 0-d) and which slots hold a
+real token (``valid`` (B, C)) live on the device beside the slots, so every step has the same shapes and can be
+captured as a CUDA graph. A block of several tokens (the prompt) attends over the kept slots plus the whole block, because
 its early queries need keys that its later tokens push out; the block is folded into the slots at the
 next append, once the caller has said where each row's first real token is (``first_real``).
 
@@ -26,6 +28,17 @@ from dataclasses import dataclass
 import torch
 
 from attnswap.kernels.linear import causal_linear_attention, linear_attention_state, linear_attention_step
+
+
+@dataclass(frozen=True)
+class KeptState:
+    """What one layer of a variant keeps between decode steps, whatever the sequence length: ``window`` key/value
+    slots of the last tokens (0: none) and ``sinks`` of each row's first real tokens, and (``linear``) a running
+    linear-attention state of every other token."""
+
+    window: int = 0
+    sinks: int = 0
+    linear: bool = False
 
 
 @dataclass
@@ -56,7 +69,10 @@ class RollingKV:
         self.values: torch.Tensor | None = None
         self.seen = 0  # positions appended so far, padding included
         self.first_real: torch.Tensor | None = None  # (B,) each row's first real token; 0 until the caller says
+        self.real: torch.Tensor | None = None  # (B, seen) which positions are real, once the caller says; None: all
         self.sink_filled: torch.Tensor | None = None  # (B, sinks) bool
+        self.valid: torch.Tensor | None = None  # (B, C) bool: the slot holds a real token
+        self.position: torch.Tensor | None = None  # () long, on the device: ``seen`` as the decode steps count it
         self._block: tuple[torch.Tensor, torch.Tensor] | None = None  # a multi-token block not yet folded in
 
     @property
@@ -86,21 +102,46 @@ class RollingKV:
 
     # --- the two ways in ------------------------------------------------------------------------
     def _step(self, k: torch.Tensor, v: torch.Tensor) -> CacheView:
-        """One token: it overwrites the ring slot of position seen - window, which its query no longer sees."""
-        n, slot = self.seen, self.sinks + self.seen % self.window
-        leaving = n - self.window
-        if leaving >= 0 and self.sinks:
-            # The leaving token moves to a sink slot in the rows where it is one of the first real tokens.
-            to_sink = torch.arange(self.sinks, device=k.device) == (leaving - self.first_real)[:, None]  # (B, sinks)
-            move = to_sink[:, None, :, None]
-            for buf in (self.keys, self.values):
-                buf[:, :, : self.sinks] = torch.where(move, buf[:, :, slot : slot + 1], buf[:, :, : self.sinks])
-            self.sink_filled |= to_sink
-        self.keys[:, :, slot] = k[:, :, 0]
-        self.values[:, :, slot] = v[:, :, 0]
+        """One token: ``step_``, and the view of the slots with their positions."""
+        n = self.seen
+        self.step_(k, v)
         self.seen += 1
         positions, token_positions = self._slot_positions(self.seen)
         return CacheView(self.keys, self.values, positions, token_positions, self._arange(n, n + 1))
+
+    def step_(self, k: torch.Tensor, v: torch.Tensor, departing: bool = False):
+        """Write one token k/v (B, H, 1, D) in place, at ``position``, and advance ``position``; ``seen`` is the
+        caller's to advance. The token overwrites the ring slot of position - window, which its query no longer sees;
+        where that token is one of its row's first ``sinks`` real tokens, it moves to its sink slot first.
+
+        ``departing``: also return the leaving token's key and value (B, H, 1, D) and whether it leaves for good (B,)
+        bool: it was real and is no sink (zeros before the ring is full). Nothing here reads a tensor on the host.
+        """
+        self._settle(k, v)
+        slot = (self.position % self.window + self.sinks).view(1)  # (1,) the ring slot of position - window
+        offset = self.position - self.window - self.first_real  # (B,) the leaving token's place after first_real
+        was_real = self.valid.index_select(1, slot)[:, 0]  # (B,); False for a slot never filled
+        leaving = None
+        if departing:
+            leaving = (self.keys.index_select(2, slot), self.values.index_select(2, slot),
+                       was_real & (offset >= self.sinks))
+        if self.sinks:
+            to_sink = torch.arange(self.sinks, device=k.device) == offset[:, None]  # (B, sinks)
+            move = to_sink[:, None, :, None]
+            for buf in (self.keys, self.values):
+                buf[:, :, : self.sinks] = torch.where(move, buf.index_select(2, slot), buf[:, :, : self.sinks])
+            self.valid[:, : self.sinks] = torch.where(to_sink, was_real[:, None], self.valid[:, : self.sinks])
+            self.sink_filled |= to_sink
+        self.keys.index_copy_(2, slot, k)
+        self.values.index_copy_(2, slot, v)
+        self.valid.index_fill_(1, slot, True)  # a decode step's token is real; ``mark_padded`` says otherwise
+        self.position.add_(1)
+        return leaving
+
+    def mark_padded(self, real: torch.Tensor) -> None:
+        """The caller's word on the token of the last step: real (B,) bool, False where it was padding."""
+        slot = ((self.position - 1) % self.window + self.sinks).view(1)
+        self.valid.index_copy_(1, slot, real[:, None])
 
     def _extend(self, k: torch.Tensor, v: torch.Tensor) -> CacheView:
         """Several tokens: the kept slots that hold anything, then the whole block."""
@@ -138,25 +179,43 @@ class RollingKV:
         old_index = torch.cat([sink_old, ring_old], dim=-1)  # (B, C)
         from_block = pos >= start
         block_index = (pos - start).clamp(0, t - 1)
-        for name, new in (("keys", k), ("values", v)):
-            old = getattr(self, name)
+        for old, new in ((self.keys, k), (self.values, v)):  # in place: the slots keep their address
             taken_old = old.gather(2, _expand_index(old_index, old))
             taken_new = new.gather(2, _expand_index(block_index, new))
-            setattr(self, name, torch.where(from_block[:, None, :, None], taken_new, taken_old))
+            old.copy_(torch.where(from_block[:, None, :, None], taken_new, taken_old))
+        _, token_positions = self._slot_positions(end)
+        valid = token_positions >= 0
+        if self.real is not None:
+            valid &= self.real.gather(1, token_positions.clamp(min=0))
+        self.valid.copy_(valid)
+        self.real = None
+        self.position.fill_(end)
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def _settle(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Bring the slots up to date before new tokens arrive: allocate them at the first call, fold in a block."""
         if self.keys is None:
             self._allocate(k, v)
+        self.settle()
+
+    def settle(self) -> None:
+        """Fold a pending block into the slots, so that the next step only writes in place."""
         if self._block is not None:
             self._fold(*self._block)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache keeps between calls (for its size in bytes)."""
+        kept = (self.keys, self.values, self.valid, self.position, self.first_real, self.sink_filled, self.real,
+                *(self._block or ()))
+        return [t for t in kept if t is not None]
 
     def _allocate(self, k: torch.Tensor, v: torch.Tensor) -> None:
         batch, heads, _, dim = k.shape
         self.keys = k.new_zeros(batch, heads, self.capacity, dim)
         self.values = v.new_zeros(batch, heads, self.capacity, v.shape[-1])
         self.sink_filled = torch.zeros(batch, self.sinks, dtype=torch.bool, device=k.device)
+        self.valid = torch.zeros(batch, self.capacity, dtype=torch.bool, device=k.device)
+        self.position = torch.zeros((), dtype=torch.long, device=k.device)
         if self.first_real is None:
             self.first_real = torch.zeros(batch, dtype=torch.long, device=k.device)
 

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.kernels.decode import DecodeStep
+from attnswap.kernels.kv_cache import KeptState
 from attnswap.kernels.masks import MaskFn, device_arange, device_constant
 
 
@@ -161,6 +163,18 @@ class Variant:
     def attend(self, q, k, v, ctx: AttnContext, state: nn.Module | None) -> torch.Tensor:
         """The efficient path; defaults to the reference for variants that have no faster one."""
         return self.reference(q, k, v, ctx, state).to(q.dtype)
+
+    # --- generation over a bounded cache ----------------------------------------------------------
+    def kept_state(self, layer_idx: int) -> KeptState | None:
+        """What layer ``layer_idx`` keeps between decode steps (attnswap.cache builds its cache layer from it);
+        None where what it attends over grows with the sequence."""
+        return None
+
+    def decode(self, q: torch.Tensor, step: DecodeStep, state: nn.Module | None) -> torch.Tensor:
+        """One new token's attention, q (B, H, 1, D) -> (B, H, 1, D), over what its cache layer keeps (``step``),
+        folding the new keys into a running state in place: static shapes, no host sync."""
+        raise AttnswapError(f"variant {self.spec!r} has no decode step over a bounded cache; generate with the "
+                            "default cache instead")
 
 
 # --- spec strings -------------------------------------------------------------------------------

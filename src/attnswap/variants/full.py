@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from attnswap.kernels.decode import DecodeStep, slot_attention
 from attnswap.kernels.dense import sdpa_masked
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.variants.masked import MaskedVariant
@@ -60,6 +61,10 @@ class Full(MaskedVariant):
         index_mask, _, _ = self.index_mask(q, k, ctx, state)
         allowed = materialize(index_mask, q.shape[0], 1, q_len, kv_len, q.device)
         return sdpa_masked(q, k, v, allowed, ctx.scaling)
+
+    def decode(self, q, step: DecodeStep, state) -> torch.Tensor:
+        """Every valid slot of a preallocated cache (attnswap.cache.FullLayer)."""
+        return slot_attention(q, step.keys, step.values, step.valid, step.scaling)
 
 
 def main() -> None:

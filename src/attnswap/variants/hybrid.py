@@ -42,7 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.kernels.decode import DecodeStep, linear_state_step_, slot_attention
 from attnswap.kernels.fusion import fused
+from attnswap.kernels.kv_cache import KeptState, linear_attention_extend
 from attnswap.kernels.linear import causal_linear_attention
 from attnswap.kernels.masks import causal, draw, materialize, to_index_mask
 from attnswap.kernels.merge import merge_attention, safe_log
@@ -193,6 +195,25 @@ class Hybrid(Variant):
         """phi(q) (B, H, T, M), phi(k) (B, H, S, M) fp32, the rows of keys outside ``keep`` (B, S) zeroed."""
         features = self.hedgehog.feature_map(q, k, ctx, state.feature_map)
         return features.q, features.k * keep[:, None, :, None]
+
+    def kept_state(self, layer_idx: int) -> KeptState:
+        return KeptState(window=self.window_for(layer_idx).params.w, sinks=self.params.sinks, linear=True)
+
+    def decode(self, q, step: DecodeStep, state: HybridState) -> torch.Tensor:
+        """The window over the slots; the token that left it at this step folded into the far state, which the
+        query then reads; the two merged as ``attend`` merges them."""
+        out_window, lse_window = slot_attention(q, step.keys, step.values, step.valid, step.scaling, return_lse=True)
+        groups = q.shape[1] // step.departing_keys.shape[1]  # one token: expanding its key heads is cheap
+        far_k, far_v = (x.repeat_interleave(groups, dim=1) for x in (step.departing_keys, step.departing_values))
+        phi_q, phi_k = self.far_features(q, far_k, AttnContext(scaling=step.scaling), state,
+                                         step.departing_keep[:, None])
+        if step.linear is None:  # decoding from an empty cache: the first token starts the state
+            (out_far, normaliser), linear = linear_attention_extend(phi_q, phi_k, far_v, None, self.params.chunk,
+                                                                    return_normaliser=True)
+            step.linear = list(linear)
+        else:
+            out_far, normaliser = linear_state_step_(phi_q, phi_k, far_v, step.linear)
+        return self.merge(out_window, lse_window, out_far, normaliser, state).to(q.dtype)
 
     def merge(self, out_window, lse_window, out_far, normaliser, state: HybridState) -> torch.Tensor:
         """The window part (B, H, T, D) with its log-sum-exp (B, H, T) and the far part with its linear-attention

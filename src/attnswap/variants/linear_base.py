@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from attnswap.kernels.counting import counted_flops
+from attnswap.kernels.decode import DecodeStep, linear_state_step_
+from attnswap.kernels.kv_cache import KeptState, linear_attention_extend
 from attnswap.kernels.linear import causal_linear_attention, pytorch_scan
 from attnswap.kernels.masks import causal, materialize, to_index_mask
 from attnswap.variants.base import AttnContext, Variant
@@ -86,6 +88,24 @@ class LinearVariant(Variant):
         features = self.features(q, k, ctx, state)
         return causal_linear_attention(features.q, features.k, v, chunk=self.params.chunk,
                                        key_log_scale=features.key_log_scale, documents=ctx.documents).to(q.dtype)
+
+    def kept_state(self, layer_idx: int) -> KeptState:
+        return KeptState(linear=True)
+
+    def decode(self, q, step: DecodeStep, state: nn.Module | None) -> torch.Tensor:
+        """The new token folded into the running state, which its query then reads."""
+        groups = q.shape[1] // step.new_keys.shape[1]  # one token: expanding its key heads is cheap
+        k, v = (x.repeat_interleave(groups, dim=1) for x in (step.new_keys, step.new_values))
+        running_scale = step.linear[2] if step.linear is not None and len(step.linear) == 3 else None
+        real = None if step.new_real is None else step.new_real[:, None]  # (B, 1)
+        features = self.features(q, k, AttnContext(scaling=step.scaling, key_valid=real), state, running_scale)
+        if step.linear is None:  # decoding from an empty cache: the first token starts the state
+            out, linear = linear_attention_extend(features.q, features.k, v, None, self.params.chunk,
+                                                  features.key_log_scale)
+            step.linear = list(linear)
+            return out.to(q.dtype)
+        out, _ = linear_state_step_(features.q, features.k, v, step.linear, features.key_log_scale)
+        return out.to(q.dtype)
 
 
 def draw_probs(probs: torch.Tensor) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnswap.kernels.decode import DecodeStep, slot_attention
+from attnswap.kernels.kv_cache import KeptState
 from attnswap.kernels.masks import device_constant, draw, materialize, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
@@ -61,6 +63,13 @@ class Window(MaskedVariant):
         if not self.params.sinks:
             return None
         return sliding_window_mask(self.params.w, 0, ctx.first_real_token(batch, device)), self.params.sinks
+
+    def kept_state(self, layer_idx: int) -> KeptState:
+        return KeptState(window=self.params.w, sinks=self.params.sinks)
+
+    def decode(self, q, step: DecodeStep, state) -> torch.Tensor:
+        """The slots hold exactly the window and the sinks of the new query (kernels/kv_cache.py)."""
+        return slot_attention(q, step.keys, step.values, step.valid, step.scaling)
 
 
 def main() -> None:

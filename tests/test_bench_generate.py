@@ -1,0 +1,51 @@
+"""attnswap bench-generate (bench_generate.py) on the CPU: a tiny config folder, every impl, the files it writes."""
+
+from __future__ import annotations
+
+import json
+
+from transformers import LlamaConfig
+
+from attnswap.bench_generate import GenerateBenchConfig, bench_generate
+from attnswap.cli import main
+from attnswap.variants import get_variant
+
+
+def _config_folder(tmp_path):
+    folder = tmp_path / "tiny-llama"
+    LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(folder)
+    return folder
+
+
+def test_bench_generate_writes_rows_ratios_csv_and_plot(tmp_path):
+    out = tmp_path / "run"
+    config = GenerateBenchConfig(model=str(_config_folder(tmp_path)), max_positions=256, prompts=[16, 48],
+                                 batches=[2], new_tokens=4, repeats=1, device="cpu", dtype="float32",
+                                 variants=["window:w=8,sinks=2", "hybrid:w=8,sinks=2,chunk=4"], out=str(out))
+    bench_generate(config)
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"gpu", "torch", "transformers", "command", "rows"} <= summary.keys()
+    rows = summary["rows"]
+    impls = {"hf_sdpa", *(get_variant(spec).spec for spec in config.variants)}  # no compiled baseline on the CPU
+    assert {(r["impl"], r["batch"], r["prompt"]) for r in rows} == {(i, 2, p) for i in impls for p in (16, 48)}
+    for row in rows:
+        assert row["status"] == "ok" and row["decode_tok_s"] > 0 and row["prefill_ms"] > 0, row
+        assert row["decode_x_static"] is None and row["peak_MiB"] is None  # neither exists on the CPU
+    sdpa = {(r["batch"], r["prompt"]): r for r in rows if r["impl"] == "hf_sdpa"}
+    for row in rows:
+        base = sdpa[row["batch"], row["prompt"]]
+        assert abs(row["decode_x_sdpa"] - row["decode_tok_s"] / base["decode_tok_s"]) < 1e-2
+    for impl in impls - {"hf_sdpa"}:
+        sizes = {r["cache_MiB"] for r in rows if r["impl"] == impl and r["batch"] == 2}
+        assert len(sizes) == 1, f"{impl}: cache bytes change with the prompt: {sizes}"
+    grows = [sdpa[2, 16]["cache_MiB"], sdpa[2, 48]["cache_MiB"]]
+    assert grows[1] > grows[0], "the DynamicCache grows with the prompt"
+    assert (out / "rows.csv").read_text().count("\n") == len(rows) + 1
+    assert (out / "generation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_generate_refuses_a_folder_without_config(tmp_path, capsys):
+    code = main(["bench-generate", "--model", str(tmp_path), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: --model")
