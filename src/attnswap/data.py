@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from attnswap.errors import AttnswapError
-from attnswap.models import REPO_ROOT
+from attnswap.paths import REPO_ROOT, default_cache_dir, files_digest  # noqa: F401 (data's own API)
 from attnswap.validate import check_text_file, check_token_ids
 from attnswap.wikitext_style import restyle
 
@@ -41,10 +41,6 @@ _TEST_NAME = re.compile(r"(^|[._-])test([._-]|$)")
 
 
 # --- where the text comes from ------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ATTNSWAP_CACHE", REPO_ROOT / ".cache" / "attnswap"))
-
-
 def parse_hub(source: str, split: str | None) -> tuple[str, str] | None:
     """``"wikitext-2-raw-v1:validation"`` -> (name, split); None when ``source`` is not a hub name."""
     name, _, named_split = source.partition(":")
@@ -240,17 +236,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         described = f"{type(tokenizer).__name__}|{tokenizer.name_or_path}|{len(tokenizer)}"
     return hashlib.sha256(f"{described}|eos={tokenizer.eos_token_id}".encode()).hexdigest()
-
-
-def files_digest(files: list[Path], names: bool = True) -> str:
-    """sha256 of the files' bytes in order, and of their names unless ``names`` is False."""
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0" if names else b"\0")
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_cached(path: Path) -> np.ndarray | None:

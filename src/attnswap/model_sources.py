@@ -51,7 +51,7 @@ NAMED_MODELS = {
 def model_cache_dir() -> Path:
     if given := os.environ.get("ATTNSWAP_MODEL_CACHE"):
         return Path(given).expanduser()
-    from attnswap.data import default_cache_dir
+    from attnswap.paths import default_cache_dir
 
     return default_cache_dir() / "models"
 

@@ -13,12 +13,11 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.paths import DEFAULT_MODEL, REPO_ROOT, files_digest
 from attnswap.validate import check_device, check_loading_info, check_model_config, check_weights_fit_config
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = str(REPO_ROOT / "models" / "teacher-gpt2-19m")  # bundled: runs with no network
 # The JSON files of a model folder that loading reads; a damaged one is named before transformers trips over it.
 MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
                     "tokenizer.json")
@@ -155,7 +154,6 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
 def model_digest(name_or_path: str, part: str) -> str:
     """sha256 of a model's weight files (``part`` "weights") or tokenizer files ("tokenizer"), names and bytes: a
     local folder, or a hub model as cached on this machine (else its name, all that can be known offline)."""
-    from attnswap.data import files_digest
 
     directory = Path(name_or_path).expanduser()
     if not directory.is_dir():

@@ -73,7 +73,7 @@ def holding_out_folder(command: Callable[[Any], R]) -> Callable[[Any], R]:
 def command_inputs(config: Any) -> dict[str, Any]:
     """The fields of ``config`` that name what the command reads (INPUT_FIELDS), by name; an empty ``model`` is the
     bundled teacher."""
-    from attnswap.models import DEFAULT_MODEL
+    from attnswap.paths import DEFAULT_MODEL
 
     found = {name: getattr(config, name) for name in INPUT_FIELDS if getattr(config, name, None)}
     if hasattr(config, "model") and not config.model:
