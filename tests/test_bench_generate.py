@@ -46,6 +46,7 @@ def test_bench_generate_writes_rows_ratios_csv_and_plot(tmp_path):
 
 
 def test_bench_generate_refuses_a_folder_without_config(tmp_path, capsys):
-    code = main(["bench-generate", "--model", str(tmp_path), "--out", str(tmp_path / "run")])
+    (tmp_path / "empty").mkdir()
+    code = main(["bench-generate", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "run")])
     assert code == 2
     assert capsys.readouterr().err.startswith("error: --model")
