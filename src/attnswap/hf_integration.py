@@ -98,8 +98,14 @@ class _AttnswapHeadLoader:
 
         config = config or AttnswapConfig.from_pretrained(directory)
         base = config.base()
+        # The Auto class hands config overrides (num_labels=42) to AttnswapConfig, whose labels are otherwise the
+        # default ones (a saved swap keeps its labels in base_config): a change there is the caller's.
+        if config.id2label != PretrainedConfig().id2label:
+            base.id2label, base.label2id = dict(config.id2label), dict(config.label2id)
+        if config.problem_type is not None:
+            base.problem_type = config.problem_type
         for name in [k for k in kwargs if k in base.to_dict() or k in ("num_labels", "id2label", "label2id")]:
-            setattr(base, name, kwargs.pop(name))  # config overrides (num_labels, …), as from_pretrained takes them
+            setattr(base, name, kwargs.pop(name))  # overrides passed beside an explicit config
         for hub_only in ("trust_remote_code", "code_revision", "_commit_hash", "adapter_kwargs", "_from_auto"):
             kwargs.pop(hub_only, None)
         if kwargs.get("attn_implementation") in (None, IMPL_NAME):  # swap() sets ours after loading
