@@ -59,18 +59,23 @@ def test_set_attn_implementation_before_a_swap_is_what_unswap_restores(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_output_attentions_equal_eager_weights(arch):
-    """output_attentions=True on a swapped model returns the variant's attention matrix, as eager returns its own."""
+    """output_attentions=True on a swapped model returns the variant's attention matrix and computes the output from
+    it, as eager does."""
     model = build(arch)
     model.set_attn_implementation("eager")
     ids, mask = ids_and_padding()
     stock = model(ids, attention_mask=mask, output_attentions=True).attentions
-    attnswap.swap(model, "full")
+    attnswap.swap(model, "full", trainable="all")
     ours = model(ids, attention_mask=mask, output_attentions=True).attentions
     assert len(ours) == len(stock) == 2
     real = mask.bool()[:, None, :, None]  # padded queries' rows are undefined in both
     for got, want in zip(ours, stock):
         torch.testing.assert_close(got * real, want * real, atol=TOL, rtol=TOL)
     assert model(ids, attention_mask=mask).attentions is None
+    outputs = model(ids, attention_mask=mask, output_attentions=True)
+    outputs.attentions[0].retain_grad()
+    outputs.logits.sum().backward()
+    assert outputs.attentions[0].grad is not None, "the output is computed from the weights returned, as eager"
 
 
 def float_bias_mask(kind: str, batch: int = 2, length: int = 9) -> torch.Tensor:

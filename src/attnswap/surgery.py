@@ -305,12 +305,15 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
     state = getattr(module, STATE_ATTR, None)
     for observer in getattr(module, "attnswap_observers", ()):
         observer(module, variant, query, key, value, ctx, state)
+    weights = _weights_if_asked(variant, query, key, ctx, state) if cache_slots is None else None
     with torch.profiler.record_function("attnswap.attention"):  # bench isolates attention time by this range
-        if cache_slots is None:
+        if weights is not None:  # as eager: the output from the weights returned, so their gradients flow
+            out = torch.matmul(weights, value)
+        elif cache_slots is None:
             out = variant.attend(query, key, value, ctx, state)  # (B, H, T, D)
         else:  # the cache may hold a running state that the new keys extend
             out = cache_slots.attend(variant, query, key, value, ctx, state)
-    return out.to(query.dtype).transpose(1, 2).contiguous(), _weights_if_asked(variant, query, key, ctx, state)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), weights
 
 
 def _weights_if_asked(variant: Variant, query, key, ctx: AttnContext, state) -> torch.Tensor | None:
