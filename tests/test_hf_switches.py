@@ -57,6 +57,27 @@ def test_set_attn_implementation_before_a_swap_is_what_unswap_restores(arch):
     assert torch.equal(model(ids, attention_mask=mask).logits, eager)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_output_attentions_equal_eager_weights(arch):
+    """output_attentions=True on a swapped model returns the variant's attention matrix and computes the output from
+    it, as eager does."""
+    model = build(arch)
+    model.set_attn_implementation("eager")
+    ids, mask = ids_and_padding()
+    stock = model(ids, attention_mask=mask, output_attentions=True).attentions
+    attnswap.swap(model, "full", trainable="all")
+    ours = model(ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(ours) == len(stock) == 2
+    real = mask.bool()[:, None, :, None]  # padded queries' rows are undefined in both
+    for got, want in zip(ours, stock):
+        torch.testing.assert_close(got * real, want * real, atol=TOL, rtol=TOL)
+    assert model(ids, attention_mask=mask).attentions is None
+    outputs = model(ids, attention_mask=mask, output_attentions=True)
+    outputs.attentions[0].retain_grad()
+    outputs.logits.sum().backward()
+    assert outputs.attentions[0].grad is not None, "the output is computed from the weights returned, as eager"
+
+
 def float_bias_mask(kind: str, batch: int = 2, length: int = 9) -> torch.Tensor:
     """4-D float masks stock SDPA adds to the scores: 0/min (a mask), 0/min with a finite bias, and 0/1 floats."""
     allowed = custom_4d_mask(torch.bool)
@@ -173,3 +194,21 @@ def test_a_saved_swap_loads_into_other_heads_swapped(tmp_path, head):
     want = model.model(ids).last_hidden_state
     got = loaded.base_model(ids).last_hidden_state
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+
+def test_num_labels_reach_a_saved_classifiers_head(tmp_path):
+    """num_labels given to the Auto class reaches the head: a saved 3-label classifier loads as 3 labels, refuses 5
+    labels as a size mismatch, and with ignore_mismatched_sizes gets a fresh 5-label head."""
+    from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    from tests.test_dropin import SMALL
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(**SMALL, num_labels=3)).eval()
+    attnswap.swap(model, "full")
+    model.save_pretrained(tmp_path)
+    assert AutoModelForSequenceClassification.from_pretrained(tmp_path).score.out_features == 3
+    with pytest.raises(RuntimeError):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
+    wider = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert wider.score.out_features == 5 and attnswap.surgery.is_swapped(wider)

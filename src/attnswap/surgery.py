@@ -312,12 +312,32 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
     state = getattr(module, STATE_ATTR, None)
     for observer in getattr(module, "attnswap_observers", ()):
         observer(module, variant, query, key, value, ctx, state)
+    weights = _weights_if_asked(variant, query, key, ctx, state) if cache_slots is None else None
     with torch.profiler.record_function("attnswap.attention"):  # bench isolates attention time by this range
-        if cache_slots is None:
+        if weights is not None:  # as eager: the output from the weights returned, so their gradients flow
+            out = torch.matmul(weights, value)
+        elif cache_slots is None:
             out = variant.attend(query, key, value, ctx, state)  # (B, H, T, D)
         else:  # the cache may hold a running state that the new keys extend
             out = cache_slots.attend(variant, query, key, value, ctx, state)
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return out.to(query.dtype).transpose(1, 2).contiguous(), weights
+
+
+def _weights_if_asked(variant: Variant, query, key, ctx: AttnContext, state) -> torch.Tensor | None:
+    """The variant's attention matrix (B, H, T, S) where the caller asked for ``output_attentions`` (transformers
+    collects what the attention function returns), as eager gives it; None otherwise, and where a variant implies no
+    matrix, as SDPA gives it."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # a transformers without output capturing: no weights, as from SDPA
+        return None
+    collected = _active_collector.get()
+    if not collected or "attentions" not in collected:
+        return None
+    try:
+        return variant.probs(query, key, ctx, state).to(query.dtype)
+    except NotImplementedError:
+        return None
 
 
 def _stock_attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
