@@ -87,6 +87,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
                 # A saved swap's loader (hf_integration) returns the model alone; its weights were compared above.
                 **({} if saved_swap else {"output_loading_info": True})
             )
+            model, info = (loaded, {}) if saved_swap else loaded
+            # Inside the hold: a load refused here prints its error line alone, not transformers' report too.
+            problems = check_loading_info(info, name_or_path, allow_partial)
     except OSError as exc:
         raise AttnswapError(
             f"cannot load model {name_or_path!r} ({str(exc).splitlines()[0]}); offline, pass a local directory "
@@ -100,8 +103,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
         if "mismatch" not in str(exc):
             raise
         raise _cannot_load(name_or_path, local, exc) from None
-    model, info = (loaded, {}) if saved_swap else loaded
-    for problem in check_loading_info(info, name_or_path, allow_partial):
+    for problem in problems:
         log.warning("--allow-partial: %s: %s", name_or_path, problem)
     return model.to(torch_device).eval()
 
@@ -203,7 +205,9 @@ def check_model_files(directory: Path) -> None:
 
 @contextlib.contextmanager
 def _load_report_held_back():
-    """Hold transformers' multi-line load report until the load succeeded: a failed load gets one line instead."""
+    """Hold transformers' multi-line load report until the load succeeded and was accepted: a refused load gets one
+    line instead. Whether the report reaches the root logger too is transformers' choice (it propagates when CI is
+    set), so it is held at the logger that makes it."""
     logger = logging.getLogger("transformers.modeling_utils")
     held: list[logging.LogRecord] = []
 
