@@ -2,7 +2,7 @@
 
     python scripts/distill_speed.py --out runs/distill_speed
 
-The KL of a step (attnswap.losses) is taken three ways, chosen here by patching the module the loop calls:
+The KL of a step (attnswap.train.losses) is taken three ways, chosen here by patching the module the loop calls:
     whole         both logits tensors made whole, as distillation did before issue 17 (the baseline);
     checkpointed  the LM head chunk by chunk, each chunk recomputed in the backward (chunked_kl with a trainable head);
     fused         chunked_kl's fused path for a frozen head: gradient made in the forward, a compiled kernel per chunk;
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-import attnswap.distill as distill_module
-import attnswap.losses as losses
-from attnswap.bench_kernel import environment
-from attnswap.distill import (DistillConfig, build_pair, evaluate_blocks, load_blocks, make_optimizer, start_ranks,
+import attnswap.train.distill as distill_module
+import attnswap.train.losses as losses
+from attnswap.measure.bench_kernel import environment
+from attnswap.train.distill import (DistillConfig, build_pair, evaluate_blocks, load_blocks, make_optimizer, start_ranks,
                               train_step)
 from attnswap.plots import Panel, Series, line_plot
 

@@ -3,7 +3,7 @@
     python scripts/frontier_points.py benchmarks/results/recipe_h200/*/recipe_* --out benchmarks/results/recipe_h200/frontier.json
 
 Quality comes from each row's eval.json (WikiText-2 test, swapped against the original model), tokens and GPU
-seconds from its distill results.json, and the attention cost at the eval's context from attnswap.plan.model_cost
+seconds from its distill results.json, and the attention cost at the eval's context from attnswap.measure.plan.model_cost
 on the saved swap's variant and layers (fresh state: the costs of every variant here do not depend on training).
 The original model is added as the point (cost 1, ratio 1). Runs whose model weights are not kept still work: the
 cost needs only the variant, its layers and the original model's config.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from attnswap.plan import assignment_cost, head_costs
+from attnswap.measure.plan import assignment_cost, head_costs
 
 
 def layer_costs(model: str, variant: str, layers: list[int] | None, n: int) -> float:

@@ -58,7 +58,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from attnswap.models import git_commit
+    from attnswap.hf.models import git_commit
 
     n_docs = write_documents(args.articles)
     pairs = dict(pair.split("=", 1) for pair in args.models)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from attnswap.distill import DistillConfig, build_pair, load_blocks, make_optimizer, start_ranks, train_step
+from attnswap.train.distill import DistillConfig, build_pair, load_blocks, make_optimizer, start_ranks, train_step
 
 
 def main() -> None:

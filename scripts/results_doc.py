@@ -4,7 +4,7 @@
     python scripts/results_doc.py --results DIR --out FILE.md
 
 First the quality-versus-cost frontier: every ``frontier.json`` under the results (one point or {"points": [...]},
-the keys of attnswap.report.FRONTIER_KEYS), as a table and a plot. Then every layer plan (``plan.json`` of
+the keys of attnswap.report.build.FRONTIER_KEYS), as a table and a plot. Then every layer plan (``plan.json`` of
 ``attnswap plan``): each layer's sensitivity and the best plan of every size. Then each table
 scripts/results_table.py prints; a table whose results are not committed says which file it misses. Last, the
 hand-written reading of the results beside the output (``results_notes.md``, where it exists), with its figures'
@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # results_table beside
 
 import results_table  # noqa: E402
 
-from attnswap.plan import best_plans  # noqa: E402
+from attnswap.measure.plan import best_plans  # noqa: E402
 from attnswap.plots import frontier_plot  # noqa: E402
-from attnswap.report import Heading, Note, Plot, Section, Table, frontier_table, read_frontier, render_markdown  # noqa: E402,E501
+from attnswap.report.build import Heading, Note, Plot, Section, Table, frontier_table, read_frontier, render_markdown  # noqa: E402,E501
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def plan_blocks(results: Path) -> list:
                    Table(["cheap layers", "cost", "summed single-layer KL"],
                          [[", ".join(map(str, a["layers"])) or "none", a["predicted_cost"], a["predicted_kl"]]
                           for a in best_plans([r["kl"] for r in plan["sensitivity"]], _layer_costs(plan))],
-                         "the best plan of every size (attnswap.plan.best_plans)")]
+                         "the best plan of every size (attnswap.measure.plan.best_plans)")]
     return blocks
 
 

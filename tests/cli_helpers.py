@@ -13,7 +13,8 @@ from types import SimpleNamespace
 from typing import Iterable
 
 from attnswap import cli
-from attnswap.surgery import save, swap
+from attnswap.hf.saved import save
+from attnswap.hf.swap import swap
 from tests.conftest import tiny_gpt2, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from attnswap.surgery import save, swap
+from attnswap.hf.saved import save
+
+from attnswap.hf.swap import swap
 from tests.cli_helpers import (ROOT, assert_refused, cli_command, digests, distill_args, make_assets, run_cli,
                                subprocess_env)
 from tests.conftest import tiny_gpt2, tiny_tokenizer
@@ -480,7 +482,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from attnswap.config import load_config  # noqa: E402
-from attnswap.distill import DistillConfig  # noqa: E402
+from attnswap.train.distill import DistillConfig  # noqa: E402
 from attnswap.errors import AttnswapError  # noqa: E402
 from attnswap.validate import INT64_MAX, check_text_file, memory_bytes  # noqa: E402
 from attnswap.variants import get_variant  # noqa: E402
@@ -581,7 +583,7 @@ def test_text_refused_at_the_first_bad_byte(tmp_path_factory, data):
 def test_a_poisoned_token_cache_is_refused(tmp_path):
     import numpy as np
 
-    from attnswap.data import token_stream
+    from attnswap.data.tokens import token_stream
 
     (tmp_path / "t.txt").write_text("w4 w5 w6\n\nw7 w8\n")
     tokenizer = tiny_tokenizer()
@@ -620,7 +622,7 @@ def test_no_command_writes_into_its_own_input(a):
 
 
 def test_a_model_without_a_tokenizer_is_saved_without_one(a, tmp_path):
-    from attnswap.models import load_tokenizer
+    from attnswap.hf.models import load_tokenizer
 
     bare = tmp_path / "bare"
     shutil.copytree(a.model, bare, ignore=lambda _d, names: [n for n in names if "token" in n or n in (

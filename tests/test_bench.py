@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnswap.bench import BenchConfig, bench, fit_exponent, llama_surrogate
-from attnswap.bench_kernel import DENSE, KernelBenchConfig, bench_kernel
+from attnswap.measure.bench import BenchConfig, bench, fit_exponent, llama_surrogate
+from attnswap.measure.bench_kernel import DENSE, KernelBenchConfig, bench_kernel
 from attnswap.kernels.counting import allowed_fractions, counted_flops
 from attnswap.config import load_config
 from attnswap.errors import AttnswapError

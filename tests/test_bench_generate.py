@@ -6,7 +6,7 @@ import json
 
 from transformers import LlamaConfig
 
-from attnswap.bench_generate import GenerateBenchConfig, bench_generate
+from attnswap.measure.bench_generate import GenerateBenchConfig, bench_generate
 from attnswap.cli import main
 from attnswap.variants import get_variant
 

@@ -70,9 +70,9 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 def _config_class(path):
     """The command a shipped config is for, by its name: bench-kernel, bench, distill or run."""
-    from attnswap.bench import BenchConfig
-    from attnswap.bench_kernel import KernelBenchConfig
-    from attnswap.distill import DistillConfig
+    from attnswap.measure.bench import BenchConfig
+    from attnswap.measure.bench_kernel import KernelBenchConfig
+    from attnswap.train.distill import DistillConfig
     from attnswap.pipeline import RunConfig
 
     if path.name.startswith("bench_kernel"):
@@ -88,7 +88,7 @@ def _config_class(path):
 def test_every_shipped_config_loads_and_names_real_variants(path):
     """A config that names a removed parameter (bench_kernel_64k.yaml kept `fold` specs after `fold` was gone) fails
     here, not on a GPU."""
-    from attnswap.distill import DistillConfig
+    from attnswap.train.distill import DistillConfig
     from attnswap.pipeline import RunConfig
     from attnswap.variants import get_variant
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from attnswap import data
+from attnswap.data import tokens as data
 from attnswap.errors import AttnswapError
 from tests.conftest import tiny_tokenizer
 
@@ -94,7 +94,7 @@ def test_test_sets_are_recognised(tmp_path):
 
 
 def test_hub_names_import_datasets_only_when_used():
-    code = "import attnswap.data, attnswap.distill, sys; print('datasets' in sys.modules)"
+    code = "import attnswap.data.tokens, attnswap.train.distill, sys; print('datasets' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
     with pytest.raises(AttnswapError, match="unknown split 'dev'"):
         data.load_texts("wikitext-2-raw-v1:dev")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from attnswap.cache import FullLayer, bounded_cache
-from attnswap.decoding import decode_greedy, decode_one_token, prefill
+from attnswap.hf.cache import FullLayer, bounded_cache
+from attnswap.hf.decoding import decode_greedy, decode_one_token, prefill
 from attnswap.kernels.decode import slot_attention
-from attnswap.surgery import attention_modules, swap
+from attnswap.hf.swap import attention_modules, swap
 from attnswap.variants.hedgehog import Hedgehog, HedgehogParams
 from attnswap.variants.hybrid import Hybrid, HybridParams
 from attnswap.variants.window import Window, WindowParams

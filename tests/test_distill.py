@@ -17,9 +17,9 @@ import torch
 import yaml
 
 import attnswap
-import attnswap.distill as distill_module
+import attnswap.train.distill as distill_module
 from attnswap.config import config_to_dict
-from attnswap.distill import DistillConfig, distill
+from attnswap.train.distill import DistillConfig, distill
 from attnswap.errors import AttnswapError
 from attnswap.variants import VARIANTS, Variant
 from tests.conftest import tiny_gpt2, tiny_tokenizer

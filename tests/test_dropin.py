@@ -12,7 +12,8 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 import attnswap
 from attnswap.errors import AttnswapError
-from attnswap.surgery import ModelMask, observe_attention, whole_rows_mask
+from attnswap.hf.masks import ModelMask, whole_rows_mask
+from attnswap.hf.swap import observe_attention
 
 TOL = 1e-5  # fp32
 VOCAB = 64
@@ -354,7 +355,7 @@ def test_window_flex_kernel_under_the_models_mask_equals_its_reference(case):
 
 
 def test_packed_documents_are_read_only_from_a_mask_that_says_exactly_them():
-    from attnswap.surgery import packed_documents
+    from attnswap.hf.masks import packed_documents
 
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])

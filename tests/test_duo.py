@@ -10,7 +10,8 @@ import torch
 import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.kernels import flex
-from attnswap.surgery import STATE_ATTR, attention_modules, l1_penalty
+from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.swap import attention_modules, l1_penalty
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.duo import Duo, DuoParams
 from attnswap.variants.full import Full

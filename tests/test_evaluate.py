@@ -1,4 +1,4 @@
-"""Checks of attnswap/evaluate.py on tiny in-memory models: the metrics are right where the answer is known."""
+"""Checks of attnswap/measure/evaluate.py on tiny in-memory models: the metrics are right where the answer is known."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from attnswap import AttnswapError, original_attention, save, swap
-from attnswap.evaluate import (EvalConfig, _read_text, attention_mse, compare_stream, criteria, edge_case_checks,
+from attnswap.measure.evaluate import (EvalConfig, _read_text, attention_mse, compare_stream, criteria, edge_case_checks,
                                evaluate, gradient_cosine, strided_windows)
-from attnswap.models import max_positions
+from attnswap.hf.models import max_positions
 from attnswap.variants import Variant
 from attnswap.variants.full import Full
 from tests.conftest import tiny_gpt2, tiny_llama
@@ -237,8 +237,8 @@ def test_evaluate_reads_a_saved_swapped_model(tiny_model_dir, tmp_path):
 
 
 def test_a_variant_goes_only_into_the_layers_asked_for(tiny_model_dir, tmp_path):
-    from attnswap.generate import load_swapped
-    from attnswap.surgery import attention_modules
+    from attnswap.measure.generate import load_swapped
+    from attnswap.hf.swap import attention_modules
 
     model, _, _ = load_swapped(str(tiny_model_dir), "window:w=2", "", "cpu", "float32", layers=[1])
     swapped = [getattr(m, "attnswap_variant", None) is not None for m in attention_modules(model)]

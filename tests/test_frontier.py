@@ -12,7 +12,7 @@ import pytest
 from attnswap import plots
 from attnswap.errors import AttnswapError
 from attnswap.plots import frontier_plot
-from attnswap.report import FRONTIER_KEYS, ReportConfig, read_frontier, report
+from attnswap.report.build import FRONTIER_KEYS, ReportConfig, read_frontier, report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_doc.py"

@@ -1,4 +1,4 @@
-"""Checks of attnswap/generate.py: identical models generate identical text; the table has every row."""
+"""Checks of attnswap/measure/generate.py: identical models generate identical text; the table has every row."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from attnswap import AttnswapError, load_model, load_tokenizer, original_attention, save, swap
 from attnswap.config import load_config
-from attnswap.generate import GenerateConfig, generate_side_by_side, generate_text, generation_cases, read_prompts
+from attnswap.measure.generate import GenerateConfig, generate_side_by_side, generate_text, generation_cases, read_prompts
 from tests.conftest import tiny_tokenizer
 
 

@@ -12,8 +12,9 @@ import torch
 
 import attnswap
 from attnswap.cli import main
-from attnswap.harden import candidate_mass, kept_by_mass
-from attnswap.surgery import STATE_ATTR, attention_modules
+from attnswap.variants.mixture import candidate_mass, kept_by_mass
+from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.swap import attention_modules
 from attnswap.variants import AttnContext, mixture
 from attnswap.variants.mixture import Mixture, MixtureParams, density
 from tests.conftest import random_batch, tiny_gpt2, tiny_tokenizer

@@ -7,7 +7,7 @@ import torch
 
 import attnswap
 from attnswap.errors import AttnswapError
-from attnswap.surgery import attention_modules, variant_state_dict
+from attnswap.hf.swap import attention_modules, variant_state_dict
 from attnswap.variants import AttnContext, get_variant, register
 import attnswap.variants.hedgehog as hedgehog
 from attnswap.variants.hedgehog import Hedgehog, HedgehogParams

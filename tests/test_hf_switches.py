@@ -160,7 +160,7 @@ def test_cross_attention_is_left_stock(implementation):
 
     stock = run(model)
     attnswap.swap(model, "full")
-    assert all(not m.is_cross_attention for m in attnswap.surgery.attention_modules(model))
+    assert all(not m.is_cross_attention for m in attnswap.hf.swap.attention_modules(model))
     real = mask.bool()  # a padded query sees no key: eager and SDPA answer it differently, and nothing reads it
     torch.testing.assert_close(run(model)[real], stock[real], atol=TOL, rtol=TOL)
     assert not hasattr(model.transformer.h[0].crossattention, "attnswap_variant")
@@ -189,7 +189,7 @@ def test_a_saved_swap_loads_into_other_heads_swapped(tmp_path, head):
     attnswap.save(model, tmp_path)
     loaded = getattr(transformers, head).from_pretrained(tmp_path, num_labels=3) if head != "AutoModel" else \
         transformers.AutoModel.from_pretrained(tmp_path)
-    assert attnswap.surgery.swapped_variant(loaded).spec == "window:w=4,sinks=2"
+    assert attnswap.hf.swap.swapped_variant(loaded).spec == "window:w=4,sinks=2"
     ids = torch.randint(2, VOCAB, (2, 9))
     want = model.model(ids).last_hidden_state
     got = loaded.base_model(ids).last_hidden_state
@@ -211,4 +211,4 @@ def test_num_labels_reach_a_saved_classifiers_head(tmp_path):
     with pytest.raises(RuntimeError):
         AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
     wider = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
-    assert wider.score.out_features == 5 and attnswap.surgery.is_swapped(wider)
+    assert wider.score.out_features == 5 and attnswap.hf.swap.is_swapped(wider)

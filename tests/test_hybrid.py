@@ -15,7 +15,7 @@ from attnswap.kernels.flex import masked_attention
 from attnswap.kernels.kv_cache import RollingKV
 from attnswap.kernels.masks import causal, to_index_mask
 from attnswap.kernels.merge import merge_attention
-from attnswap.surgery import attention_modules, observe_attention, swap
+from attnswap.hf.swap import attention_modules, observe_attention, swap
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.hybrid import Hybrid, HybridParams, HybridState, delayed, merged_parts
 from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2, tiny_llama
@@ -234,7 +234,7 @@ def _generate(model, ids, mask, **kwargs):
 def test_bounded_cache_generates_like_no_cache(factory, length):
     """Left-padded batch: the same tokens and scores as without a cache; decode steps attend over w + sinks slots
     and the cache holds those slots plus one linear state per layer, however long the text; the padded row as alone."""
-    from attnswap.cache import HybridLayer, bounded_cache
+    from attnswap.hf.cache import HybridLayer, bounded_cache
 
     model = swap(factory(), Hybrid(HybridParams(w=W, sinks=2, chunk=4)))
     for module in attention_modules(model):  # a trained state, so the far part matters
@@ -272,7 +272,7 @@ def test_static_cache_generates_like_no_cache():
 
 
 def test_bounded_cache_prefill_in_chunks_matches_one_forward():
-    from attnswap.cache import bounded_cache
+    from attnswap.hf.cache import bounded_cache
 
     model = swap(tiny_llama(), Hybrid(HybridParams(w=4, sinks=1, chunk=4)))
     with torch.no_grad():
@@ -289,7 +289,7 @@ def test_bounded_cache_prefill_in_chunks_matches_one_forward():
 
 
 def test_a_hybrid_cache_refuses_another_variant():
-    from attnswap.cache import bounded_cache
+    from attnswap.hf.cache import bounded_cache
 
     model = swap(tiny_gpt2(), "hybrid:w=4,sinks=1")
     ids, mask = random_batch(batch=2, length=5)
@@ -317,7 +317,7 @@ def test_a_wide_layer_takes_its_own_window_and_matches_reference():
 
 
 def test_wide_layers_generate_like_no_cache_and_keep_their_own_slots():
-    from attnswap.cache import bounded_cache
+    from attnswap.hf.cache import bounded_cache
 
     model = swap(tiny_gpt2(), Hybrid(HybridParams(w=W, sinks=2, chunk=4, wide_w=W + 3, wide_layers=(1,))))
     for module in attention_modules(model):
@@ -333,7 +333,7 @@ def test_wide_layers_generate_like_no_cache_and_keep_their_own_slots():
 
 
 def test_a_wide_layer_costs_its_own_window():
-    from attnswap.plan import head_costs
+    from attnswap.measure.plan import head_costs
 
     variant = "hybrid:w=64,sinks=4,wide_w=256,wide_layers=1"
     narrow, wide = (float(head_costs(variant, 1024, "flops", layer=layer).mean()) for layer in (0, 1))

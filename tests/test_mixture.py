@@ -8,7 +8,8 @@ import torch
 import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.kernels.masks import materialize, to_index_mask
-from attnswap.surgery import STATE_ATTR, attention_modules, l1_penalty
+from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.swap import attention_modules, l1_penalty
 from attnswap.variants import AttnContext, register
 from attnswap.variants.base import parse_params
 from attnswap.variants.full import Full

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import attnswap
-from attnswap import model_sources
+from attnswap.hf import model_sources
 from attnswap.errors import AttnswapError
-from attnswap.model_sources import NAMED_MODELS, SOURCE_FILE, gguf_model_folder, resolve_model_source
+from attnswap.hf.model_sources import NAMED_MODELS, SOURCE_FILE, gguf_model_folder, resolve_model_source
 
 gguf = pytest.importorskip("gguf", reason="the GGUF tests write a file with the gguf package (attnswap[smollm2])")
 pytest.importorskip("accelerate", reason="transformers reads GGUF files only with accelerate installed")

@@ -11,7 +11,7 @@ import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_probs
 from attnswap.kernels.nsa import block_importance, compressed_attention, nsa_branches, pool_blocks, select_blocks
-from attnswap.surgery import attention_modules, variant_state_dict
+from attnswap.hf.swap import attention_modules, variant_state_dict
 from attnswap.variants import AttnContext, register
 from attnswap.variants.nsa import INITIAL_GATES, NSA, NSAParams, gated_sum
 from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2

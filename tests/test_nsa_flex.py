@@ -99,7 +99,7 @@ def test_selected_block_mask_lists_the_tiles_of_the_selected_blocks(q_len, kv_le
                          ids=["T150", "T150_pad", "chunk_pad"])
 def test_split_selection_leaves_the_sink_tile_to_the_far_sums(q_len, kv_len, left_pad, tile):
     """Every pair of the selected branch is either inside a block its key tile's backward walk lists, or a far pair of
-    the sink tile handed to kernels/far_keys.py, never both; and the forward half is the plain block mask's."""
+    the sink tile handed to kernels/sink_key_grads.py, never both; and the forward half is the plain block mask's."""
     block, n_kb = 16, -(-kv_len // 16)
     q_start = (kv_len - q_len) // block * block
     n_qb, rows = n_kb - q_start // block, kv_len - q_start

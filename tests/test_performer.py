@@ -8,7 +8,7 @@ import torch
 import attnswap
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import dense_attention
-from attnswap.surgery import attention_modules
+from attnswap.hf.swap import attention_modules
 from attnswap.variants import AttnContext, register
 from attnswap.variants.performer import Performer, PerformerParams, gaussian_features
 from tests.conftest import TOLERANCE, random_batch, random_qkv, tiny_gpt2

@@ -11,9 +11,10 @@ import torch
 import attnswap
 from attnswap.cli import main
 from attnswap.errors import AttnswapError
-from attnswap.plan import (PlanConfig, assignment_cost, best_plans, choose_cheap_layers, head_costs, layer_sensitivity,
+from attnswap.measure.plan import (PlanConfig, assignment_cost, best_plans, choose_cheap_layers, head_costs, layer_sensitivity,
                            model_cost, route_heads)
-from attnswap.surgery import STATE_ATTR, attention_modules, is_swapped
+from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.swap import attention_modules, is_swapped
 from attnswap.variants.mixture import Mixture, MixtureParams
 from tests.conftest import tiny_gpt2, tiny_tokenizer
 

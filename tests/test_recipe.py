@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnswap
-import attnswap.distill as distill_module
-from attnswap.distill import DistillConfig, Pair, build_pair, distill, learning_rate
-from attnswap.losses import attention_cross_entropy, chunked_kl, kl_divergence
-from attnswap.surgery import attention_modules, observe_attention
+import attnswap.train.distill as distill_module
+from attnswap.train.distill import DistillConfig, Pair, build_pair, distill, learning_rate
+from attnswap.train.losses import attention_cross_entropy, chunked_kl, kl_divergence
+from attnswap.hf.swap import attention_modules, observe_attention
 from tests.test_distill import assets, make_config, one_thread_and_own_cache, train_losses  # noqa: F401  (fixtures)
 
 

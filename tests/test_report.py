@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attnswap.bench_kernel import exponents, write_results
+from attnswap.measure.bench_kernel import exponents, write_results
 from attnswap.errors import AttnswapError
-from attnswap.report import ReportConfig, report
+from attnswap.report.build import ReportConfig, report
 
 SECTIONS = [
     "Quality criteria", "Perplexity, KL and agreement", "Quality against cost", "Per-layer attention fidelity", "Attention maps",

@@ -54,7 +54,7 @@ def test_plain_from_pretrained_in_a_fresh_process_is_refused_or_runs_the_variant
 def test_from_pretrained_after_import_attnswap_runs_the_variant(saved):
     directory, ids, _, swapped = saved
     model = AutoModelForCausalLM.from_pretrained(directory)
-    assert attnswap.surgery.swapped_variant(model).spec == attnswap.get_variant(SPEC).spec
+    assert attnswap.hf.swap.swapped_variant(model).spec == attnswap.get_variant(SPEC).spec
     torch.testing.assert_close(model(ids).logits, swapped, atol=1e-6, rtol=1e-6)
 
 
@@ -75,7 +75,7 @@ def test_a_layer_saved_with_a_variant_never_runs_full_attention(saved):
 def test_pipeline_runs_the_variant(saved):
     directory, *_ = saved
     generator = pipeline("text-generation", model=str(directory), tokenizer=attnswap.DEFAULT_MODEL)
-    assert attnswap.surgery.swapped_variant(generator.model).spec == attnswap.get_variant(SPEC).spec
+    assert attnswap.hf.swap.swapped_variant(generator.model).spec == attnswap.get_variant(SPEC).spec
     assert generator("Hello world", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("Hello world")
 
 
@@ -99,7 +99,7 @@ logits["auto_with_info"] = model(ids).logits
 outcome["missing"] = sorted(info["missing_keys"])
 outcome["bf16"] = str(AutoModelForCausalLM.from_pretrained(directory, dtype=torch.bfloat16).dtype)
 heads = AutoModelForSequenceClassification.from_pretrained(directory, num_labels=3)
-outcome["classifier"] = [type(heads).__name__, heads.config.num_labels, attnswap.surgery.is_swapped(heads)]
+outcome["classifier"] = [type(heads).__name__, heads.config.num_labels, attnswap.hf.swap.is_swapped(heads)]
 try:
     concrete.from_pretrained(directory)(ids)
     outcome["concrete_with_import"] = "ran"

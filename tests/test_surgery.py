@@ -7,7 +7,7 @@ import torch
 
 import attnswap
 from attnswap.errors import AttnswapError
-from attnswap.surgery import attention_modules, original_attention, variant_state_dict
+from attnswap.hf.swap import attention_modules, original_attention, variant_state_dict
 from attnswap.variants import VARIANTS
 from tests.conftest import random_batch, tiny_gpt2
 
@@ -164,7 +164,7 @@ def test_original_attention_restores_distilled_base_weights(tiny_model):
             param.add_(0.01)  # stands in for distillation moving MLP / projection weights
     pristine = MODEL_FACTORIES[tiny_model.config.model_type if tiny_model.config.model_type in MODEL_FACTORIES
                                else "llama"]()
-    changed = attnswap.surgery.keep_original_weights(tiny_model, pristine)
+    changed = attnswap.hf.swap.keep_original_weights(tiny_model, pristine)
     assert changed
     with original_attention(tiny_model):
         assert _max_diff_on_real_tokens(_logits(tiny_model, ids, mask), original_logits, mask) <= LOGIT_TOL

@@ -1,13 +1,13 @@
-"""attnswap.wikitext_style: plain articles in WikiText's spelling, and distillation on them."""
+"""attnswap.data.wikitext_style: plain articles in WikiText's spelling, and distillation on them."""
 
 from __future__ import annotations
 
 import pytest
 
-from attnswap.data import token_stream
-from attnswap.distill import DistillConfig
+from attnswap.data.tokens import token_stream
+from attnswap.train.distill import DistillConfig
 from attnswap.errors import AttnswapError
-from attnswap.wikitext_style import render, rare_words, restyle, tokenise
+from attnswap.data.wikitext_style import render, rare_words, restyle, tokenise
 
 ARTICLE = """Cresta Run (horse)
 Cresta Run (1924 – after 1930) was a British racehorse. She won £4,880 in 1926, and ran 1.5 miles.
@@ -49,6 +49,6 @@ def test_distillation_data_style_changes_the_tokens_and_is_checked(tmp_path, gpt
 
 @pytest.fixture
 def gpt2_tokenizer_or_skip():
-    from attnswap.models import DEFAULT_MODEL, load_tokenizer
+    from attnswap.hf.models import DEFAULT_MODEL, load_tokenizer
 
     return load_tokenizer(DEFAULT_MODEL)

@@ -1,9 +1,9 @@
 """attnswap: swap the attention of a pretrained causal LM for an efficient variant, distil it, measure it."""
 
 from attnswap.errors import AttnswapError
-from attnswap.models import DEFAULT_MODEL, load_model, load_tokenizer
-from attnswap.surgery import load, original_attention, save, swap, unswap
-from attnswap import hf_integration  # noqa: F401  (registers model_type attnswap with AutoModelForCausalLM)
+from attnswap.hf.models import DEFAULT_MODEL, load_model, load_tokenizer
+from attnswap.hf.saved import load, save  # registers model_type attnswap with transformers' Auto classes
+from attnswap.hf.swap import original_attention, swap, unswap
 from attnswap.variants import VARIANTS, get_variant
 
 __all__ = [

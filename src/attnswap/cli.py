@@ -26,17 +26,17 @@ from attnswap.errors import AttnswapError
 
 # command -> (module, config class, function, name of the field that takes positional arguments)
 COMMANDS: dict[str, tuple[str, str, str, str | None]] = {
-    "swap": ("attnswap.surgery", "SwapConfig", "swap_to_disk", None),
-    "distill": ("attnswap.distill", "DistillConfig", "distill", None),
-    "eval": ("attnswap.evaluate", "EvalConfig", "evaluate", None),
-    "generate": ("attnswap.generate", "GenerateConfig", "generate_side_by_side", None),
-    "bench": ("attnswap.bench", "BenchConfig", "bench", None),
-    "bench-kernel": ("attnswap.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
-    "bench-generate": ("attnswap.bench_generate", "GenerateBenchConfig", "bench_generate", None),
-    "harden": ("attnswap.harden", "HardenConfig", "harden_model", None),
-    "plan": ("attnswap.plan", "PlanConfig", "plan", None),
-    "recall": ("attnswap.recall", "RecallConfig", "recall", None),
-    "report": ("attnswap.report", "ReportConfig", "report", "run_dirs"),
+    "swap": ("attnswap.hf.saved", "SwapConfig", "swap_to_disk", None),
+    "distill": ("attnswap.train.distill", "DistillConfig", "distill", None),
+    "eval": ("attnswap.measure.evaluate", "EvalConfig", "evaluate", None),
+    "generate": ("attnswap.measure.generate", "GenerateConfig", "generate_side_by_side", None),
+    "bench": ("attnswap.measure.bench", "BenchConfig", "bench", None),
+    "bench-kernel": ("attnswap.measure.bench_kernel", "KernelBenchConfig", "bench_kernel", None),
+    "bench-generate": ("attnswap.measure.bench_generate", "GenerateBenchConfig", "bench_generate", None),
+    "harden": ("attnswap.measure.harden", "HardenConfig", "harden_model", None),
+    "plan": ("attnswap.measure.plan", "PlanConfig", "plan", None),
+    "recall": ("attnswap.measure.recall", "RecallConfig", "recall", None),
+    "report": ("attnswap.report.build", "ReportConfig", "report", "run_dirs"),
     "run": ("attnswap.pipeline", "RunConfig", "run", "config"),
 }
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from attnswap.config import build_config, config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.models import DEFAULT_MODEL
+from attnswap.hf.models import DEFAULT_MODEL
 from attnswap.runs import holding_out_folder
 from attnswap.variants import get_variant
 
@@ -44,8 +44,8 @@ class RunConfig:
 
 @holding_out_folder
 def run(config: RunConfig) -> dict[str, Any]:
-    from attnswap.distill import DistillConfig, distill
-    from attnswap.evaluate import EvalConfig, evaluate
+    from attnswap.train.distill import DistillConfig, distill
+    from attnswap.measure.evaluate import EvalConfig, evaluate
 
     specs = [get_variant(s).spec for s in config.variants]  # a bad spec fails before any work
     if not specs:
@@ -81,13 +81,13 @@ def run(config: RunConfig) -> dict[str, Any]:
 
     run_dirs = [str(out)]
     if config.generate is not None and any(r["swapped_dir"] for r in rows):
-        from attnswap.generate import GenerateConfig, generate_side_by_side
+        from attnswap.measure.generate import GenerateConfig, generate_side_by_side
 
         generate_side_by_side(build_config(GenerateConfig, {
             "model": config.model, "device": config.device, "out": str(out / "generations"),
             "swapped": ";".join(r["swapped_dir"] for r in rows if r["swapped_dir"]), **config.generate}))
     if config.bench is not None:
-        from attnswap.bench import BenchConfig, bench
+        from attnswap.measure.bench import BenchConfig, bench
 
         bench_out = out / "bench"
         bench(build_config(BenchConfig, {"model": config.model, "device": config.device, "variants": specs,
@@ -100,7 +100,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _write_table(rows, out)
 
-    from attnswap.report import ReportConfig, report
+    from attnswap.report.build import ReportConfig, report
 
     first = rows[0]  # attention maps of the first variant against the original, for one input
     report(ReportConfig(run_dirs=run_dirs, out=str(out / "report"), title=f"attnswap: {config.name}",

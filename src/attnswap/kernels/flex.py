@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from attnswap.errors import AttnswapError
 from attnswap.kernels.dense import sdpa_masked
-from attnswap.kernels.far_branch import attend_with_far_branch
+from attnswap.kernels.sinks_branch import attend_with_far_branch
 from attnswap.kernels.masks import MaskFn, index_grid, mask_bands, materialize, materialize_bias
 
 BLOCK_SIZE = 128  # flex_attention's default tile
@@ -36,7 +36,7 @@ FLEX_MIN_HEAD_DIM = 16  # the Triton kernel's tl.dot needs head_dim >= 16
 RECOMPILE_LIMIT = 128  # compiled shapes × grad modes × mask constants per process; dynamo's default is 8
 MASK_CACHE_SIZE = 32
 MASK_EVAL_BUDGET = 1 << 25  # mask entries evaluated at once while building a block mask (bounds memory at 16k)
-# Far keys are a branch of their own (kernels/far_branch.py) from this many queries on: window 256 + 4 sinks took
+# Far keys are a branch of their own (kernels/sinks_branch.py) from this many queries on: window 256 + 4 sinks took
 # 0.21 ms forward+backward so at 4096 against the single mask's 0.30 (H200, bf16, 12 heads of 64;
 # benchmarks/results/bench_kernel_64k_h200/b3249e6).
 # Shorter lengths are not measured.
@@ -49,7 +49,7 @@ _BLOCK_MASKS: OrderedDict[Hashable, tuple[object, list[torch.Tensor]]] = Ordered
 class FarKeys:
     """A few keys that every query may attend from afar (attention sinks): ``count`` key slots from ``first`` (B,) on,
     and ``near_mask``, the index mask without them. Flex runs the near mask alone; the far pairs are a branch merged
-    with it by log-sum-exp (kernels/far_branch.py)."""
+    with it by log-sum-exp (kernels/sinks_branch.py)."""
 
     first: torch.Tensor
     count: int
@@ -280,7 +280,7 @@ def build_far_branch_masks(
 ) -> tuple[BlockMask, torch.Tensor, torch.Tensor]:
     """The block mask of ``far_keys.near_mask`` alone; the far keys' slots (B, n), distinct, -1 past the keys; and the
     far pairs, (B, 1 or H, T, n) bool: what ``index_mask`` allows there and the near mask does not
-    (kernels/far_branch.py merges them)."""
+    (kernels/sinks_branch.py merges them)."""
     block_mask = build_block_mask(far_keys.near_mask, batch if per_batch else None, heads, q_len, kv_len, device,
                                   block_size)
     slots = far_keys.first.expand(batch)[:, None] + torch.arange(far_keys.count, device=device)  # (B, n)
@@ -295,7 +295,7 @@ def block_mask_with_walks(partial: torch.Tensor, full: torch.Tensor | None, walk
                           kv_len: int, block_size: int, mask_mod: MaskFn) -> BlockMask:
     """The BlockMask of ``partial`` and ``full`` blocks (bool (B, H, n_q, n_kv); ``full`` None: none), whose backward
     walks (its transposed half: the query blocks each key block's program visits) keep only the ``walked`` blocks. The
-    pairs of the blocks left out get no key or value gradient from flex: the caller sums them (kernels/far_keys.py)."""
+    pairs of the blocks left out get no key or value gradient from flex: the caller sums them (kernels/sink_key_grads.py)."""
     lists = [(None, None) if blocks is None else ordered_blocks(blocks) for blocks in (partial, full)]
     walks = [(None, None) if blocks is None else ordered_blocks((blocks & walked).transpose(-1, -2))
              for blocks in (partial, full)]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 
-from attnswap.kernels.far_keys import with_far_key_gradients
+from attnswap.kernels.sink_key_grads import with_far_key_gradients
 from attnswap.kernels.flex import (BLOCK_SIZE, FLEX_MIN_HEAD_DIM, FLEX_MIN_QUERIES, block_mask_for,
                                    block_mask_with_walks, far_keys_pay, flex_masked_attention, ordered_blocks)
 from attnswap.kernels.fusion import fused
@@ -421,7 +421,7 @@ def selected_split_block_mask(selected: torch.Tensor, first_real: torch.Tensor, 
     """``selected_block_mask`` whose sink tile (the key tile of each row's sink block, which ``select_blocks`` gives
     every query block) is walked in flex's backward only by the query tiles that do not lie wholly after it; with that
     tile's key slots (B, tile) and the pairs the cut leaves out, (B, H, nQB, tile) bool per query block, whose key and
-    value gradients kernels/far_keys.py sums. Without the cut, one program per head walks every query tile of the
+    value gradients kernels/sink_key_grads.py sums. Without the cut, one program per head walks every query tile of the
     sequence for that key tile.
     """
     tile = tile or flex_tile(block)

@@ -40,7 +40,7 @@ class AttnContext:
 
     ``documents`` (B, T), for a variant that honours packed documents but no other model mask: each slot's document
     index in its row, non-decreasing, queries and keys the same T slots; a token attends within its own document
-    only. It is set beside a model mask found to say exactly that (surgery.packed_documents), whose positions
+    only. It is set beside a model mask found to say exactly that (hf.masks.packed_documents), whose positions
     (``q_positions``, ``kv_positions``: each token's position in its document) stay for an exact window part; the
     keys are still in slot order.
     """
@@ -166,7 +166,7 @@ class Variant:
 
     # --- generation over a bounded cache ----------------------------------------------------------
     def kept_state(self, layer_idx: int) -> KeptState | None:
-        """What layer ``layer_idx`` keeps between decode steps (attnswap.cache builds its cache layer from it);
+        """What layer ``layer_idx`` keeps between decode steps (attnswap.hf.cache builds its cache layer from it);
         None where what it attends over grows with the sequence."""
         return None
 

@@ -90,7 +90,7 @@ class Duo(MaskedVariant):
         return None if bool(state.hardened) else state.gate.abs().mean()
 
     def _state(self, state: DuoState | None) -> DuoState:
-        assert isinstance(state, DuoState), "duo needs its make_state() state (surgery puts it on the module)"
+        assert isinstance(state, DuoState), "duo needs its make_state() state (swap puts it on the module)"
         return state
 
     def positional_mask(self, ctx: AttnContext, batch: int, device, state) -> MaskFn:

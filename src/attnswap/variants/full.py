@@ -63,7 +63,7 @@ class Full(MaskedVariant):
         return sdpa_masked(q, k, v, allowed, ctx.scaling)
 
     def decode(self, q, step: DecodeStep, state) -> torch.Tensor:
-        """Every valid slot of a preallocated cache (attnswap.cache.FullLayer)."""
+        """Every valid slot of a preallocated cache (attnswap.hf.cache.FullLayer)."""
         return slot_attention(q, step.keys, step.values, step.valid, step.scaling)
 
 

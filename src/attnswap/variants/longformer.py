@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnswap.kernels.far_branch import MAX_FAR_KEYS
+from attnswap.kernels.sinks_branch import MAX_FAR_KEYS
 from attnswap.kernels.masks import draw, materialize, or_masks, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.masked import MaskedVariant
@@ -30,7 +30,7 @@ def global_token_mask(global_tokens: int, global_stride: int, first_real: torch.
 
     A token is global when its position relative to its row's first real token is below ``global_tokens``
     or, with ``global_stride`` > 0, a multiple of it. Causality is added by ``to_index_mask``. ``keys`` False: the
-    global queries' rows alone (what flex runs once the global keys are a branch of their own, kernels/far_branch.py).
+    global queries' rows alone (what flex runs once the global keys are a branch of their own, kernels/sinks_branch.py).
     """
 
     def is_global(b, pos):

@@ -32,7 +32,7 @@ class MaskedVariant(Variant):
     def far_keys(self, ctx: AttnContext, batch: int, device: torch.device) -> tuple[MaskFn, int] | None:
         """The positional mask without the few keys every query may attend from afar (each row's first ``n`` real
         tokens: attention sinks, global keys), and ``n``; None where the mask has none. A long call runs flex over the
-        rest and the far keys as a branch merged with it (kernels/far_branch.py): same result, and no query tile
+        rest and the far keys as a branch merged with it (kernels/sinks_branch.py): same result, and no query tile
         carries the far keys' tile."""
         return None
 

@@ -247,7 +247,7 @@ class Mixture(MaskedVariant):
         return state.normalised().sum(dim=-1).mean()
 
     def _state(self, state: MixtureState | None) -> MixtureState:
-        assert isinstance(state, MixtureState), "mixture needs its make_state() state (surgery puts it on the module)"
+        assert isinstance(state, MixtureState), "mixture needs its make_state() state (swap puts it on the module)"
         assert state.candidates == self.params.candidates, f"state has {state.candidates}, not {self.params.candidates}"
         return state
 
@@ -289,6 +289,42 @@ class Mixture(MaskedVariant):
         shift = torch.where(torch.isfinite(shift), shift, 0.0).detach()  # a row that sees nothing stays all zeros
         unnormalised = torch.exp(scores - shift) * mix
         return unnormalised / unnormalised.sum(dim=-1, keepdim=True).clamp_min(_TINY)
+
+
+# --- hardening by attention mass (attnswap harden) ---------------------------------------------
+def mixture_state(state: object) -> MixtureState | None:
+    """``state`` where it is a mixture's, else None: a layer the mixture does not hold."""
+    return state if isinstance(state, MixtureState) else None
+
+
+@torch.no_grad()
+def candidate_mass(variant: Mixture, state: MixtureState, q, k, ctx: AttnContext) -> torch.Tensor:
+    """(H|1, K) fp64: per head (or for the layer, averaged over heads), the attention mass each candidate carries,
+    averaged over the batch's queries. q (B, H, T, D), k (B, H, S, D); a row sums to 1 where every query sees a key.
+    """
+    batch, heads, q_len, _ = q.shape
+    kv_len = k.shape[-2]
+    probs = variant.probs(q, k, ctx, state)  # (B, H, T, S)
+    q_pos, kv_pos = ctx.positions(q_len, kv_len, q.device)
+    first_real = ctx.first_real_token(batch, q.device)
+    weights = state.weights()  # (H|1, K)
+    shares = [materialize(to_index_mask(candidate_mask(name, first_real), q_pos, kv_pos, ctx.key_valid),
+                          batch, 1, q_len, kv_len, q.device) * weights[:, j].view(1, -1, 1, 1)
+              for j, name in enumerate(state.candidates)]  # each (B, H|1, T, S): w_k where cand_k holds kv
+    mix = sum(shares).clamp_min(torch.finfo(torch.float32).tiny)
+    mass = torch.stack([(probs * share / mix).sum(dim=-1).mean(dim=(0, 2)) for share in shares], dim=-1)  # (H, K)
+    return mass.double().mean(dim=0, keepdim=True) if weights.shape[0] == 1 else mass.double()
+
+
+def kept_by_mass(mass: torch.Tensor, coverage: float) -> torch.Tensor:
+    """(rows, K) bool: per row, the fewest candidates, heaviest first, whose mass reaches ``coverage`` of the row's."""
+    order = torch.argsort(mass, dim=-1, descending=True, stable=True)
+    ranked = mass.gather(-1, order)
+    before = ranked.cumsum(dim=-1) - ranked  # mass of the heavier candidates
+    needed = before < coverage * mass.sum(dim=-1, keepdim=True) - 1e-12
+    needed[..., 0] = True  # a head keeps at least its heaviest candidate
+    return torch.zeros_like(needed).scatter(-1, order, needed)
+
 
 
 def main() -> None:

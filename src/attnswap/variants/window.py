@@ -41,7 +41,7 @@ def sliding_window_mask(w: int, sinks: int, first_real: torch.Tensor):
 # one more 128-wide tile for 4 keys, and flex's backward walks the sinks' column in a single program (window 256 +
 # 4 sinks: 1.14 ms forward+backward at 16k against the plain window's 0.43). So in a long call (kernels/flex.py,
 # FarKeys) flex runs the pure window, and the sinks are a branch merged with it by log-sum-exp, one Triton pass each
-# way (kernels/far_branch.py): 0.531 ms at 16k (10.1x flash), 2.02 ms at 64k (39.5x). H200, bf16, 12 heads of 64,
+# way (kernels/sinks_branch.py): 0.531 ms at 16k (10.1x flash), 2.02 ms at 64k (39.5x). H200, bf16, 12 heads of 64,
 # graph replay; benchmarks/results/bench_kernel_64k_h200/2b5229f and a48b4e6.
 
 

@@ -7,14 +7,14 @@ a hybrid layer both: the slots of its window and the sums of the keys that left 
 layers left unswapped keep HF's growing ``DynamicLayer``.
 
 How an attention call learns what the cache holds: the keys a bounded layer returns carry an
-``attnswap_slots`` attribute, which ``surgery.attnswap_attention`` reads before anything else touches them.
+``attnswap_slots`` attribute, which ``hf.attention.attnswap_attention`` reads before anything else touches them.
 It turns the call's context into one for the slots (``context``) and runs the variant on them (``attend``).
 The tag travels with the tensor, so the same model may run with any other cache in between.
 
 A decode step (one new token) takes a path of its own: the layer writes the token into its preallocated slots
-in place and tags them with itself, and ``surgery.attnswap_attention`` hands the step to the layer's ``decode``,
+in place and tags them with itself, and ``hf.attention.attnswap_attention`` hands the step to the layer's ``decode``,
 which runs the variant's ``decode`` over the slots as cached (grouped key heads unexpanded) and the running state:
-no mask built, no host sync, the same shapes every step. ``decode_greedy`` (attnswap.decoding) captures such
+no mask built, no host sync, the same shapes every step. ``decode_greedy`` (attnswap.hf.decoding) captures such
 steps as one CUDA graph; ``bounded_cache(model, max_length=...)`` gives the unswapped layers preallocated slots
 for that (``FullLayer``), as a StaticCache does.
 
@@ -35,10 +35,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from attnswap.errors import AttnswapError
 from attnswap.kernels.decode import DecodeStep
 from attnswap.kernels.kv_cache import CacheView, KeptState, RollingKV, linear_attention_extend
-from attnswap.surgery import ModelMask, attention_modules, swapped_variant
+from attnswap.hf.masks import ModelMask
+from attnswap.hf.swap import attention_modules, swapped_variant
 from attnswap.variants.base import AttnContext, Variant
 
-SLOTS_ATTR = "attnswap_slots"  # the attribute on returned keys that surgery.attnswap_attention looks for
+SLOTS_ATTR = "attnswap_slots"  # the attribute on returned keys that hf.attention.attnswap_attention looks for
 
 
 # --- window variants: rolling key/value slots -----------------------------------------------------
@@ -144,7 +145,7 @@ class RollingLayer(_BoundedLayer):
             if self.counting:
                 self.rolling.seen += 1
             self.keys, self.values = self.rolling.keys, self.rolling.values
-            setattr(self.keys, SLOTS_ATTR, self)  # surgery.attnswap_attention hands the step to ``decode``
+            setattr(self.keys, SLOTS_ATTR, self)  # hf.attention.attnswap_attention hands the step to ``decode``
             return self.keys, self.values
         view = self.rolling.append(key_states, value_states)
         self.keys, self.values = self.rolling.keys, self.rolling.values
@@ -360,7 +361,7 @@ class HybridSlots(RollingSlots):
         _check_kept(variant, ctx.layer_idx, self.layer.kept)
         exact = variant.window_for(ctx.layer_idx)
         out_window, lse_window = exact.attend(q, k, v, ctx, None, return_lse=True)
-        groups = q.shape[1] // self.departing_keys.shape[1]  # grouped-query attention: as surgery expands k, v
+        groups = q.shape[1] // self.departing_keys.shape[1]  # grouped-query attention: as hf.attention expands k, v
         far_k, far_v = (x.repeat_interleave(groups, dim=1) for x in (self.departing_keys, self.departing_values))
         phi_q, phi_k = variant.far_features(q, far_k, ctx, state, self.far_keep)
         (out_far, normaliser), far_state = linear_attention_extend(

@@ -6,7 +6,7 @@
 Side by side in one run, on one model (a model folder, or a folder with only a ``config.json``: random weights
 of that shape): HF ``sdpa`` with its growing DynamicCache (``hf_sdpa``), HF ``sdpa`` with a StaticCache and the
 decode step compiled (``hf_static_compile``), then each variant over attnswap's bounded cache with the decode step
-compiled (``attnswap.decoding``; on the CPU every impl runs eagerly and the compiled baseline is skipped).
+compiled (``attnswap.hf.decoding``; on the CPU every impl runs eagerly and the compiled baseline is skipped).
 Every impl runs the same loop (``decoding.prefill`` once, then ``decoding.decode_one_token`` per token), so the
 loop's own overhead is the same for all; prompts are random tokens of one length per batch (no padding).
 
@@ -36,14 +36,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from attnswap.bench_kernel import environment, synchronize
-from attnswap.cache import bounded_cache
+from attnswap.measure.bench_kernel import environment, synchronize
+from attnswap.hf.cache import bounded_cache
 from attnswap.config import config_to_dict
-from attnswap.decoding import compiled_step, decode_one_token, prefill
+from attnswap.hf.decoding import compiled_step, decode_one_token, prefill
 from attnswap.errors import AttnswapError
-from attnswap.models import resolve_device, resolve_dtype
+from attnswap.hf.models import resolve_device, resolve_dtype
 from attnswap.runs import holding_out_folder
-from attnswap.surgery import swap, unswap
+from attnswap.hf.swap import swap, unswap
 from attnswap.variants import get_variant
 
 log = logging.getLogger(__name__)

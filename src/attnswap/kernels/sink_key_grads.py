@@ -8,7 +8,7 @@ mask's transposed, ``q_indices`` half) is cut to the query blocks not wholly aft
 query from afar, get their key and value gradients here from the forward's output and log-sum-exp, as
 FlashAttention's backward does:
 p = exp(q·k·scale - lse), ds = p (dout·v - rowsum(dout ∘ out) + dlse), dv += pᵀ dout, dk += dsᵀ q · scale.
-The window's sinks and Longformer's global keys are a branch of their own instead (kernels/far_branch.py), which
+The window's sinks and Longformer's global keys are a branch of their own instead (kernels/sinks_branch.py), which
 also takes them out of the forward.
 
 On CUDA this is one Triton kernel that reads q, dout and out once, in tiles of queries, and a sum of its per-program

@@ -67,7 +67,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from attnswap.model_sources import resolve_model_source
+    from attnswap.hf.model_sources import resolve_model_source
 
     name_or_path = resolve_model_source(name_or_path)  # a named or .gguf model: its cached plain folder
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar for a model that loads in a second
@@ -84,7 +84,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, device: str = "cpu", dtype: "s
             loaded = AutoModelForCausalLM.from_pretrained(
                 str(local) if local.exists() else name_or_path, dtype=torch_dtype,
                 attn_implementation=attn_implementation,
-                # A saved swap's loader (hf_integration) returns the model alone; its weights were compared above.
+                # A saved swap's loader (hf.saved) returns the model alone; its weights were compared above.
                 **({} if saved_swap else {"output_loading_info": True})
             )
             model, info = (loaded, {}) if saved_swap else loaded
@@ -119,7 +119,7 @@ def _check_config_against_weights(directory: Path, allow_partial: bool) -> bool:
         detail = str(exc).replace("\n", " ")[:200] if str(exc) else type(exc).__name__
         raise AttnswapError(f"{directory / 'config.json'} cannot be read by transformers ({detail}); restore it from "
                             "the original model") from None
-    saved_swap = hasattr(config, "base")  # hf_integration.AttnswapConfig: the original's config inside
+    saved_swap = hasattr(config, "base")  # hf.saved.AttnswapConfig: the original's config inside
     try:
         base = config.base() if saved_swap else config
     except Exception as exc:
@@ -132,7 +132,7 @@ def _check_config_against_weights(directory: Path, allow_partial: bool) -> bool:
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
     from transformers import AutoTokenizer
 
-    from attnswap.model_sources import resolve_model_source
+    from attnswap.hf.model_sources import resolve_model_source
 
     name_or_path = resolve_model_source(name_or_path)
     local = Path(name_or_path).expanduser()

@@ -1,9 +1,9 @@
 """Far keys (attention sinks, global keys) as a branch merged with the near attention by log-sum-exp
-(kernels/far_branch.py), against dense attention over the whole mask.
+(kernels/sinks_branch.py), against dense attention over the whole mask.
 
 On the CPU the branch runs its PyTorch sums around a dense near attention; on CUDA its Triton passes are checked
 against those sums, and the window and Longformer variants (flex over the near mask) against the dense reference in
-tests/test_far_keys.py.
+tests/test_sink_key_grads.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnswap.kernels import far_branch
-from attnswap.kernels.far_branch import (attend_with_far_branch, far_branch_backward,
+from attnswap.kernels import sinks_branch
+from attnswap.kernels.sinks_branch import (attend_with_far_branch, far_branch_backward,
                                          far_branch_backward_reference, far_branch_reference)
 from attnswap.kernels.flex import build_far_branch_masks, materialised_attention
 from attnswap.kernels.masks import materialize
@@ -112,7 +112,7 @@ def test_far_branch_keeps_rows_without_keys_finite():
 @pytest.mark.parametrize("n_far, heads_allowed, programs", [(4, 1, 2048), (40, 3, 2048), (4, 1, 3)],
                          ids=["sinks", "global_keys_per_head", "several_tiles_per_program"])
 def test_far_branch_kernels_match_the_reference_on_cuda(dtype, n_far, heads_allowed, programs, monkeypatch):
-    monkeypatch.setattr(far_branch, "PROGRAMS", programs)
+    monkeypatch.setattr(sinks_branch, "PROGRAMS", programs)
     batch, heads, q_len, kv_len, dim, scaling = 2, 3, 1000, 1100, 64, 0.125
     q, k, v = (x.cuda() for x in random_qkv(batch, heads, q_len, kv_len, dim=dim, dtype=dtype))
     out_near, grad_out = (x.cuda() for x in random_qkv(batch, heads, q_len, q_len, dim=dim, dtype=dtype, seed=1)[:2])
@@ -123,7 +123,7 @@ def test_far_branch_kernels_match_the_reference_on_cuda(dtype, n_far, heads_allo
     grad_lse = torch.randn(batch, heads, q_len, device="cuda")
     allowed = (torch.rand(batch, heads_allowed, q_len, n_far, device="cuda") < 0.7) & (slots >= 0)[:, None, None]
     allowed[0, :, :2] = False  # and no far key: empty rows
-    got = far_branch.far_branch(q, out_near, lse_near, k, v, slots, allowed, scaling)
+    got = sinks_branch.far_branch(q, out_near, lse_near, k, v, slots, allowed, scaling)
     want = far_branch_reference(q, out_near, lse_near, k, v, slots, allowed, scaling)
     torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0, atol=TOLERANCE[dtype], msg="out")
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=TOLERANCE[dtype], msg="lse")
@@ -138,8 +138,8 @@ def test_far_branch_kernels_match_the_reference_on_cuda(dtype, n_far, heads_allo
         # The in-place adds: the partial sums of the kernel path against the reference's whole sums.
         grads = [torch.randn_like(x) for x in (q, k, v)]
         fast_grads, slow_grads = [g.clone() for g in grads], [g.clone() for g in grads]
-        far_branch.add_far_gradients(*fast_grads, got[2], got[3], k, slots, scaling)
-        far_branch.add_far_gradients_reference(*slow_grads, want[2], want[3], k, slots, scaling)
+        sinks_branch.add_far_gradients(*fast_grads, got[2], got[3], k, slots, scaling)
+        sinks_branch.add_far_gradients_reference(*slow_grads, want[2], want[3], k, slots, scaling)
         for name, fast, slow, before in zip("qkv", fast_grads, slow_grads, grads):
             scale = (slow - before).float().abs().max()
             torch.testing.assert_close((fast - before).float() / scale, (slow - before).float() / scale, rtol=0,

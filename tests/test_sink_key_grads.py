@@ -1,6 +1,6 @@
 """Far keys (attention sinks, Longformer's global keys): the window and Longformer variants, whose far keys flex leaves
-to a branch merged by log-sum-exp (kernels/far_branch.py), against the dense reference on CUDA; and the far pairs'
-key and value sums of NSA's split sink tile (kernels/far_keys.py) against the dense gradient, with the autograd
+to a branch merged by log-sum-exp (kernels/sinks_branch.py), against the dense reference on CUDA; and the far pairs'
+key and value sums of NSA's split sink tile (kernels/sink_key_grads.py) against the dense gradient, with the autograd
 Functions that add them in place.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnswap.kernels import far_keys, flex
-from attnswap.kernels.far_keys import far_key_gradients, far_key_gradients_reference
+from attnswap.kernels import flex, sink_key_grads
+from attnswap.kernels.sink_key_grads import far_key_gradients, far_key_gradients_reference
 from attnswap.kernels.flex import build_block_mask
 from attnswap.kernels.masks import materialize, to_index_mask
 from attnswap.variants import AttnContext, get_variant
@@ -94,7 +94,7 @@ def _window_case(dtype, q_len, pads, device, spec="window:w=256,sinks=4"):
 @pytest.mark.parametrize("n_far, rows_per_entry, programs", [(5, 1, 1024), (100, 64, 1024), (4, 1, 3)],
                          ids=["sinks", "nsa_tile", "several_tiles_per_program"])
 def test_far_key_kernel_matches_the_reference_on_cuda(dtype, n_far, rows_per_entry, programs, monkeypatch):
-    monkeypatch.setattr(far_keys, "PROGRAMS", programs)
+    monkeypatch.setattr(sink_key_grads, "PROGRAMS", programs)
     batch, heads, q_len, dim = 2, 3, 1000, 64
     q, k, v = (x.cuda() for x in random_qkv(batch, heads, q_len, n_far, dim=dim, dtype=dtype))
     out, grad_out = (x.cuda() for x in random_qkv(batch, heads, q_len, q_len, dim=dim, dtype=dtype, seed=1)[:2])
@@ -179,7 +179,7 @@ def test_far_gradients_reach_the_keys_through_autograd_on_cpu(with_lse, compiled
     loss = lambda o, l: o.square().sum() + (l.sin().sum() if with_lse else 0)  # noqa: E731
 
     def split_loss(q, k, v):
-        return loss(*far_keys.with_far_key_gradients(lambda k, v: dense(k, v, True), q, k, v, slots, far_allowed,
+        return loss(*sink_key_grads.with_far_key_gradients(lambda k, v: dense(k, v, True), q, k, v, slots, far_allowed,
                                                      scaling))
 
     if compiled:  # dynamo and AOTAutograd over both autograd Functions, the in-place add included

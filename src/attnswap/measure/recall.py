@@ -37,8 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 from attnswap.errors import AttnswapError
-from attnswap.evaluate import _logits
-from attnswap.models import max_positions
+from attnswap.measure.evaluate import _logits
+from attnswap.hf.models import max_positions
 from attnswap.runs import holding_out_folder
 from attnswap.variants.base import check
 
@@ -215,9 +215,9 @@ class RecallConfig:
 def recall(config: RecallConfig) -> dict[str, Any]:
     """Run the suite on the teacher and on each variant / saved swap; write the run folder; return recall.json's
     content."""
-    from attnswap.generate import load_swapped, run_info
-    from attnswap.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_device, resolve_dtype
-    from attnswap.surgery import swap, unswap
+    from attnswap.measure.generate import load_swapped, run_info
+    from attnswap.hf.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_device, resolve_dtype
+    from attnswap.hf.swap import swap, unswap
     from attnswap.variants import get_variant
 
     out = Path(config.out)
@@ -301,11 +301,11 @@ def _cells(config: RecallConfig, lengths: list[int]) -> dict[str, list[tuple]]:
 def _ppl_documents(config: RecallConfig, tokenizer, length: int) -> torch.Tensor:
     """(n, length) ids: the first ``length`` tokens of each held-apart document at least that long."""
     if config.ppl_data:
-        from attnswap.data import load_texts
+        from attnswap.data.tokens import load_texts
 
         texts = load_texts(config.ppl_data)
     else:
-        from attnswap.long_documents import long_documents
+        from attnswap.data.long_documents import long_documents
 
         texts = [d.text for d in long_documents("test")]
     rows = []

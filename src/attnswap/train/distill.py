@@ -34,19 +34,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnswap.config import config_to_dict
-from attnswap.data import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, check_readable, pack_blocks, parse_hub,
+from attnswap.data.tokens import (DISTILL_TEXT, WIKITEXT2_VALID, block_order, check_readable, pack_blocks, parse_hub,
                            refuse_test_source, resolve_path, source_digest, split_blocks, token_stream)
 from attnswap.errors import AttnswapError
-from attnswap.losses import DEFAULT_CHUNK, attention_cross_entropy, chunked_kl
-from attnswap.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, model_digest, resolve_device
+from attnswap.train.losses import DEFAULT_CHUNK, attention_cross_entropy, chunked_kl
+from attnswap.hf.models import DEFAULT_MODEL, check_length, load_model, load_tokenizer, model_digest, resolve_device
 from attnswap.runs import atomic_directory, atomic_write, disk_errors, remove_stale_temps, run_lock
-from attnswap.surgery import (STATE_ATTR, attention_modules, l1_penalty, observe_attention, original_attention, save,
-                              swap, variant_state_dict)
+from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.saved import save
+from attnswap.hf.swap import (attention_modules, l1_penalty, observe_attention, original_attention, swap,
+                              variant_state_dict)
 from attnswap.variants import Variant, get_variant
 from attnswap.variants.base import check
 from attnswap.validate import check_token_ids, contained_file, shown
 from attnswap.variants.full import Full
-from attnswap.wikitext_style import STYLES
+from attnswap.data.wikitext_style import STYLES
 
 log = logging.getLogger(__name__)
 TRAINABLE = ("variant", "variant+mlp", "variant+attn", "variant+lora")
@@ -65,7 +67,7 @@ class DistillConfig:
     layers: list[int] | None = None  # default: every layer
     data: str = DISTILL_TEXT  # training text: a file, a directory or wikitext-103-raw-v1 (never a test set)
     # plain | wikitext: the training articles as they are, or rendered the way WikiText writes them (headings, split
-    # punctuation, @-@, <unk>; attnswap.wikitext_style), to distil on the formatting that quality is measured on
+    # punctuation, @-@, <unk>; attnswap.data.wikitext_style), to distil on the formatting that quality is measured on
     data_style: str = "plain"
     val_data: str = WIKITEXT2_VALID  # empty = hold out val_fraction of the training blocks
     val_fraction: float = 0.02
@@ -92,7 +94,7 @@ class DistillConfig:
     # Stage 2 (end-to-end KL): stop once this many evaluations in a row did not lower the validation KL (0 = never);
     # the trained tensors of the best evaluation are what the run keeps.
     early_stop: int = 0
-    kl_chunk: int = DEFAULT_CHUNK  # positions whose logits exist at once in the KL (see attnswap.losses)
+    kl_chunk: int = DEFAULT_CHUNK  # positions whose logits exist at once in the KL (see attnswap.train.losses)
     # torch.compile the model for the KL passes (teacher and student: two graphs), to cut the host work per step, which
     # bounds a fused-KL step on the H200 (82-83 ms at batch 8 and 32, benchmarks/results/distill_speed_h200). Equal
     # losses on the CPU (tests/test_recipe.py); 971 k tokens/s against 400 k eager for the window at batch 32, its loss
@@ -224,7 +226,7 @@ class Pair:
         ``compiled``: through the compiled base model where there is one."""
         base = self.compiled if compiled and self.compiled is not None else _unwrapped(self.model).base_model
         # Tokens alone: the swap's hook on the base model hands them a prepared mask saying the rows are whole
-        # (surgery.whole_rows_mask). A mask of ones instead, when compiled, made a masked
+        # (hf.masks.whole_rows_mask). A mask of ones instead, when compiled, made a masked
         # variant's block mask per row and rebuilt at every call: 164 ms a compiled step of window 128 + 4 sinks at
         # batch 32, against 33.7 ms with the prepared mask (H200, benchmarks/results/distill_speed_h200/93d463d).
         with self.autocast():

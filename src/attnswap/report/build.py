@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from attnswap.bench import bench_plots
-from attnswap.bench_kernel import DENSE, kernel_plots
+from attnswap.measure.bench import bench_plots
+from attnswap.measure.bench_kernel import DENSE, kernel_plots
 from attnswap.errors import AttnswapError
 from attnswap.plots import Panel, Series, frontier_plot, heatmaps, line_plot
 from attnswap.runs import atomic_write, check_output_dir, run_lock
@@ -50,7 +50,7 @@ MAP_TEXT = "The quick brown fox jumps over the lazy dog because it wanted to see
 MAPS_FILES = ("attention_maps.npz", "attention_maps.safetensors")
 # What a frontier point must hold: the swapped model (label) and its original (teacher), both perplexities on the
 # same text, KL(original ‖ swapped) per token, top-1 agreement, attention cost as a fraction of full attention's
-# (attnswap.plan.head_costs), the distillation tokens and GPU seconds it took, and the command that made it.
+# (attnswap.measure.plan.head_costs), the distillation tokens and GPU seconds it took, and the command that made it.
 # Optional: "group" (points of one group are joined by a line: a variant's routing budgets), "measure" (flops|kv).
 FRONTIER_KEYS = ("label", "teacher", "ppl", "teacher_ppl", "kl", "top1", "attn_cost", "tokens", "gpu_seconds",
                  "command")
@@ -309,7 +309,9 @@ def _flatten(key: str, value: Any, depth: int = 0) -> Iterable[tuple[str, Any]]:
 def attention_map_blocks(runs: Runs, figures: Path, config: ReportConfig) -> list:
     sources = [(runs.name(p), p, load_attention_maps(p)) for name in MAPS_FILES for p in runs.files(name)]
     if not sources and (config.variant or config.swapped):
-        maps = compute_attention_maps(config)
+        from attnswap.measure.attention_maps import compute_attention_maps  # only when no run folder holds maps
+
+        maps = compute_attention_maps(config.map_text, config.model, config.variant, config.swapped, config.device)
         path = save_attention_maps(figures.parent / "attention_maps.npz", maps)
         sources = [(f"computed from {config.swapped or config.model or 'the bundled teacher'}", path, maps)]
     blocks = []
@@ -342,29 +344,6 @@ def load_attention_maps(path: Path) -> dict[str, Any]:
 def save_attention_maps(path: Path, maps: dict[str, Any]) -> Path:
     np.savez_compressed(path, **maps)
     return path
-
-
-def compute_attention_maps(config: ReportConfig) -> dict[str, Any]:
-    """Attention probabilities (layers, heads, T, S) of the original and the swapped model for ``map_text``."""
-    import torch
-
-    from attnswap.generate import load_swapped
-    from attnswap.surgery import observe_attention, swapped_variant
-    from attnswap.variants.full import Full
-
-    model, tokenizer, _ = load_swapped(config.model, config.variant, config.swapped, config.device, "float32")
-    ids = tokenizer(config.map_text, return_tensors="pt").input_ids.to(model.device)  # (1, T)
-    original, swapped, full = [], [], Full()
-
-    def observer(module, variant, q, k, v, ctx, state):
-        original.append(full.probs(q, k, ctx, None)[0].cpu())  # (H, T, S)
-        swapped.append(variant.probs(q, k, ctx, state)[0].detach().cpu())
-
-    with torch.no_grad(), observe_attention(model, observer):
-        model(input_ids=ids)
-    return {"original": torch.stack(original).numpy(), "variant": torch.stack(swapped).numpy(),
-            "tokens": np.array([t.replace("Ġ", "·") for t in tokenizer.convert_ids_to_tokens(ids[0])]),
-            "variant_label": np.array(swapped_variant(model).label)}
 
 
 def _select(array: np.ndarray, layer: int, head: int, path: Path) -> np.ndarray:

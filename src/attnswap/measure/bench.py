@@ -14,7 +14,7 @@ width, depth, heads and vocabulary, built in memory with random weights; every r
 it ran on. Timing does not depend on the weights' values, only on the shapes.
 
 A profiler pass at ``profile_length`` isolates the share of forward time spent inside attention (the
-``attnswap.attention`` range that ``surgery.attnswap_attention`` opens) per variant, and saves a table
+``attnswap.attention`` range that ``hf.attention.attnswap_attention`` opens) per variant, and saves a table
 and a Chrome trace per variant. Results: ``bench_results.jsonl`` / ``.csv``, ``bench_summary.json``
 (with the fitted scaling exponents), ``bench_profile.csv``, PNG plots, traces.
 """
@@ -37,7 +37,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm import tqdm
 
-from attnswap.bench_kernel import (
+from attnswap.measure.bench_kernel import (
     DEFAULT_VARIANTS,
     available_variants,
     dtype_name,
@@ -53,17 +53,17 @@ from attnswap.bench_kernel import (
 )
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.models import DEFAULT_MODEL, load_model, max_positions, resolve_device, resolve_dtype
+from attnswap.hf.models import DEFAULT_MODEL, load_model, max_positions, resolve_device, resolve_dtype
 from attnswap.plots import bar_plot
 from attnswap.runs import holding_out_folder
-from attnswap.surgery import attention_modules, swap, swapped_variant, unswap
+from attnswap.hf.swap import attention_modules, swap, swapped_variant, unswap
 from attnswap.variants import Variant
 
 log = logging.getLogger(__name__)
 
 MODES = ("train", "prefill", "generate")
 BASELINES = ("eager", "sdpa")
-ATTENTION_RANGE = "attnswap.attention"  # the profiler range surgery.attnswap_attention opens
+ATTENTION_RANGE = "attnswap.attention"  # the profiler range hf.attention.attnswap_attention opens
 STEP_RANGE = "attnswap.step"
 
 __all__ = ["BenchConfig", "bench", "fit_exponent", "llama_surrogate"]
@@ -242,13 +242,13 @@ def _run_case(model: nn.Module, mode: str, n: int, config: BenchConfig, device: 
 
         result = measure(decode, device, config.repeats, config.warmup, prepare=prefill)
         return {**result, "tokens_per_s": config.batch * config.new_tokens / result["median_s"],
-                "cache": "bounded (attnswap.cache)" if bounded else "dynamic (HF)"}
+                "cache": "bounded (attnswap.hf.cache)" if bounded else "dynamic (HF)"}
     return {**result, "tokens_per_s": tokens / result["median_s"]}
 
 
 def _bounded_cache(model: nn.Module) -> Any:
     """attnswap's bounded KV cache where the swapped variant has one (window, hedgehog); None: HF's growing cache."""
-    from attnswap.cache import bounded_cache
+    from attnswap.hf.cache import bounded_cache
 
     if swapped_variant(model) is None:
         return None
@@ -289,7 +289,7 @@ def _profile_all(contenders: list[Contender], bench_model: BenchModel, config: B
 def _attention_range(model: nn.Module, contender: Contender) -> Iterator[bool]:
     """Set ``contender``'s attention so that it runs inside ``ATTENTION_RANGE``; yields False if it cannot be.
 
-    Swapped variants open the range in ``surgery.attnswap_attention``. HF's own implementations are wrapped
+    Swapped variants open the range in ``hf.attention.attnswap_attention``. HF's own implementations are wrapped
     here and registered under a temporary name; eager attention is not in HF's registry (each modeling file
     defines its own ``eager_attention_forward``), so it is looked up in the attention module's file.
     """

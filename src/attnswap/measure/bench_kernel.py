@@ -37,7 +37,7 @@ from tqdm import tqdm
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.kernels.counting import BACKWARD_FLOP_FACTOR
-from attnswap.models import git_commit, resolve_device, resolve_dtype
+from attnswap.hf.models import git_commit, resolve_device, resolve_dtype
 from attnswap.plots import Panel, Series, line_plot
 from attnswap.runs import holding_out_folder
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
@@ -316,7 +316,7 @@ def _run_case(variant: Variant | None, mode: str, n: int, config: KernelBenchCon
     baseline_mb = allocated_mb(device)
     ctx = AttnContext(scaling=config.head_dim**-0.5)
     state = variant.make_state(config.heads, config.head_dim) if variant is not None else None
-    if state is not None:  # fp32, as surgery keeps learnable variant parameters
+    if state is not None:  # fp32, as swap keeps learnable variant parameters
         state = state.to(device=device, dtype=torch.float32)
     attend = (functools.partial(dense_causal_attention, scaling=ctx.scaling) if variant is None
               else lambda q, k, v: variant.attend(q, k, v, ctx, state))

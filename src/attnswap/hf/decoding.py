@@ -1,6 +1,6 @@
 """Greedy generation over a bounded cache, one function per job: ``prefill``, ``decode_one_token``, ``decode_greedy``.
 
-A bounded cache keeps the same tensors at every decode step (attnswap.cache), so the step has static shapes and
+A bounded cache keeps the same tensors at every decode step (attnswap.hf.cache), so the step has static shapes and
 reads nothing on the host: ``decode_greedy(..., compile=True)`` compiles ``decode_one_token`` once with
 ``mode="reduce-overhead"``, which on CUDA captures it as a CUDA graph and replays it for every token, as gpt-fast
 and transformers' StaticCache + compile do for full attention, but with no maximum length in the swapped layers.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attnswap.cache import BoundedCache, bounded_cache
+from attnswap.hf.cache import BoundedCache, bounded_cache
 
 
 def positions_of(attention_mask: torch.Tensor) -> torch.Tensor:

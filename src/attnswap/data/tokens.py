@@ -27,7 +27,7 @@ import torch
 from attnswap.errors import AttnswapError
 from attnswap.paths import REPO_ROOT, default_cache_dir, files_digest  # noqa: F401 (data's own API)
 from attnswap.validate import check_text_file, check_token_ids
-from attnswap.wikitext_style import restyle
+from attnswap.data.wikitext_style import restyle
 
 HUB_DATASETS = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
 HUB_SPLITS = ("train", "validation", "test")
@@ -183,7 +183,7 @@ def token_stream(source: str | Path, tokenizer, split: str | None = None,
                  cache_dir: str | Path | None = None, style: str = "plain") -> torch.Tensor:
     """All documents of ``source`` as one 1-D int64 tensor of token ids, EOS after each document (cached).
 
-    ``style`` "wikitext" renders plain articles the way WikiText writes them first (``attnswap.wikitext_style``)."""
+    ``style`` "wikitext" renders plain articles the way WikiText writes them first (``attnswap.data.wikitext_style``)."""
     eos = tokenizer.eos_token_id
     if eos is None:
         raise AttnswapError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token; documents cannot be separated")

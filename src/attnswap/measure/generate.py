@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.models import DEFAULT_MODEL, REPO_ROOT, check_length, git_commit, load_model, load_tokenizer
-from attnswap.surgery import keep_original_weights, load, original_attention, swap, swapped_variant
+from attnswap.hf.models import DEFAULT_MODEL, REPO_ROOT, check_length, git_commit, load_model, load_tokenizer
+from attnswap.hf.saved import load
+from attnswap.hf.swap import keep_original_weights, original_attention, swap, swapped_variant
 from attnswap.runs import holding_out_folder
 from attnswap.variants import get_variant
 from attnswap.variants.base import check

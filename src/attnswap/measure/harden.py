@@ -23,7 +23,7 @@ mixture's perplexity from 123 to 6024). Writes into ``out``:
                     mean densities (the kept density: "after"), and the speed totals
     survivors.csv   one row per (layer, head, candidate); survivors.png: the masses (or the weights), × on
                     dropped candidates
-    model/          the hardened model (``surgery.save``), for ``attnswap eval --swapped``
+    model/          the hardened model (``attnswap.save``), for ``attnswap eval --swapped``
     speed_results.jsonl / .csv, speed_summary.json, speed.png
                     per layer, length and mode: attention time of the hardened state, the unhardened state and
                     dense causal SDPA (flash backend) on random q/k/v of the model's head shapes, with the
@@ -54,19 +54,22 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from attnswap.bench_kernel import (DENSE, MODES, dense_causal_attention, dtype_name, environment, guarded,
+from attnswap.measure.bench_kernel import (DENSE, MODES, dense_causal_attention, dtype_name, environment, guarded,
                                    open_rows, scaling_figure, time_attention_case, write_results)
 from attnswap.config import config_to_dict
-from attnswap.data import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
+from attnswap.data.tokens import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
 from attnswap.kernels.counting import allowed_fractions
-from attnswap.kernels.masks import causal, materialize, to_index_mask
-from attnswap.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
+from attnswap.kernels.masks import causal, to_index_mask
+from attnswap.hf.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
 from attnswap.plots import marked_grid
 from attnswap.runs import atomic_directory, holding_out_folder
-from attnswap.surgery import STATE_ATTR, head_shape, attention_modules, load, observe_attention, save, swapped_variant
+from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.saved import load, save
+from attnswap.hf.swap import attention_modules, head_shape, observe_attention, swapped_variant
 from attnswap.variants import AttnContext, get_variant
-from attnswap.variants.mixture import Mixture, MixtureState, candidate_mask, density, harden
+from attnswap.variants.mixture import (Mixture, MixtureState, candidate_mass, density, harden, kept_by_mass,
+                                       mixture_state)
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +187,7 @@ def load_mixture(directory: str) -> nn.Module:
 def mixture_states(model: nn.Module, device: torch.device) -> dict[int, MixtureState]:
     """Copies of the model's mixture states on ``device``, by layer index."""
     return {module.layer_idx: copy.deepcopy(getattr(module, STATE_ATTR)).to(device)
-            for module in attention_modules(model) if isinstance(getattr(module, STATE_ATTR, None), MixtureState)}
+            for module in attention_modules(model) if mixture_state(getattr(module, STATE_ATTR, None)) is not None}
 
 
 def _saved_tokenizer(directory: Path):
@@ -193,32 +196,13 @@ def _saved_tokenizer(directory: Path):
 
 
 # --- attention mass ----------------------------------------------------------------------------
-@torch.no_grad()
-def candidate_mass(variant: Mixture, state: MixtureState, q, k, ctx: AttnContext) -> torch.Tensor:
-    """(H|1, K) fp64: per head (or for the layer, averaged over heads), the attention mass each candidate carries,
-    averaged over the batch's queries. q (B, H, T, D), k (B, H, S, D); a row sums to 1 where every query sees a key.
-    """
-    batch, heads, q_len, _ = q.shape
-    kv_len = k.shape[-2]
-    probs = variant.probs(q, k, ctx, state)  # (B, H, T, S)
-    q_pos, kv_pos = ctx.positions(q_len, kv_len, q.device)
-    first_real = ctx.first_real_token(batch, q.device)
-    weights = state.weights()  # (H|1, K)
-    shares = [materialize(to_index_mask(candidate_mask(name, first_real), q_pos, kv_pos, ctx.key_valid),
-                          batch, 1, q_len, kv_len, q.device) * weights[:, j].view(1, -1, 1, 1)
-              for j, name in enumerate(state.candidates)]  # each (B, H|1, T, S): w_k where cand_k holds kv
-    mix = sum(shares).clamp_min(torch.finfo(torch.float32).tiny)
-    mass = torch.stack([(probs * share / mix).sum(dim=-1).mean(dim=(0, 2)) for share in shares], dim=-1)  # (H, K)
-    return mass.double().mean(dim=0, keepdim=True) if weights.shape[0] == 1 else mass.double()
-
-
 def attention_mass(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1) -> dict[int, torch.Tensor]:
     """``candidate_mass`` of every mixture layer of ``model`` on ``blocks`` (N, T) of token ids, by layer index,
     averaged over the blocks."""
     sums: dict[int, torch.Tensor] = {}
 
     def observe(module, variant, q, k, v, ctx, state):
-        if isinstance(state, MixtureState):
+        if mixture_state(state) is not None:
             mass = candidate_mass(variant, state, q, k, ctx).cpu()
             sums[module.layer_idx] = sums.get(module.layer_idx, 0) + mass * q.shape[0]
 
@@ -229,21 +213,11 @@ def attention_mass(model: nn.Module, blocks: torch.Tensor, batch_size: int = 1) 
     return {layer: total / blocks.shape[0] for layer, total in sums.items()}
 
 
-def kept_by_mass(mass: torch.Tensor, coverage: float) -> torch.Tensor:
-    """(rows, K) bool: per row, the fewest candidates, heaviest first, whose mass reaches ``coverage`` of the row's."""
-    order = torch.argsort(mass, dim=-1, descending=True, stable=True)
-    ranked = mass.gather(-1, order)
-    before = ranked.cumsum(dim=-1) - ranked  # mass of the heavier candidates
-    needed = before < coverage * mass.sum(dim=-1, keepdim=True) - 1e-12
-    needed[..., 0] = True  # a head keeps at least its heaviest candidate
-    return torch.zeros_like(needed).scatter(-1, order, needed)
-
-
 def harden_by_mass(model: nn.Module, masses: dict[int, torch.Tensor], coverage: float) -> None:
     """Keep, in every mixture layer of ``model``, each head's candidates that carry ``coverage`` of its mass."""
     for module in attention_modules(model):
-        state = getattr(module, STATE_ATTR, None)
-        if isinstance(state, MixtureState):
+        state = mixture_state(getattr(module, STATE_ATTR, None))
+        if state is not None:
             state.kept &= kept_by_mass(masses[module.layer_idx], coverage).to(state.kept.device)
 
 

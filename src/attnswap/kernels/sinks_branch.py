@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from attnswap.kernels.far_keys import triton_next_power_of_2
+from attnswap.kernels.sink_key_grads import triton_next_power_of_2
 
 MAX_FAR_KEYS = 64  # the kernels' key tile at most; more far keys take the PyTorch path
 PROGRAMS = 4096  # about how many programs the backward launches; each sums as many query tiles as that leaves it
