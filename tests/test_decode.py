@@ -137,3 +137,17 @@ def test_slot_attention_reads_grouped_heads_like_expanded_ones():
     torch.testing.assert_close(out, want, atol=TOLERANCE[torch.float32], rtol=0)
     want_lse = scores.masked_fill(~valid[:, None, None, :], float("-inf")).logsumexp(-1)
     torch.testing.assert_close(lse, want_lse, atol=TOLERANCE[torch.float32], rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["gpt2-window-sinks", "llama-gqa-window-sinks", "llama-gqa-hybrid"])
+def test_the_captured_decode_step_on_cuda_matches_the_materialising_path(name):
+    """On CUDA with the decode step captured as a CUDA graph (compile, reduce-overhead): the same 256 greedy tokens
+    as generate() over a DynamicCache. benchmarks/results/generation_h100/decode_equality_cuda.json ran it."""
+    torch._dynamo.reset()
+    model = (_hybrid_with_weight_far() if name == "llama-gqa-hybrid" else CASES[name]()).cuda()
+    ids, mask = (x.cuda() for x in random_batch(batch=2, length=13, left_pad=3))
+    fast = decode_greedy(model, ids, mask, max_new_tokens=STEPS, compile=True)
+    reference = _reference(model, ids, mask, STEPS)
+    differs = (fast != reference).any(dim=0).nonzero()
+    assert differs.numel() == 0, f"first difference at step {differs[0].item()} of {STEPS}"

@@ -18,6 +18,7 @@ import yaml
 
 import attnswap
 import attnswap.train.distill as distill_module
+import attnswap.train.pair as pair_module
 from attnswap.config import config_to_dict
 from attnswap.train.distill import DistillConfig, distill
 from attnswap.errors import AttnswapError
@@ -313,7 +314,7 @@ def test_resume_refuses_a_different_run(assets, tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(assets, tmp_path, monkeypatch):
     calls = {"n": 0}
-    kl = distill_module.chunked_kl
+    kl = pair_module.chunked_kl  # the pair's KL, which every training step takes
 
     def poisoned(*args, **kwargs):
         loss, agree = kl(*args, **kwargs)
@@ -323,7 +324,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(assets, tmp_p
                 return loss * float("nan"), agree
         return loss, agree
 
-    monkeypatch.setattr(distill_module, "chunked_kl", poisoned)
+    monkeypatch.setattr(pair_module, "chunked_kl", poisoned)
     out = tmp_path / "run"
     with pytest.raises(AttnswapError, match=r"training diverged at step 4: loss nan"):
         distill(make_config(assets, out, steps=6, ckpt_every=2))

@@ -11,6 +11,7 @@ from torch import nn
 import attnswap
 import attnswap.train.distill as distill_module
 from attnswap.train.distill import DistillConfig, Pair, build_pair, distill, learning_rate
+from attnswap.train.checkpoints import trained_tensors
 from attnswap.train.losses import attention_cross_entropy, chunked_kl, kl_divergence
 from attnswap.hf.swap import attention_modules, observe_attention
 from tests.test_distill import assets, make_config, one_thread_and_own_cache, train_losses  # noqa: F401  (fixtures)
@@ -152,7 +153,7 @@ def test_early_stop_ends_the_run_and_keeps_the_best_evaluation(assets, tmp_path,
     update = distill_module.BestSoFar.update
 
     def remember(self, step, result, pair):
-        snapshots[step] = {k: v.clone() for k, v in distill_module.trained_tensors(pair).items()}
+        snapshots[step] = {k: v.clone() for k, v in trained_tensors(pair).items()}
         update(self, step, result, pair)
 
     monkeypatch.setattr(distill_module.BestSoFar, "update", remember)
@@ -173,7 +174,7 @@ def test_a_run_that_only_gets_worse_keeps_the_swap_as_it_started(assets, tmp_pat
 
     monkeypatch.setattr(distill_module, "evaluate_blocks", evaluate)
     config = make_config(assets, tmp_path / "run", steps=20, eval_every=2, early_stop=2)
-    initial = {k: v.clone() for k, v in distill_module.trained_tensors(build_pair(config, torch.device("cpu"))[0]).items()}
+    initial = {k: v.clone() for k, v in trained_tensors(build_pair(config, torch.device("cpu"))[0]).items()}
     results = distill(config)
     assert results["stopped_by"] == "early_stop" and results["kept_step"] == 0 and results["kl_after"] == 0.1
     saved = attnswap.load(tmp_path / "run" / "model")

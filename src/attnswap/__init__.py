@@ -2,7 +2,7 @@
 
 from attnswap.errors import AttnswapError
 from attnswap.hf.models import DEFAULT_MODEL, load_model, load_tokenizer
-from attnswap.hf.saved import load, save  # registers model_type attnswap with transformers' Auto classes
+from attnswap.hf.saved import load, save
 from attnswap.hf.swap import original_attention, swap, unswap
 from attnswap.variants import VARIANTS, get_variant
 

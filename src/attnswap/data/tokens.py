@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attnswap.errors import AttnswapError
-from attnswap.paths import REPO_ROOT, default_cache_dir, files_digest  # noqa: F401 (data's own API)
-from attnswap.validate import check_text_file, check_token_ids
 from attnswap.data.wikitext_style import restyle
+from attnswap.errors import AttnswapError
+from attnswap.paths import REPO_ROOT, default_cache_dir, files_digest
+from attnswap.validate import check_text_file, check_token_ids
 
 HUB_DATASETS = ("wikitext-2-raw-v1", "wikitext-103-raw-v1")
 HUB_SPLITS = ("train", "validation", "test")

@@ -33,10 +33,10 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from attnswap.errors import AttnswapError
-from attnswap.kernels.decode import DecodeStep
-from attnswap.kernels.kv_cache import CacheView, KeptState, RollingKV, linear_attention_extend
 from attnswap.hf.masks import ModelMask
 from attnswap.hf.swap import attention_modules, swapped_variant
+from attnswap.kernels.decode import DecodeStep
+from attnswap.kernels.kv_cache import CacheView, KeptState, RollingKV, linear_attention_extend
 from attnswap.variants.base import AttnContext, Variant
 
 SLOTS_ATTR = "attnswap_slots"  # the attribute on returned keys that hf.attention.attnswap_attention looks for

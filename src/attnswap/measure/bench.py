@@ -37,26 +37,15 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm import tqdm
 
-from attnswap.measure.bench_kernel import (
-    DEFAULT_VARIANTS,
-    available_variants,
-    dtype_name,
-    environment,
-    exponents,
-    fit_exponent,
-    guarded,
-    measure,
-    open_rows,
-    scaling_figure,
-    synchronize,
-    write_results,
-)
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.hf.models import DEFAULT_MODEL, load_model, max_positions, resolve_device, resolve_dtype
+from attnswap.hf.swap import attention_modules, swap, swapped_variant, unswap
+from attnswap.measure.bench_kernel import (DEFAULT_VARIANTS, available_variants, dtype_name, environment, exponents,
+                                           fit_exponent, guarded, measure, open_rows, scaling_figure, synchronize,
+                                           write_results)
 from attnswap.plots import bar_plot
 from attnswap.runs import holding_out_folder
-from attnswap.hf.swap import attention_modules, swap, swapped_variant, unswap
 from attnswap.variants import Variant
 
 log = logging.getLogger(__name__)

@@ -36,14 +36,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from attnswap.measure.bench_kernel import environment, synchronize
-from attnswap.hf.cache import bounded_cache
 from attnswap.config import config_to_dict
-from attnswap.hf.decoding import compiled_step, decode_one_token, prefill
 from attnswap.errors import AttnswapError
+from attnswap.hf.cache import bounded_cache
+from attnswap.hf.decoding import compiled_step, decode_one_token, prefill
 from attnswap.hf.models import resolve_device, resolve_dtype
-from attnswap.runs import holding_out_folder
 from attnswap.hf.swap import swap, unswap
+from attnswap.measure.bench_kernel import environment, synchronize
+from attnswap.runs import holding_out_folder
 from attnswap.variants import get_variant
 
 log = logging.getLogger(__name__)

@@ -36,8 +36,8 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.kernels.counting import BACKWARD_FLOP_FACTOR
 from attnswap.hf.models import git_commit, resolve_device, resolve_dtype
+from attnswap.kernels.counting import BACKWARD_FLOP_FACTOR
 from attnswap.plots import Panel, Series, line_plot
 from attnswap.runs import holding_out_folder
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant

@@ -30,12 +30,12 @@ from tqdm import tqdm
 
 from attnswap.config import config_to_dict
 from attnswap.errors import AttnswapError
-from attnswap.measure.generate import (generate_all, generation_cases, load_swapped, markdown_table, read_prompts, run_info,
-                               side_by_side_rows)
 from attnswap.hf.models import REPO_ROOT, check_length, max_positions
+from attnswap.hf.swap import attention_modules, observe_attention, original_attention, swapped_variant
+from attnswap.measure.generate import (generate_all, generation_cases, load_swapped, markdown_table, read_prompts,
+                                       run_info, side_by_side_rows)
 from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.validate import check_text_file
-from attnswap.hf.swap import attention_modules, observe_attention, original_attention, swapped_variant
 from attnswap.variants.base import check
 from attnswap.variants.full import Full
 

@@ -54,19 +54,19 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from attnswap.measure.bench_kernel import (DENSE, MODES, dense_causal_attention, dtype_name, environment, guarded,
-                                   open_rows, scaling_figure, time_attention_case, write_results)
 from attnswap.config import config_to_dict
 from attnswap.data.tokens import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
-from attnswap.kernels.counting import allowed_fractions
-from attnswap.kernels.masks import causal, to_index_mask
-from attnswap.hf.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
-from attnswap.plots import marked_grid
-from attnswap.runs import atomic_directory, holding_out_folder
 from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.models import DEFAULT_MODEL, load_tokenizer, resolve_device, resolve_dtype
 from attnswap.hf.saved import load, save
 from attnswap.hf.swap import attention_modules, head_shape, observe_attention, swapped_variant
+from attnswap.kernels.counting import allowed_fractions
+from attnswap.kernels.masks import causal, to_index_mask
+from attnswap.measure.bench_kernel import (DENSE, MODES, dense_causal_attention, dtype_name, environment, guarded,
+                                           open_rows, scaling_figure, time_attention_case, write_results)
+from attnswap.plots import marked_grid
+from attnswap.runs import atomic_directory, holding_out_folder
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.mixture import (Mixture, MixtureState, candidate_mass, density, harden, kept_by_mass,
                                        mixture_state)

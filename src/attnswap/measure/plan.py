@@ -48,14 +48,14 @@ from tqdm import tqdm
 from attnswap.config import config_to_dict
 from attnswap.data.tokens import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
-from attnswap.measure.harden import write_csv
-from attnswap.train.losses import kl_divergence
-from attnswap.hf.models import DEFAULT_MODEL, git_commit, load_model, load_tokenizer, resolve_device
-from attnswap.plots import bar_plot
-from attnswap.runs import holding_out_folder
 from attnswap.hf.attention import STATE_ATTR
+from attnswap.hf.models import DEFAULT_MODEL, git_commit, load_model, load_tokenizer, resolve_device
 from attnswap.hf.saved import load, save
 from attnswap.hf.swap import attention_modules, head_shape, swap, swapped_variant, unswap
+from attnswap.measure.harden import write_csv
+from attnswap.plots import bar_plot
+from attnswap.runs import holding_out_folder
+from attnswap.train.losses import kl_divergence
 from attnswap.variants import Variant, get_variant
 from attnswap.variants.duo import DuoState
 from attnswap.variants.duo import route_heads as route_duo_heads

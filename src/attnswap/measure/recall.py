@@ -37,8 +37,8 @@ from torch import nn
 from tqdm import tqdm
 
 from attnswap.errors import AttnswapError
-from attnswap.measure.evaluate import _logits
 from attnswap.hf.models import max_positions
+from attnswap.measure.evaluate import _logits
 from attnswap.runs import holding_out_folder
 from attnswap.variants.base import check
 

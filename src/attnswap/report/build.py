@@ -38,9 +38,9 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from attnswap.errors import AttnswapError
 from attnswap.measure.bench import bench_plots
 from attnswap.measure.bench_kernel import DENSE, kernel_plots
-from attnswap.errors import AttnswapError
 from attnswap.plots import Panel, Series, frontier_plot, heatmaps, line_plot
 from attnswap.runs import atomic_write, check_output_dir, run_lock
 
