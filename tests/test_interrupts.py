@@ -325,3 +325,33 @@ def test_a_tampered_checkpoint_is_named_before_the_run_announces_itself(tmp_path
     code, _, stderr = run_cli([*args, "--steps", "2", "--resume", "true"])
     assert_refused(code, stderr, "corrupt checkpoint")
     assert "distill config" not in stderr
+
+
+class _SignalledInFinaliser:
+    """Receives SIGTERM while its ``__del__`` runs, as a tokenizer's regex objects did in CI."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between these bytecodes, inside the finaliser
+            pass
+
+
+def test_an_interrupt_swallowed_by_a_finaliser_still_stops_the_command(capfd):
+    """Python drops a KeyboardInterrupt raised in ``__del__`` ("Exception ignored"); the command must still stop,
+    soon and with no traceback printed, and one that finishes first is interrupted as it finishes."""
+    from attnswap import cli
+
+    hook, handler = sys.unraisablehook, signal.getsignal(signal.SIGTERM)
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt), cli.sigterm_interrupts():
+        doomed = _SignalledInFinaliser()
+        del doomed
+        time.sleep(5)  # the command goes on, here in a blocking call: the interrupt must reach it
+    assert time.time() - started < 1 and "Traceback" not in capfd.readouterr().err
+    assert sys.unraisablehook is hook and signal.getsignal(signal.SIGTERM) is handler
+
+    started = time.time()
+    with pytest.raises(KeyboardInterrupt), cli.sigterm_interrupts():
+        doomed = _SignalledInFinaliser()
+        del doomed
+    assert time.time() - started < 1 and "Traceback" not in capfd.readouterr().err

@@ -158,19 +158,51 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.contextmanager
 def sigterm_interrupts():
     """SIGTERM raises KeyboardInterrupt, as Ctrl-C does: every command cleans up (temporary files, locks) and exits
-    130. distill installs its own handler for its loop (checkpoint first) and puts this one back after."""
+    130. distill installs its own handler for its loop (checkpoint first) and puts this one back after.
+
+    Python runs a signal's handler wherever the main thread is, a finaliser (``__del__``, a weakref callback)
+    included, and a KeyboardInterrupt raised there is printed as "Exception ignored" and dropped. The unraisable hook
+    takes that one silently and has a timer thread deliver the signal again a moment later, once the finaliser is
+    done (and again, should that one land in a finaliser too); a command that ends first is interrupted as it ends."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    last = {"signal": signal.SIGINT}
+    swallowed: list[threading.Timer] = []
 
-    def interrupt(_number, _frame):
+    def interrupt(number, _frame):
+        last["signal"] = number
         raise KeyboardInterrupt
 
+    main_thread = threading.main_thread().ident
+
+    def deliver_again():
+        swallowed.clear()
+        signal.pthread_kill(main_thread, last["signal"])  # a real signal: it also wakes a blocking call
+
+    previous_hook = sys.unraisablehook
+
+    def redeliver_swallowed(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous_hook(unraisable)
+            return
+        # Delivering it from here would run the handler inside this hook, which drops it again.
+        timer = threading.Timer(0.01, deliver_again)
+        timer.daemon = True
+        swallowed.append(timer)
+        timer.start()
+
     previous = signal.signal(signal.SIGTERM, interrupt)
+    sys.unraisablehook = redeliver_swallowed
     try:
         yield
+        if swallowed:
+            raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = previous_hook
+        for timer in list(swallowed):
+            timer.cancel()
 
 
 def _default(f: dataclasses.Field) -> Any:
