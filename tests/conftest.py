@@ -102,3 +102,23 @@ def assert_attend_matches_reference(variant, dtype, kv_len: int = 23, q_lens=(23
             torch.testing.assert_close(g_fast.float(), g_ref.float(), rtol=0, atol=TOLERANCE[dtype] * 10,
                                        msg=f"d{name}")
 
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer Llama (4 query / 2 KV heads, 512 positions) over GPT-2's vocabulary, saved with the bundled
+    teacher's tokenizer: what the recall suite's text generators need."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from attnswap.hf.models import DEFAULT_MODEL, load_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(DEFAULT_MODEL)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

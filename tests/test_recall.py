@@ -174,23 +174,6 @@ def test_scoring_ignores_what_precedes_the_targets():
 
 # --- the command, on a tiny random Llama with GQA ----------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory):
-    """A 2-layer Llama (4 query / 2 KV heads) over GPT-2's vocabulary, with the bundled teacher's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(DEFAULT_MODEL)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "long.txt"
     words = " ".join(f"word{i % 97} and more text number {i}." for i in range(400))

@@ -3,6 +3,8 @@
     attnswap plan --variant window:w=256,sinks=4 --budget 0.5 --measure flops --context 1024 --out runs/plan
     attnswap distill --variant window:w=256,sinks=4 --layers 1,2,5,6 ...      # the plan's `layers`
     attnswap plan --swapped runs/duo/model --budget 0.5 --out runs/plan-heads  # a distilled duo: route its heads
+    attnswap plan --objective recall --variant duo:w=256,sinks=4 --measure kv --budget 0.25 --context 2048 \
+        --model smollm2-135m --out runs/plan-recall                           # keep the KV heads that retrieve
 
 **Sensitivity** (``layer_sensitivity``): the variant, untrained, is swapped into ONE layer at a time, and that
 model is compared with the original on validation blocks (WikiText-2 valid by default): KL(P_original ‖ P_swapped)
@@ -29,6 +31,10 @@ saved; ``plan.json`` also lists the best set of every size (``alternatives``: th
 Summing single-layer KLs is an estimate (their effects interact); the distillation then measures the real
 KL. **Heads** (``route_heads``): a distilled ``duo`` model keeps full attention in the heads whose gates are
 highest, as many as the budget allows over the whole model, and is hardened so (one block mask per layer).
+**Recall** (``--objective recall``, ``measure/recall_heads.py``): no training; on recall probes the teacher's own
+attention says which KV heads reach past the window, and those stay full, as many as the budget allows; the rest
+become the duo's window. ``plan.json`` has the cost at 1k-8k by both measures; ``attnswap recall --swapped
+OUT/model`` then measures what the routing kept.
 """
 
 from __future__ import annotations
@@ -49,10 +55,12 @@ from attnswap.config import config_to_dict
 from attnswap.data.tokens import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
 from attnswap.hf.attention import STATE_ATTR
-from attnswap.hf.models import DEFAULT_MODEL, git_commit, load_model, load_tokenizer, resolve_device
+from attnswap.hf.models import DEFAULT_MODEL, git_commit, load_model, load_tokenizer, max_positions, resolve_device
 from attnswap.hf.saved import load, save
 from attnswap.hf.swap import attention_modules, head_shape, swap, swapped_variant, unswap
 from attnswap.measure.harden import write_csv
+from attnswap.measure.recall import Vocabulary
+from attnswap.measure.recall_heads import kv_head_scores, lost_attention, probe_samples, route_kv_heads
 from attnswap.plots import bar_plot
 from attnswap.runs import holding_out_folder
 from attnswap.train.losses import kl_divergence
@@ -63,6 +71,7 @@ from attnswap.variants.duo import route_heads as route_duo_heads
 log = logging.getLogger(__name__)
 
 MEASURES = ("flops", "kv")
+OBJECTIVES = ("kl", "recall")
 EXACT_LIMIT = 12  # layers up to which every subset is tried (4096 subsets)
 
 
@@ -74,15 +83,22 @@ class PlanConfig:
     measure: str = "flops"  # flops (attention FLOPs) or kv (memory kept for generation)
     context: int = 1024  # n, the context length the cost is counted at and the validation blocks' length
     data: str = WIKITEXT2_VALID  # validation text of the sensitivity sweep (never a test set)
-    blocks: int = 8  # validation blocks of `context` tokens
+    blocks: int = 8  # validation blocks of `context` tokens (objective recall: probe sequences of `context`)
     batch_size: int = 1
     swapped: str = ""  # a distilled duo model (attnswap distill's OUT/model): plan its heads instead of layers
+    # kl: layers by the KL one swapped layer costs; recall: a duo variant's KV heads by what they retrieve
+    objective: str = "kl"
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0  # seeds each untrained swap's state (random features, feature maps)
     out: str = "runs/plan"
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise AttnswapError(f"unknown objective {self.objective!r}; choose from: {', '.join(OBJECTIVES)}")
+        if self.objective == "recall" and self.swapped:
+            raise AttnswapError("--objective recall routes the teacher's heads itself; drop --swapped (or plan the "
+                                "distilled duo's gates without --objective recall)")
         if self.measure not in MEASURES:
             raise AttnswapError(f"unknown measure {self.measure!r}; choose from: {', '.join(MEASURES)}")
         if not 0 < self.budget <= 1:
@@ -223,7 +239,10 @@ def plan(config: PlanConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     commit = git_commit()  # now: the code that runs, even if the tree changes during a long sweep
-    result = _plan_heads(config, device, out) if config.swapped else _plan_layers(config, device, out)
+    if config.objective == "recall":
+        result = _plan_recall_heads(config, device, out)
+    else:
+        result = _plan_heads(config, device, out) if config.swapped else _plan_layers(config, device, out)
     result = {"kind": "plan", "config": config_to_dict(config), "git_commit": commit,
               "command": command_line(config), **result}
     (out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -292,6 +311,48 @@ def _plan_heads(config: PlanConfig, device: torch.device, out: Path) -> dict[str
     return {"model": config.swapped, "variant": variant.spec, "heads": rows, "full_heads": routing,
             "cheap_cost": cheap, "predicted_cost": predicted, "hardened_model": str(out / "model"),
             "files": ["heads.csv", "gates.png", "model"]}
+
+
+def _plan_recall_heads(config: PlanConfig, device: torch.device, out: Path) -> dict[str, Any]:
+    variant = get_variant(config.variant)
+    if not variant.routes_heads:
+        raise AttnswapError(f"--objective recall routes heads between full attention and a window; give a duo "
+                            f"variant, e.g. --variant duo:w=256,sinks=4 (got {variant.spec!r})")
+    cheap = float(head_costs(variant.cheap, config.context, config.measure)[0])  # a mask's cost: any head shape
+    route_kv_heads(torch.zeros(1), config.budget, cheap)  # a budget no routing meets fails before any work
+    name = config.model or DEFAULT_MODEL
+    probes = probe_samples(Vocabulary.from_tokenizer(load_tokenizer(name)), config.context, variant.cheap.params.w,
+                           config.blocks, config.seed)
+    model = load_model(name, device=str(device), dtype=config.dtype)
+    heads = head_shape(model)[1]
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
+    lost = lost_attention(model, probes, variant.cheap)
+    scores = kv_head_scores(lost, kv_heads)
+    full_kv = route_kv_heads(scores, config.budget, cheap)
+    swap(model, variant)
+    for module, flags in zip(attention_modules(model), full_kv):
+        getattr(module, STATE_ATTR).harden(flags.repeat_interleave(heads // kv_heads).to(device))
+    rows = [{"layer": layer, "kv_head": g, "lost_attention": float(scores[layer, g]),
+             "query_heads_lost": [round(float(x), 6) for x in lost[layer, g * heads // kv_heads:
+                                                                     (g + 1) * heads // kv_heads]],
+             "full": bool(full_kv[layer, g])}
+            for layer in range(scores.shape[0]) for g in range(kv_heads)]
+    write_csv(out / "heads.csv", rows)
+    bar_plot([f"L{r['layer']}·kv{r['kv_head']}" + ("*" if r["full"] else "") for r in rows],
+             [r["lost_attention"] for r in rows], out / "heads.png",
+             f"attention a {variant.cheap.label} would lose", f"recall probes at {config.context} tokens; * = kept full")
+    lengths = sorted({config.context, *(n for n in (1024, 2048, 4096, 8192) if n <= (max_positions(model) or n))})
+    costs = {measure: {str(n): model_cost(model, n, measure) for n in lengths} for measure in MEASURES}
+    predicted = costs[config.measure][str(config.context)]
+    save(model, out / "model")
+    print(f"{int(full_kv.sum())} of {full_kv.numel()} KV heads keep full attention, cost {predicted:.4f} of full "
+          f"attention ({config.measure}, n={config.context}); hardened model: {out / 'model'}\n"
+          f"  attnswap recall --model {name!r} --swapped {out / 'model'}")
+    return {"model": name, "variant": variant.spec, "objective": "recall", "heads": rows,
+            "full_kv_heads": full_kv.tolist(), "cheap_cost": cheap, "predicted_cost": predicted,
+            "costs": costs, "probes": {"count": len(probes), "length": config.context,
+                                       "tokens": int(sum(p.ids.numel() for p in probes))},
+            "hardened_model": str(out / "model"), "files": ["heads.csv", "heads.png", "model"]}
 
 
 def command_line(config: PlanConfig) -> str:
