@@ -12,7 +12,7 @@ import torch
 
 from attnswap.errors import AttnswapError
 from attnswap.measure.recall import Vocabulary
-from attnswap.measure.recall_heads import (PROBE_SEED_OFFSET, SEGMENT, kv_head_scores, lost_attention, probe_samples,
+from attnswap.measure.recall_heads import (PROBE_SEED_OFFSET, SEGMENT, far_attention, kv_head_scores, probe_samples,
                                            route_kv_heads)
 from attnswap.variants import get_variant
 from tests.conftest import tiny_llama
@@ -28,37 +28,43 @@ def digit_vocabulary() -> Vocabulary:
     return Vocabulary((3, 4, 5, 6, 7), np.arange(20, 97), encode)
 
 
-def window_loss_from_attentions(model, samples) -> torch.Tensor:
-    """(layers, heads): the same quantity from eager attention's probabilities and a window drawn by hand."""
+def far_shares_from_attentions(model, samples) -> dict[str, torch.Tensor]:
+    """(layers, heads) each: the same quantities from eager attention's probabilities and a window drawn by hand."""
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    totals, count = 0, 0
+    totals, count = {"lost": 0, "retrieval": 0}, 0
     with torch.no_grad():
         for sample in samples:
             attentions = torch.stack(eager(input_ids=sample.ids[None], output_attentions=True).attentions)[:, 0]
             queries = sample.targets - 1
             keys = torch.arange(sample.ids.numel())
             outside = ((queries[:, None] - keys[None, :]) >= W) & (keys[None, :] >= SINKS)  # (n, S)
-            totals = totals + (attentions[:, :, queries].double() * outside).sum(dim=(-1, -2))
+            answer = sample.ids[None, :] == sample.ids[sample.targets][:, None]
+            rows = attentions[:, :, queries].double()  # (layers, H, n, S)
+            totals["lost"] = totals["lost"] + (rows * outside).sum(dim=(-1, -2))
+            totals["retrieval"] = totals["retrieval"] + (rows * (outside & answer)).sum(dim=(-1, -2))
             count += len(queries)
-    return totals / count
+    return {key: total / count for key, total in totals.items()}
 
 
-def test_lost_attention_equals_the_attention_matrix_outside_the_window():
+def test_far_attention_equals_the_attention_matrix_outside_the_window():
     model = tiny_llama(n_layer=2, seed=3)
     samples = probe_samples(digit_vocabulary(), LENGTH, W, 4, seed=0)
-    lost = lost_attention(model, samples, get_variant(f"window:w={W},sinks={SINKS}"))
-    expected = window_loss_from_attentions(model, samples)
-    assert lost.shape == (2, 4)
-    torch.testing.assert_close(lost, expected, rtol=1e-4, atol=1e-6)
-    assert float(lost.min()) > 0.05, "random heads spread attention over the far keys"
-    assert not hasattr(model, "attnswap_record") or model.attnswap_record is None, "the teacher is left unswapped"
+    shares = far_attention(model, samples, get_variant(f"window:w={W},sinks={SINKS}"))
+    expected = far_shares_from_attentions(model, samples)
+    for key in ("lost", "retrieval"):
+        assert shares[key].shape == (2, 4)
+        torch.testing.assert_close(shares[key], expected[key], rtol=1e-4, atol=1e-7)
+    assert float(shares["lost"].min()) > 0.05, "random heads spread attention over the far keys"
+    assert 0 < float(shares["retrieval"].max()) < float(shares["lost"].min()), "a few far keys hold the answer"
+    assert getattr(model, "attnswap_record", None) is None, "the teacher is left unswapped"
 
 
 def test_a_window_that_reaches_every_key_loses_nothing():
     model = tiny_llama(n_layer=2, seed=3)
     samples = probe_samples(digit_vocabulary(), LENGTH, W, 2, seed=0)
-    assert float(lost_attention(model, samples, get_variant(f"window:w={LENGTH}")).abs().max()) == 0.0
+    shares = far_attention(model, samples, get_variant(f"window:w={LENGTH}"))
+    assert float(shares["lost"].abs().max()) == 0.0 and float(shares["retrieval"].abs().max()) == 0.0
 
 
 def test_probes_reach_past_twice_the_window_and_are_not_the_suites_sequences():
@@ -118,9 +124,10 @@ def test_plan_recall_routes_kv_heads_and_saves_the_hardened_swap(tiny_llama_dir,
     rows = plan["heads"]
     assert len(rows) == 2 * 2 and plan["objective"] == "recall" and plan["probes"]["count"] == 4
     full = torch.tensor(plan["full_kv_heads"])
-    scores = torch.tensor([r["lost_attention"] for r in rows]).view(2, 2)
+    scores = torch.tensor([r["retrieval"] for r in rows]).view(2, 2)
     assert 0 < int(full.sum()) < 4 and float(scores[full].min()) >= float(scores[~full].max())
     assert plan["predicted_cost"] <= 0.5 and plan["costs"]["kv"]["256"] == plan["predicted_cost"]
+    assert plan["probes"]["length"] == 256 and plan["costs"]["kv"]["512"] < plan["predicted_cost"], plan["costs"]
     for name in ("heads.csv", "heads.png"):
         assert (out / name).stat().st_size > 0
     model = attnswap.load(out / "model", device="cpu")
@@ -135,6 +142,7 @@ def test_plan_recall_routes_kv_heads_and_saves_the_hardened_swap(tiny_llama_dir,
     (["--variant", "duo:w=120,sinks=2", "--budget", "0.9", "--measure", "kv"], "raise --context to at least"),
     (["--swapped", "somewhere"], "drop --swapped"),
     (["--objective", "recal"], "unknown objective 'recal'"),
+    (["--variant", "duo:w=16,sinks=2", "--probe_length", "1024"], "exceeds the model's 512 positions"),
     (["--variant", "duo:w=16,sinks=2", "--budget", "0.01", "--measure", "kv"], "raise the budget"),
 ])
 def test_bad_recall_plans_are_one_error_line(tiny_llama_dir, argv, message, tmp_path, capsys):

@@ -3,8 +3,8 @@
     attnswap plan --variant window:w=256,sinks=4 --budget 0.5 --measure flops --context 1024 --out runs/plan
     attnswap distill --variant window:w=256,sinks=4 --layers 1,2,5,6 ...      # the plan's `layers`
     attnswap plan --swapped runs/duo/model --budget 0.5 --out runs/plan-heads  # a distilled duo: route its heads
-    attnswap plan --objective recall --variant duo:w=256,sinks=4 --measure kv --budget 0.25 --context 2048 \
-        --model smollm2-135m --out runs/plan-recall                           # keep the KV heads that retrieve
+    attnswap plan --objective recall --variant duo:w=256,sinks=4 --measure kv --budget 0.25 --context 8192 \
+        --probe_length 2048 --model smollm2-135m --out runs/plan-recall      # keep the KV heads that retrieve
 
 **Sensitivity** (``layer_sensitivity``): the variant, untrained, is swapped into ONE layer at a time, and that
 model is compared with the original on validation blocks (WikiText-2 valid by default): KL(P_original ‖ P_swapped)
@@ -32,7 +32,7 @@ Summing single-layer KLs is an estimate (their effects interact); the distillati
 KL. **Heads** (``route_heads``): a distilled ``duo`` model keeps full attention in the heads whose gates are
 highest, as many as the budget allows over the whole model, and is hardened so (one block mask per layer).
 **Recall** (``--objective recall``, ``measure/recall_heads.py``): no training; on recall probes the teacher's own
-attention says which KV heads reach past the window, and those stay full, as many as the budget allows; the rest
+attention says which KV heads fetch the token to predict from past the window, and those stay full, as many as the budget allows; the rest
 become the duo's window. ``plan.json`` has the cost at 1k-8k by both measures; ``attnswap recall --swapped
 OUT/model`` then measures what the routing kept.
 """
@@ -59,8 +59,8 @@ from attnswap.hf.models import DEFAULT_MODEL, git_commit, load_model, load_token
 from attnswap.hf.saved import load, save
 from attnswap.hf.swap import attention_modules, head_shape, swap, swapped_variant, unswap
 from attnswap.measure.harden import write_csv
-from attnswap.measure.recall import Vocabulary
-from attnswap.measure.recall_heads import kv_head_scores, lost_attention, probe_samples, route_kv_heads
+from attnswap.measure.recall import Vocabulary, check_fits
+from attnswap.measure.recall_heads import far_attention, kv_head_scores, probe_samples, route_kv_heads
 from attnswap.plots import bar_plot
 from attnswap.runs import holding_out_folder
 from attnswap.train.losses import kl_divergence
@@ -88,6 +88,7 @@ class PlanConfig:
     swapped: str = ""  # a distilled duo model (attnswap distill's OUT/model): plan its heads instead of layers
     # kl: layers by the KL one swapped layer costs; recall: a duo variant's KV heads by what they retrieve
     objective: str = "kl"
+    probe_length: int = 0  # objective recall: tokens of each probe sequence; 0 = context
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0  # seeds each untrained swap's state (random features, feature maps)
@@ -106,6 +107,8 @@ class PlanConfig:
         for key in ("context", "blocks", "batch_size"):
             if getattr(self, key) < 1:
                 raise AttnswapError(f"{key} must be >= 1, got {key}={getattr(self, key)}")
+        if self.probe_length < 0:
+            raise AttnswapError(f"probe_length must be >= 0 (0 = context), got probe_length={self.probe_length}")
 
 
 # --- cost model ----------------------------------------------------------------------------------
@@ -321,27 +324,31 @@ def _plan_recall_heads(config: PlanConfig, device: torch.device, out: Path) -> d
     cheap = float(head_costs(variant.cheap, config.context, config.measure)[0])  # a mask's cost: any head shape
     route_kv_heads(torch.zeros(1), config.budget, cheap)  # a budget no routing meets fails before any work
     name = config.model or DEFAULT_MODEL
-    probes = probe_samples(Vocabulary.from_tokenizer(load_tokenizer(name)), config.context, variant.cheap.params.w,
+    probe_length = config.probe_length or config.context
+    probes = probe_samples(Vocabulary.from_tokenizer(load_tokenizer(name)), probe_length, variant.cheap.params.w,
                            config.blocks, config.seed)
     model = load_model(name, device=str(device), dtype=config.dtype)
+    check_fits(model, probe_length)
     heads = head_shape(model)[1]
     kv_heads = getattr(model.config, "num_key_value_heads", None) or heads
-    lost = lost_attention(model, probes, variant.cheap)
-    scores = kv_head_scores(lost, kv_heads)
+    shares = far_attention(model, probes, variant.cheap)
+    scores, lost = kv_head_scores(shares["retrieval"], kv_heads), kv_head_scores(shares["lost"], kv_heads)
     full_kv = route_kv_heads(scores, config.budget, cheap)
     swap(model, variant)
     for module, flags in zip(attention_modules(model), full_kv):
         getattr(module, STATE_ATTR).harden(flags.repeat_interleave(heads // kv_heads).to(device))
-    rows = [{"layer": layer, "kv_head": g, "lost_attention": float(scores[layer, g]),
-             "query_heads_lost": [round(float(x), 6) for x in lost[layer, g * heads // kv_heads:
-                                                                     (g + 1) * heads // kv_heads]],
+    group = heads // kv_heads
+    rows = [{"layer": layer, "kv_head": g, "retrieval": float(scores[layer, g]), "lost": float(lost[layer, g]),
+             "query_heads_retrieval": [round(float(x), 6) for x in shares["retrieval"][layer, g * group:(g + 1) * group]],
              "full": bool(full_kv[layer, g])}
             for layer in range(scores.shape[0]) for g in range(kv_heads)]
     write_csv(out / "heads.csv", rows)
     bar_plot([f"L{r['layer']}·kv{r['kv_head']}" + ("*" if r["full"] else "") for r in rows],
-             [r["lost_attention"] for r in rows], out / "heads.png",
-             f"attention a {variant.cheap.label} would lose", f"recall probes at {config.context} tokens; * = kept full")
-    lengths = sorted({config.context, *(n for n in (1024, 2048, 4096, 8192) if n <= (max_positions(model) or n))})
+             [r["retrieval"] for r in rows], out / "heads.png",
+             f"attention past a {variant.cheap.label} on the token to predict",
+             f"recall probes of {probe_length} tokens; * = kept full")
+    limit = min(max_positions(model) or 8192, 8192)
+    lengths = sorted({config.context, limit, *(n for n in (1024, 2048, 4096) if n <= limit)})
     costs = {measure: {str(n): model_cost(model, n, measure) for n in lengths} for measure in MEASURES}
     predicted = costs[config.measure][str(config.context)]
     save(model, out / "model")
@@ -350,7 +357,7 @@ def _plan_recall_heads(config: PlanConfig, device: torch.device, out: Path) -> d
           f"  attnswap recall --model {name!r} --swapped {out / 'model'}")
     return {"model": name, "variant": variant.spec, "objective": "recall", "heads": rows,
             "full_kv_heads": full_kv.tolist(), "cheap_cost": cheap, "predicted_cost": predicted,
-            "costs": costs, "probes": {"count": len(probes), "length": config.context,
+            "costs": costs, "probes": {"count": len(probes), "length": probe_length,
                                        "tokens": int(sum(p.ids.numel() for p in probes))},
             "hardened_model": str(out / "model"), "files": ["heads.csv", "heads.png", "model"]}
 

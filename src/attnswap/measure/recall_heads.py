@@ -2,12 +2,15 @@
 
 A head retrieves when, at the positions where the model must recall something from far back (the tokens of a
 repeated segment, a passkey's answer), it puts attention on keys that a cheap pattern (a window with sinks) rules
-out. On probe sequences drawn like the recall suite's (``measure.recall``: copies at distances past the window,
-passkeys at depths far from the question), the teacher runs with full attention, and at each scored query every
-query head's attention probabilities are read: the mass on keys the cheap pattern cannot see is what swapping that
-head would lose (``lost_attention``, (layers, heads)). Grouped-query heads share one KV head, and its cache is what
-a generation keeps, so a KV head scores the highest loss among its query heads (``kv_head_scores``) and keeps full
-attention or not as a whole (``route_kv_heads``): the heads of highest score stay full, as many as the budget allows.
+out, and what it reads there is the token to be predicted. On probe sequences drawn like the recall suite's
+(``measure.recall``: copies at distances past the window, passkeys at depths far from the question), the teacher
+runs with full attention, and at each scored query every query head's attention probabilities are read
+(``far_attention``, (layers, heads)): the mass on keys the cheap pattern cannot see (``lost``), and the part of it
+on keys holding the token to be predicted (``retrieval``, the routing score). A head that spreads attention thinly
+over the whole context loses much mass and retrieves little; a window approximates its average. Grouped-query heads
+share one KV head, and its cache is what a generation keeps, so a KV head scores the highest among its query heads
+(``kv_head_scores``) and keeps full attention or not as a whole (``route_kv_heads``): the heads of highest score
+stay full, as many as the budget allows.
 
 The probes are drawn from their own seed stream (``PROBE_SEED_OFFSET``), never the recall suite's sequences, so the
 suite that judges the routing has not chosen it. Retrieval heads (Wu et al., 2024, https://arxiv.org/abs/2404.15574)
@@ -58,23 +61,32 @@ def probe_samples(vocab: Vocabulary, length: int, reach: int, count: int, seed: 
 
 
 @torch.no_grad()
-def lost_attention(model: nn.Module, samples: Sequence[Sample], cheap: MaskedVariant) -> torch.Tensor:
-    """(layers, heads) float64: over ``samples`` and their scored positions, the mean share of each query head's
-    full attention that falls on keys the masked variant ``cheap`` rules out. The query read is the one before each scored token: the
-    position whose logits predict it. ``model`` is run with full attention (swapped to ``full`` for the call)."""
+def far_attention(model: nn.Module, samples: Sequence[Sample], cheap: MaskedVariant) -> dict[str, torch.Tensor]:
+    """Over ``samples`` and their scored positions, the mean share of each query head's full attention, (layers,
+    heads) float64 each, that falls on keys the masked variant ``cheap`` rules out:
+
+    - ``lost``: on any such key (what a window costs that head, diffuse attention included);
+    - ``retrieval``: on such keys that hold the very token to be predicted, the copy-and-paste that retrieval heads
+      do (an induction head's earlier occurrence, a passkey's digits in the needle).
+
+    The query read is the one before each scored token: the position whose logits predict it. ``model`` is run with
+    full attention (swapped to ``full`` for the call)."""
     device = next(model.parameters()).device
     full, totals, counts = Full(), {}, {}
     current: dict[str, torch.Tensor] = {}
 
     def observer(module, _variant, q, k, _v, ctx, _state):
-        queries = current["queries"].to(q.device)  # (n,) positions
+        queries, ids = current["queries"].to(q.device), current["ids"].to(q.device)  # (n,), (S,)
         rows = dataclasses.replace(ctx, q_positions=queries)  # those queries alone, keys in slot order
         q_rows = q[:, :, queries]
         heads, kv_len = q.shape[1], k.shape[-2]
-        reachable = materialize(cheap.index_mask(q_rows, k, rows, None)[0], 1, heads, len(queries), kv_len, q.device)
-        probs = full.probs(q_rows, k, rows, None)  # (1, H, n, S) fp32
-        lost = (probs * ~reachable).sum(-1).double().sum(dim=(0, 2)).cpu()  # (H,)
-        totals[module.layer_idx] = totals.get(module.layer_idx, 0) + lost
+        far = ~materialize(cheap.index_mask(q_rows, k, rows, None)[0], 1, heads, len(queries), kv_len, q.device)
+        answer = ids[None, :] == ids[queries + 1][:, None]  # (n, S): keys holding the token to be predicted
+        probs = full.probs(q_rows, k, rows, None)[0]  # (H, n, S) fp32
+        found = {"lost": (probs * far[0]).sum(dim=(-1, -2)), "retrieval": (probs * (far[0] & answer)).sum(dim=(-1, -2))}
+        layer = totals.setdefault(module.layer_idx, {key: 0 for key in found})
+        for key, value in found.items():
+            layer[key] = layer[key] + value.double().cpu()
         counts[module.layer_idx] = counts.get(module.layer_idx, 0) + len(queries)
 
     if is_swapped(model):
@@ -83,14 +95,15 @@ def lost_attention(model: nn.Module, samples: Sequence[Sample], cheap: MaskedVar
     try:
         with observe_attention(model, observer):
             for sample in tqdm(samples, desc="recall heads", unit="probe"):
-                current["queries"] = sample.targets - 1
+                current.update(queries=sample.targets - 1, ids=sample.ids)
                 model(input_ids=sample.ids[None].to(device), logits_to_keep=1)
     finally:
         unswap(model)
     if not totals:
         raise AttnswapError("the model ran no attention attnswap could observe; plan recall heads on a decoder "
                             "whose self-attention attnswap swaps (GPT-2, Llama, ...)")
-    return torch.stack([totals[layer] / counts[layer] for layer in sorted(totals)])
+    return {key: torch.stack([totals[layer][key] / counts[layer] for layer in sorted(totals)])
+            for key in ("lost", "retrieval")}
 
 
 def kv_head_scores(lost: torch.Tensor, kv_heads: int) -> torch.Tensor:
