@@ -111,6 +111,11 @@ def attnswap_attention(module: nn.Module, query, key, value, attention_mask, sca
         variant = _FULL
     # A bounded cache (attnswap.hf.cache) tags the keys it returns with what it holds; read it before GQA copies them.
     cache_slots = getattr(key, "attnswap_slots", None)
+    if hasattr(cache_slots, "serve"):  # a routed cache layer: its heads attend over different keys, it runs them
+        scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+        with torch.profiler.record_function("attnswap.attention"):
+            out = cache_slots.serve(module, variant, query, attention_mask, scaling, getattr(module, STATE_ATTR, None))
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
     if hasattr(cache_slots, "decode"):  # a bounded cache's decode step reads its slots and state as it keeps them
         scaling, state = scaling if scaling is not None else query.shape[-1] ** -0.5, getattr(module, STATE_ATTR, None)
         for observer in getattr(module, "attnswap_observers", ()):  # the keys as cached: Hkv heads

@@ -3,7 +3,8 @@
 ``bounded_cache(model)`` builds a ``transformers`` Cache for a swapped model, to pass as
 ``model.generate(..., past_key_values=bounded_cache(model))``. A window layer keeps ``w + sinks`` key/value
 slots (``RollingLayer``), a Hedgehog or Performer layer its running linear-attention sums (``RecurrentLayer``),
-a hybrid layer both: the slots of its window and the sums of the keys that left it (``HybridLayer``);
+a hybrid layer both: the slots of its window and the sums of the keys that left it (``HybridLayer``), a routed
+layer (a hardened duo) every token for its full heads and the window's slots for the others (``RoutedLayer``);
 layers left unswapped keep HF's growing ``DynamicLayer``.
 
 How an attention call learns what the cache holds: the keys a bounded layer returns carry an
@@ -33,6 +34,7 @@ from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from attnswap.errors import AttnswapError
+from attnswap.hf.attention import STATE_ATTR
 from attnswap.hf.masks import ModelMask
 from attnswap.hf.swap import attention_modules, swapped_variant
 from attnswap.kernels.decode import DecodeStep
@@ -73,10 +75,10 @@ class RollingSlots:
         return variant.attend(q, k, v, ctx, state)
 
 
-def _check_kept(variant: Variant, layer_idx: int, kept: KeptState | None) -> None:
+def _check_kept(variant: Variant, layer_idx: int, kept: KeptState | None, state: nn.Module | None = None) -> None:
     """Refuse a variant that needs another cache than the one this layer keeps (``original_attention`` on a
     bounded cache, say)."""
-    if variant.kept_state(layer_idx) != kept:
+    if variant.kept_state(layer_idx, state) != kept:
         held = ("every token" if kept is None else
                 f"a window of {kept.window} with {kept.sinks} sinks" + (" and a linear state" if kept.linear else "")
                 if kept.window else "a linear-attention state")
@@ -100,6 +102,7 @@ class _BoundedLayer(CacheLayerMixin):
     counters (``seen``) that a captured run of decode steps leaves alone (``counting``) and advances after."""
 
     counting = True  # False: a decode step leaves ``seen`` as it is; ``advance`` catches up
+    capturable = True  # whether its tensors keep their addresses from step to step (captured decode steps)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -116,6 +119,27 @@ class _BoundedLayer(CacheLayerMixin):
 
     def advance(self, steps: int) -> None:
         raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise AttnswapError("the bounded cache does not support beam search; generate with num_beams=1")
+
+
+class _CountedLayer(_BoundedLayer):
+    """A layer that counts the positions it has seen itself (``seen``): any sequence length fits."""
+
+    seen = 0
+
+    def advance(self, steps: int) -> None:
+        self.seen += steps
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
 
 
 class RollingLayer(_BoundedLayer):
@@ -199,9 +223,6 @@ class RollingLayer(_BoundedLayer):
         self.keys = self.values = self._departing = None
         self.is_initialized = False
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise AttnswapError("the bounded cache does not support beam search; generate with num_beams=1")
-
 
 class FullLayer(RollingLayer):
     """An unswapped layer's cache for captured decode steps: ``max_length`` preallocated key/value slots, position p
@@ -273,7 +294,7 @@ class RecurrentSlots:
         return out
 
 
-class RecurrentLayer(_BoundedLayer):
+class RecurrentLayer(_CountedLayer):
     """A linear-attention layer's cache: the running sums (kv (B, H, M, D), z (B, H, M)) instead of keys and values.
     A decode step folds its token into them in place; its key and value pass through ``step_keys``/``step_values``
     (B, Hkv, 1, D), kept so that every step hands the attention call the same tensors."""
@@ -315,25 +336,10 @@ class RecurrentLayer(_BoundedLayer):
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (*(self.state or ()), self.step_keys, self.step_values) if t is not None]
 
-    def advance(self, steps: int) -> None:
-        self.seen += steps
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self.state, self.seen = None, 0
         self.step_keys = self.step_values = None
         self.is_initialized = False
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise AttnswapError("the bounded cache does not support beam search; generate with num_beams=1")
 
 
 # --- hybrid variants: rolling slots for the window, a running state for what left it -------------------
@@ -414,6 +420,118 @@ class HybridLayer(RollingLayer):
         self.far_state = self._leaving = None
 
 
+# --- routed variants: every token for the full heads, the window's slots for the others --------------------
+class RoutedLayer(_CountedLayer):
+    """A routed layer's cache (``KeptState.full_heads``): the KV heads its full query heads read keep every token,
+    growing as DynamicLayer does; the others keep ``window + sinks`` slots (a ``RollingLayer`` of their own). Every
+    attention call of the layer comes here (``serve``): each group of heads runs its own variant (``routes``) over
+    the keys kept for it, and the outputs go back in head order. Query heads of one KV head must agree, since they
+    share its keys."""
+
+    capturable = False  # the full heads' keys grow: no fixed addresses for a captured step
+
+    def __init__(self, kept: KeptState):
+        super().__init__()
+        self.kept = kept
+        self.window_slots = RollingLayer(kept.window, kept.sinks)
+        self.full_keys = self.full_values = self.full_real = None
+        self.seen = 0
+        self._checked: Variant | None = None
+
+    def __repr__(self) -> str:
+        return (f"RoutedLayer(full heads {sum(self.kept.full_heads)} of {len(self.kept.full_heads)}, "
+                f"window={self.kept.window}, sinks={self.kept.sinks})")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        heads, kv_heads = len(self.kept.full_heads), key_states.shape[1]
+        flags = torch.tensor(self.kept.full_heads).view(kv_heads, heads // kv_heads)
+        if bool((flags.any(dim=1) != flags.all(dim=1)).any()):
+            raise AttnswapError("this layer routes query heads of one KV head differently, and they share its keys; "
+                                "route whole KV heads (attnswap plan --objective recall does) or generate with the "
+                                "default cache")
+        device = key_states.device
+        self.full_kv = flags[:, 0].nonzero().flatten().to(device)
+        self.window_kv = (~flags[:, 0]).nonzero().flatten().to(device)
+        per_head = torch.tensor(self.kept.full_heads)
+        self.full_q, self.window_q = per_head.nonzero().flatten().to(device), (~per_head).nonzero().flatten().to(device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Keeps the new keys/values (B, Hkv, T, D) of each group; hands the call to ``serve``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.full_kv.numel():
+            keys, values = (x.index_select(1, self.full_kv) for x in (key_states, value_states))
+            if self.full_keys is None:
+                self.full_keys, self.full_values = keys, values
+            else:
+                self.full_keys = torch.cat([self.full_keys, keys], dim=-2)
+                self.full_values = torch.cat([self.full_values, values], dim=-2)
+        self._window_call = None
+        if self.window_kv.numel():
+            keys, values = (x.index_select(1, self.window_kv) for x in (key_states, value_states))
+            self._window_call = self.window_slots.update(keys, values)
+        self.seen += new
+        setattr(key_states, SLOTS_ATTR, self)
+        return key_states, value_states
+
+    def serve(self, module: nn.Module, variant: Variant, q: torch.Tensor, attention_mask, scaling: float,
+              state: nn.Module | None) -> torch.Tensor:
+        """The layer's attention for queries q (B, H, T, D): (B, H, T, D), full heads over every token kept, the
+        others over the window's slots."""
+        layer_idx = getattr(module, "layer_idx", 0) or 0
+        if variant is not self._checked:
+            _check_kept(variant, layer_idx, self.kept, state)
+            self._checked = variant
+        full, cheap = variant.routes()
+        out = q.new_zeros(*q.shape[:-1], self.full_values.shape[-1] if self.full_values is not None
+                          else self.window_slots.rolling.values.shape[-1])
+        if q.shape[-2] == 1:
+            real = _decode_mask(attention_mask)
+            if self.full_kv.numel():
+                new_real = torch.ones_like(self.full_keys[:, 0, -1:, 0], dtype=torch.bool) if real is None \
+                    else real[:, None]
+                self.full_real = new_real if self.full_real is None else torch.cat([self.full_real, new_real], -1)
+                step = DecodeStep(scaling, new_keys=None, new_values=None, keys=self.full_keys,
+                                  values=self.full_values, valid=self.full_real)
+                out[:, self.full_q] = full.decode(q[:, self.full_q], step, None).to(out.dtype)
+            if self.window_kv.numel():
+                out[:, self.window_q] = self.window_slots.decode(
+                    module, cheap, q[:, self.window_q], attention_mask, scaling, None).to(out.dtype)
+            return out
+        padding = None
+        if attention_mask is not None:
+            if not isinstance(attention_mask, ModelMask) or attention_mask.function is not None:
+                raise AttnswapError("the bounded cache serves causal attention with padding only, not this model's "
+                                    "own mask (sliding window, 4-D mask); generate with the default cache instead")
+            padding = attention_mask.padding
+        ctx = AttnContext(scaling=scaling, key_valid=padding, layer_idx=layer_idx)
+        if self.full_kv.numel():
+            self.full_real = padding if padding is not None else torch.ones(
+                self.full_keys.shape[0], self.seen, dtype=torch.bool, device=self.full_keys.device)
+            groups = len(self.full_q) // len(self.full_kv)
+            keys, values = (x.repeat_interleave(groups, dim=1) for x in (self.full_keys, self.full_values))
+            out[:, self.full_q] = full.attend(q[:, self.full_q], keys, values, ctx, None).to(out.dtype)
+        if self.window_kv.numel():
+            keys, values = self._window_call
+            slots = getattr(keys, SLOTS_ATTR)
+            groups = len(self.window_q) // len(self.window_kv)
+            keys, values = (x.repeat_interleave(groups, dim=1) for x in (keys, values))
+            out[:, self.window_q] = slots.attend(cheap, q[:, self.window_q], keys, values, slots.context(ctx),
+                                                 None).to(out.dtype)
+        return out
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [t for t in (self.full_keys, self.full_values, self.full_real) if t is not None]
+        return held + (self.window_slots.tensors() if self.window_slots.is_initialized else [])
+
+    def reset(self) -> None:
+        self.window_slots.reset()
+        self.full_keys = self.full_values = self.full_real = self._window_call = None
+        self.seen, self._checked, self.is_initialized = 0, None, False
+
+
 # --- building one ---------------------------------------------------------------------------------
 class BoundedCache(Cache):
     """One cache layer per decoder layer: bounded where the variant allows it, growing (or ``max_length``
@@ -436,6 +554,9 @@ class BoundedCache(Cache):
             if not isinstance(layer, _BoundedLayer):
                 raise AttnswapError("captured decode steps need every layer's cache preallocated; build the cache "
                                     "with bounded_cache(model, max_length=...)")
+            if not layer.capturable:
+                raise AttnswapError(f"captured decode steps need fixed-size caches, and {layer!r} grows for its full "
+                                    "heads; generate with model.generate(past_key_values=bounded_cache(model))")
             layer.settle()
             for tensor in layer.tensors():
                 torch._dynamo.mark_static_address(tensor)
@@ -462,11 +583,11 @@ def bounded_cache(model: nn.Module, max_length: int | None = None) -> BoundedCac
     layers = []
     for layer_idx, module in enumerate(attention_modules(model)):
         swapped = getattr(module, "attnswap_variant", None) is variant
-        kept = variant.kept_state(layer_idx) if swapped else None
+        kept = variant.kept_state(layer_idx, getattr(module, STATE_ATTR, None)) if swapped else None
         if swapped and kept is None:
             raise AttnswapError(f"variant {variant.spec!r} has no bounded cache; window (w + sinks slots), hedgehog "
-                                "and performer (a running state) and hybrid (both) have one; generate with the "
-                                "default cache instead")
+                                "and performer (a running state), hybrid (both) and a hardened duo (every token for "
+                                "its full heads only) have one; generate with the default cache instead")
         layers.append(_layer_for(kept, max_length))
     return BoundedCache(layers=layers)
 
@@ -474,6 +595,8 @@ def bounded_cache(model: nn.Module, max_length: int | None = None) -> BoundedCac
 def _layer_for(kept: KeptState | None, max_length: int | None) -> CacheLayerMixin:
     if kept is None:
         return DynamicLayer() if max_length is None else FullLayer(max_length)
+    if kept.full_heads:
+        return RoutedLayer(kept)
     if kept.window and kept.linear:
         return HybridLayer(kept.window, kept.sinks)
     if kept.window:

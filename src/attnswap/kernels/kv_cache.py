@@ -34,11 +34,15 @@ from attnswap.kernels.linear import causal_linear_attention, linear_attention_st
 class KeptState:
     """What one layer of a variant keeps between decode steps, whatever the sequence length: ``window`` key/value
     slots of the last tokens (0: none) and ``sinks`` of each row's first real tokens, and (``linear``) a running
-    linear-attention state of every other token."""
+    linear-attention state of every other token; or, routed (``full_heads``), every token for some heads and the
+    window for the others."""
 
     window: int = 0
     sinks: int = 0
     linear: bool = False
+    # A routed layer: per query head, True where it attends over every token (its KV head keeps them all) and
+    # False where it keeps to the window; empty: every head keeps the same.
+    full_heads: tuple[bool, ...] = ()
 
 
 @dataclass

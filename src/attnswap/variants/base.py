@@ -165,10 +165,15 @@ class Variant:
         return self.reference(q, k, v, ctx, state).to(q.dtype)
 
     # --- generation over a bounded cache ----------------------------------------------------------
-    def kept_state(self, layer_idx: int) -> KeptState | None:
-        """What layer ``layer_idx`` keeps between decode steps (attnswap.hf.cache builds its cache layer from it);
-        None where what it attends over grows with the sequence."""
+    def kept_state(self, layer_idx: int, state: nn.Module | None = None) -> KeptState | None:
+        """What layer ``layer_idx`` (with its ``state``) keeps between decode steps (attnswap.hf.cache builds its
+        cache layer from it); None where what it attends over grows with the sequence."""
         return None
+
+    def routes(self) -> tuple["Variant", "Variant"]:
+        """A routed layer's two variants, (that of its full heads, that of its cheap heads), which its cache layer
+        runs each over the keys it keeps for them: for a ``kept_state`` that names ``full_heads``."""
+        raise AttnswapError(f"variant {self.spec!r} routes no heads")
 
     def decode(self, q: torch.Tensor, step: DecodeStep, state: nn.Module | None) -> torch.Tensor:
         """One new token's attention, q (B, H, 1, D) -> (B, H, 1, D), over what its cache layer keeps (``step``),

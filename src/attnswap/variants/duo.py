@@ -12,7 +12,9 @@ so a gate above 1 (where the clamp passes no gradient) still comes down.
 
 Hardening (``DuoState.harden``) fixes a boolean per head, True = full, in the ``full_heads`` buffer (saved with
 the state). A hardened layer is one masked attention over all its heads: the mask is causal for full heads and
-the window (+ sinks) for the others, so FlexAttention runs both kinds of head in one block-sparse call.
+the window (+ sinks) for the others, so FlexAttention runs both kinds of head in one block-sparse call. Its
+generation cache (``kept_state``) keeps every token for the full heads only, the window's slots for the others,
+where the heads of one KV head agree (``attnswap plan --objective recall`` routes whole KV heads).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from attnswap.errors import AttnswapError
+from attnswap.kernels.kv_cache import KeptState
 from attnswap.kernels.masks import MaskFn, draw, materialize, to_index_mask
 from attnswap.variants.base import AttnContext, check
 from attnswap.variants.full import Full
@@ -120,6 +123,18 @@ class Duo(MaskedVariant):
         share = state.share().view(1, -1, 1, 1)
         full, window = FULL.attend(q, k, v, ctx, None), self.cheap.attend(q, k, v, ctx, None)
         return (share * full.float() + (1 - share) * window.float()).to(q.dtype)
+
+
+    def kept_state(self, layer_idx: int, state=None) -> KeptState | None:
+        """Hardened: every token for the full heads, the window and sinks for the others (hf.cache.RoutedLayer).
+        Training mixes both paths in every head, which needs every token."""
+        if state is None or not bool(state.hardened):
+            return None
+        return KeptState(window=self.params.w, sinks=self.params.sinks,
+                         full_heads=tuple(bool(x) for x in state.full_heads.tolist()))
+
+    def routes(self) -> tuple[Full, Window]:
+        return FULL, self.cheap
 
 
 def route_heads(states: list[DuoState], budget: float, cheap_cost: float, fixed_heads: int = 0) -> list[list[bool]]:

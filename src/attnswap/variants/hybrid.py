@@ -196,7 +196,7 @@ class Hybrid(Variant):
         features = self.hedgehog.feature_map(q, k, ctx, state.feature_map)
         return features.q, features.k * keep[:, None, :, None]
 
-    def kept_state(self, layer_idx: int) -> KeptState:
+    def kept_state(self, layer_idx: int, state=None) -> KeptState:
         return KeptState(window=self.window_for(layer_idx).params.w, sinks=self.params.sinks, linear=True)
 
     def decode(self, q, step: DecodeStep, state: HybridState) -> torch.Tensor:

@@ -89,7 +89,7 @@ class LinearVariant(Variant):
         return causal_linear_attention(features.q, features.k, v, chunk=self.params.chunk,
                                        key_log_scale=features.key_log_scale, documents=ctx.documents).to(q.dtype)
 
-    def kept_state(self, layer_idx: int) -> KeptState:
+    def kept_state(self, layer_idx: int, state=None) -> KeptState:
         return KeptState(linear=True)
 
     def decode(self, q, step: DecodeStep, state: nn.Module | None) -> torch.Tensor:

@@ -64,7 +64,7 @@ class Window(MaskedVariant):
             return None
         return sliding_window_mask(self.params.w, 0, ctx.first_real_token(batch, device)), self.params.sinks
 
-    def kept_state(self, layer_idx: int) -> KeptState:
+    def kept_state(self, layer_idx: int, state=None) -> KeptState:
         return KeptState(window=self.params.w, sinks=self.params.sinks)
 
     def decode(self, q, step: DecodeStep, state) -> torch.Tensor:
