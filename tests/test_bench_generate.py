@@ -50,3 +50,29 @@ def test_bench_generate_refuses_a_folder_without_config(tmp_path, capsys):
     code = main(["bench-generate", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "run")])
     assert code == 2
     assert capsys.readouterr().err.startswith("error: --model")
+
+
+def test_a_saved_routed_swap_is_measured_beside_the_baseline(tmp_path):
+    """A hardened duo (one full KV head per layer), saved: its row's cache grows by the full heads' keys alone."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from attnswap.hf.saved import save
+    from attnswap.hf.swap import attention_modules, swap
+
+    folder = _config_folder(tmp_path)
+    torch.manual_seed(0)
+    model = swap(LlamaForCausalLM(LlamaConfig.from_pretrained(folder)).eval(), "duo:w=8,sinks=2")
+    for module in attention_modules(model):
+        module.attnswap.harden(torch.tensor([True, True, False, False]))
+    save(model, tmp_path / "routed")
+    out = tmp_path / "run"
+    bench_generate(GenerateBenchConfig(model=str(folder), prompts=[16, 48], batches=[1], new_tokens=4, repeats=1,
+                                       device="cpu", dtype="float32", variants=[], swapped=[str(tmp_path / "routed")],
+                                       out=str(out)))
+    rows = {(r["impl"], r["prompt"]): r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    routed, sdpa = ("swapped:routed", 16), ("hf_sdpa", 16)
+    assert rows[routed]["status"] == "ok" and rows[routed]["decode_tok_s"] > 0 and not rows[routed]["compiled"]
+    grown = {impl: rows[impl, 48]["cache_MiB"] - rows[impl, 16]["cache_MiB"] for impl in ("hf_sdpa", "swapped:routed")}
+    assert 0 < grown["swapped:routed"] < 0.6 * grown["hf_sdpa"], grown  # half the KV heads, and their real flags
+    assert rows[routed]["cache_MiB"] > 0 and rows[sdpa]["cache_MiB"] > 0

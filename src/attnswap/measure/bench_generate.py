@@ -6,7 +6,8 @@
 Side by side in one run, on one model (a model folder, or a folder with only a ``config.json``: random weights
 of that shape): HF ``sdpa`` with its growing DynamicCache (``hf_sdpa``), HF ``sdpa`` with a StaticCache and the
 decode step compiled (``hf_static_compile``), then each variant over attnswap's bounded cache with the decode step
-compiled (``attnswap.hf.decoding``; on the CPU every impl runs eagerly and the compiled baseline is skipped).
+compiled (``attnswap.hf.decoding``; on the CPU every impl runs eagerly and the compiled baseline is skipped), then
+each saved swap (``--swapped``: a routed duo from ``attnswap plan --objective recall``, say) over ``bounded_cache``.
 Every impl runs the same loop (``decoding.prefill`` once, then ``decoding.decode_one_token`` per token), so the
 loop's own overhead is the same for all; prompts are random tokens of one length per batch (no padding).
 
@@ -41,6 +42,7 @@ from attnswap.errors import AttnswapError
 from attnswap.hf.cache import bounded_cache
 from attnswap.hf.decoding import compiled_step, decode_one_token, prefill
 from attnswap.hf.models import resolve_device, resolve_dtype
+from attnswap.hf.saved import load
 from attnswap.hf.swap import swap, unswap
 from attnswap.measure.bench_kernel import environment, synchronize
 from attnswap.runs import holding_out_folder
@@ -49,6 +51,7 @@ from attnswap.variants import get_variant
 log = logging.getLogger(__name__)
 
 BASELINES = ("hf_sdpa", "hf_static_compile")
+SWAPPED_PREFIX = "swapped:"  # the impl name of a saved swap: this + its folder's name
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
@@ -57,6 +60,9 @@ class GenerateBenchConfig:
     model: str = ""  # a model folder, or a folder holding only config.json (random weights of that shape)
     max_positions: int = 0  # raise the config's max_position_embeddings to this (0 = as it is)
     variants: list[str] = field(default_factory=lambda: ["window:w=256,sinks=4", "hybrid:w=256,sinks=4"])
+    # saved swaps of this model (attnswap.save folders: a routed duo, a distilled swap), each measured as it was saved;
+    # a cache that grows for some heads (a routed duo) decodes eagerly
+    swapped: list[str] = field(default_factory=list)
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     prompts: list[int] = field(default_factory=lambda: [8192, 32768])  # prompt lengths
     batches: list[int] = field(default_factory=lambda: [1])
@@ -79,6 +85,8 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
     model, model_name = _load(config, device, dtype)
     impls = [b for b in config.baselines if compiling or b != "hf_static_compile"]
     impls += [get_variant(spec).spec for spec in config.variants]
+    saved = {f"{SWAPPED_PREFIX}{Path(folder).name}": folder for folder in config.swapped}
+    impls += list(saved)
     out, env = Path(config.out), environment(device)
     summary = {"gpu": env["gpu"], "torch": env["torch"], "transformers": env["transformers"],
                "command": shlex.join(["attnswap", *sys.argv[1:]]) if sys.argv[1:2] == ["bench-generate"] else
@@ -86,9 +94,14 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
     rows = []
     cases = [(impl, batch, prompt) for batch in config.batches for prompt in config.prompts for impl in impls]
     for impl, batch, prompt in tqdm(cases, desc="generation cases"):
+        captured = compiling and impl != "hf_sdpa" and impl not in saved
         row = {"model": model_name, "impl": impl, "batch": batch, "prompt": prompt, "new_tokens": config.new_tokens,
-               "dtype": config.dtype, "compiled": compiling and impl != "hf_sdpa"}
-        row.update(_guarded(lambda: _case(model, impl, batch, prompt, config, device, compiling), device))
+               "dtype": config.dtype, "compiled": captured}
+        if impl in saved:
+            row.update(_guarded(lambda: _case(load(saved[impl], device=str(device), dtype=config.dtype), impl, batch,
+                                              prompt, config, device, False), device))
+        else:
+            row.update(_guarded(lambda: _case(model, impl, batch, prompt, config, device, captured), device))
         rows.append(row)
         log.info("%s", json.dumps(row))
         _add_ratios(rows)
@@ -99,6 +112,7 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
 # --- one case -------------------------------------------------------------------------------------
 def _case(model: nn.Module, impl: str, batch: int, prompt: int, config: GenerateBenchConfig, device: torch.device,
           compiling: bool) -> dict[str, Any]:
+    """``compiling``: the decode step is compiled and captured, over a cache that keeps its tensors in place."""
     _use(model, impl)
     if compiling:
         # Each case compiles its own graphs: the last case's graphs (and their CUDA-graph memory pools) go first,
@@ -120,14 +134,14 @@ def _case(model: nn.Module, impl: str, batch: int, prompt: int, config: Generate
         synchronize(device)
         prefilled = time.perf_counter()
         with torch.no_grad():
-            if hasattr(cache, "start_captured_steps"):
+            if compiling and hasattr(cache, "start_captured_steps"):
                 cache.start_captured_steps()
             for _ in range(config.new_tokens - 1):
                 token = step(model, cache, token, position).clone()
                 position = position + 1
         synchronize(device)
         end = time.perf_counter()
-        if hasattr(cache, "finish_captured_steps"):
+        if compiling and hasattr(cache, "finish_captured_steps"):
             cache.finish_captured_steps(config.new_tokens - 1)
         return prefilled - start, end - prefilled, cache
 
@@ -154,7 +168,7 @@ def _use(model: nn.Module, impl: str) -> None:
     if impl in BASELINES:
         unswap(model)
         model.set_attn_implementation("sdpa")
-    else:
+    elif not impl.startswith(SWAPPED_PREFIX):  # a saved swap is loaded as it was saved
         swap(model, impl, trainable="none")
 
 
@@ -165,6 +179,8 @@ def _cache_factory(model: nn.Module, impl: str, total: int) -> Callable[[], Any]
         return lambda: DynamicCache(config=model.config)
     if impl == "hf_static_compile":
         return lambda: StaticCache(config=model.config, max_cache_len=total)
+    if impl.startswith(SWAPPED_PREFIX):  # as model.generate(past_key_values=bounded_cache(model)) keeps it
+        return lambda: bounded_cache(model)
     return lambda: bounded_cache(model, max_length=total)
 
 
@@ -247,6 +263,9 @@ def _check(config: GenerateBenchConfig) -> None:
         raise AttnswapError("--prompts and --batches need positive integers, e.g. --prompts 8192,32768 --batches 1")
     for spec in config.variants:
         get_variant(spec)  # an unknown variant or parameter is one error line now, not after the baselines ran
+    for folder in config.swapped:
+        if not (Path(folder) / "config.json").is_file():
+            raise AttnswapError(f"--swapped {folder!r} has no config.json; give a folder written by attnswap.save")
 
 
 # --- results --------------------------------------------------------------------------------------
