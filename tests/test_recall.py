@@ -14,8 +14,8 @@ from torch import nn
 
 from attnswap.errors import AttnswapError
 from attnswap.hf.models import DEFAULT_MODEL, load_tokenizer
-from attnswap.measure.recall import (RecallConfig, Vocabulary, induction_sample, mqar_sample, passkey_sample,
-                             position_buckets, ppl_by_position, recall, top1_correct)
+from attnswap.data.recall_tasks import Vocabulary, induction_sample, mqar_sample, passkey_sample
+from attnswap.measure.recall import RecallConfig, position_buckets, ppl_by_position, recall, top1_correct
 
 VOCAB_SIZE = 64
 

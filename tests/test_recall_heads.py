@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnswap.errors import AttnswapError
-from attnswap.measure.recall import Vocabulary
+from attnswap.data.recall_tasks import Vocabulary
 from attnswap.measure.recall_heads import (PROBE_SEED_OFFSET, SEGMENT, far_attention, kv_head_scores, probe_samples,
                                            route_kv_heads)
 from attnswap.variants import get_variant
@@ -78,7 +78,7 @@ def test_probes_reach_past_twice_the_window_and_are_not_the_suites_sequences():
         source, copy_start = s.info["source_start"], s.info["copy_start"]
         assert torch.equal(s.ids[source:source + SEGMENT], s.ids[copy_start:copy_start + SEGMENT])
     assert all("passkey" in s.info for s in samples[1::2])
-    from attnswap.measure.recall import induction_sample
+    from attnswap.data.recall_tasks import induction_sample
 
     suite = induction_sample(vocab, LENGTH, distances[0], SEGMENT, 0, 0)
     assert not torch.equal(suite.ids, copies[0].ids) and PROBE_SEED_OFFSET > 0

@@ -52,6 +52,7 @@ from torch import nn
 from tqdm import tqdm
 
 from attnswap.config import config_to_dict
+from attnswap.data.recall_tasks import Vocabulary
 from attnswap.data.tokens import WIKITEXT2_VALID, pack_blocks, refuse_test_source, token_stream
 from attnswap.errors import AttnswapError
 from attnswap.hf.attention import STATE_ATTR
@@ -59,7 +60,7 @@ from attnswap.hf.models import DEFAULT_MODEL, git_commit, load_model, load_token
 from attnswap.hf.saved import load, save
 from attnswap.hf.swap import attention_modules, head_shape, swap, swapped_variant, unswap
 from attnswap.measure.harden import write_csv
-from attnswap.measure.recall import Vocabulary, check_fits
+from attnswap.measure.recall import check_fits
 from attnswap.measure.recall_heads import far_attention, kv_head_scores, probe_samples, route_kv_heads
 from attnswap.plots import bar_plot
 from attnswap.runs import holding_out_folder

@@ -28,14 +28,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from attnswap.data.recall_tasks import PROBE_STREAM, Sample, Vocabulary, induction_sample, passkey_sample
 from attnswap.errors import AttnswapError
 from attnswap.hf.swap import is_swapped, observe_attention, swap, unswap
 from attnswap.kernels.masks import materialize
-from attnswap.measure.recall import Sample, Vocabulary, induction_sample, passkey_sample
 from attnswap.variants.full import Full
 from attnswap.variants.masked import MaskedVariant
 
-PROBE_SEED_OFFSET = 1_000_003  # probes draw from seed + this: apart from every recall-suite seed a user would pick
+PROBE_SEED_OFFSET = PROBE_STREAM  # probes draw from seed + this: apart from every recall-suite seed a user picks
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75)  # needles at least a quarter of the haystack before the question
 SEGMENT = 32  # tokens of each probe's repeated segment
 

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from attnswap.config import config_to_dict
+from attnswap.data.recall_tasks import Vocabulary, training_sequences
 from attnswap.data.tokens import (block_order, check_readable, pack_blocks, parse_hub, refuse_test_source, resolve_path,
                                   split_blocks, token_stream)
 from attnswap.errors import AttnswapError
@@ -77,11 +78,18 @@ def make_optimizer(pair: Pair, config: DistillConfig) -> torch.optim.AdamW:
 
 
 def load_blocks(config: DistillConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) blocks of seq_len tokens."""
+    """(train, validation) blocks of seq_len tokens; ``recall_mix`` of the training blocks are synthetic recall
+    sequences, added to the text's (validation stays text)."""
     blocks = pack_blocks(token_stream(config.data, tokenizer, style=config.data_style), config.seq_len)
     if not config.val_data:
-        return split_blocks(blocks, config.val_fraction, config.seed)
-    return blocks, pack_blocks(token_stream(config.val_data, tokenizer, split="validation"), config.seq_len)
+        blocks, validation = split_blocks(blocks, config.val_fraction, config.seed)
+    else:
+        validation = pack_blocks(token_stream(config.val_data, tokenizer, split="validation"), config.seq_len)
+    if config.recall_mix:
+        count = round(config.recall_mix / (1 - config.recall_mix) * blocks.shape[0])
+        synthetic = training_sequences(Vocabulary.from_tokenizer(tokenizer), config.seq_len, count, config.seed)
+        blocks = torch.cat([blocks, synthetic.to(blocks.dtype)])
+    return blocks, validation
 
 
 def batch_ids(blocks: torch.Tensor, config: DistillConfig, ranks: Ranks, step: int, micro: int) -> torch.Tensor:

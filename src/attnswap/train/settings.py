@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnswap.data.recall_tasks import TRAINING_MIN_LENGTH
 from attnswap.data.tokens import DISTILL_TEXT, WIKITEXT2_VALID
 from attnswap.data.wikitext_style import STYLES
 from attnswap.train.losses import DEFAULT_CHUNK
@@ -21,6 +22,9 @@ class DistillConfig:
     # punctuation, @-@, <unk>; attnswap.data.wikitext_style), to distil on the formatting that quality is measured on
     data_style: str = "plain"
     val_data: str = WIKITEXT2_VALID  # empty = hold out val_fraction of the training blocks
+    # share of the training blocks that are synthetic recall sequences (copies at a distance, passkeys; data/
+    # recall_tasks.py), drawn apart from the recall suite's and the probes': the teacher's retrieval, distilled
+    recall_mix: float = 0.0
     val_fraction: float = 0.02
     steps: int = 500
     batch_size: int = 32  # sequences per optimizer micro-step over all ranks (32 x 1024: 400 k tokens/s on an H200)
@@ -82,6 +86,11 @@ class DistillConfig:
         check(self.variant_lr_scale > 0, f"variant_lr_scale must be > 0, got variant_lr_scale={self.variant_lr_scale}")
         check(self.temperature > 0, f"temperature must be > 0, got temperature={self.temperature}")
         check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check(0 <= self.recall_mix < 1, f"recall_mix must be in [0, 1) (a share of the training blocks), got "
+                                         f"{self.recall_mix}")
+        check(self.recall_mix == 0 or self.seq_len >= TRAINING_MIN_LENGTH,
+              f"recall_mix needs seq_len >= {TRAINING_MIN_LENGTH} (a passkey and a distant copy per block), got "
+              f"seq_len={self.seq_len}")
         check(self.data_style in STYLES, f"data_style must be one of {', '.join(STYLES)}; got {self.data_style!r}")
         check(self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}")
         check(self.dtype in ("auto", "float32", "bfloat16"),
