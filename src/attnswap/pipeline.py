@@ -20,7 +20,7 @@ from typing import Any
 from attnswap.config import build_config, config_to_dict
 from attnswap.errors import AttnswapError
 from attnswap.hf.models import DEFAULT_MODEL
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.variants import get_variant
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run(config: RunConfig) -> dict[str, Any]:
     _write_sweeps(rows, out)
     summary = {"name": config.name, "model": config.model or DEFAULT_MODEL, "config": config_to_dict(config),
                "command": " ".join(sys.argv), "seconds": round(time.perf_counter() - started, 1), "rows": rows}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1))
     _write_table(rows, out)
 
     from attnswap.report.build import ReportConfig, report
@@ -153,7 +153,7 @@ def _write_sweeps(rows: list[dict[str, Any]], out: Path) -> None:
                 sweep.append({"w": int(match[1]), "sinks": int(match[2]), "perplexity": q["perplexity"],
                               "kl": q["kl"], "top1_agreement": q["top1_agreement"]})
         if len({r["w"] for r in sweep}) > 1:
-            (out / f"window_sweep_{stage}.json").write_text(json.dumps({"rows": sweep}, indent=1))
+            atomic_write(out / f"window_sweep_{stage}.json", json.dumps({"rows": sweep}, indent=1))
 
 
 TABLE_COLUMNS = ["variant", "stage", "perplexity", "perplexity_original", "kl", "top1_agreement", "accuracy_ratio",
@@ -181,4 +181,4 @@ def _write_table(rows: list[dict[str, Any]], out: Path) -> None:
     fmt = lambda v: "n/a" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
     table = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     table += ["| " + " | ".join(fmt(line.get(c)) for c in TABLE_COLUMNS) + " |" for line in lines]
-    (out / "summary.md").write_text("\n".join(table) + "\n")
+    atomic_write(out / "summary.md", "\n".join(table) + "\n")

@@ -6,6 +6,8 @@ and never changes the backend of a notebook that imports attnswap.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -157,9 +159,16 @@ def marked_grid(values: np.ndarray, marked: np.ndarray, row_labels: Sequence[str
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
+    """Under a temporary name, then renamed into place: a reader never finds half a figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(temporary, dpi=110, format=path.suffix.lstrip(".") or "png")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     return path
 
 

@@ -164,13 +164,16 @@ def atomic_files(folder: str | Path, last: str = "config.json") -> Iterator[Path
         building.rmdir()
 
 
-def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` under a temporary name, then rename it into place."""
+def atomic_write(path: str | Path, data: str | bytes | Callable[[Path], object]) -> Path:
+    """Write ``data`` (text, bytes, or a function that writes the file it is given) to ``path`` under a temporary
+    name, then rename it into place; on any error or signal the temporary is removed."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         with disk_errors(path):
-            if isinstance(data, bytes):
+            if callable(data):
+                data(tmp)
+            elif isinstance(data, bytes):
                 tmp.write_bytes(data)
             else:
                 tmp.write_text(data, encoding="utf-8")

@@ -45,7 +45,7 @@ from attnswap.measure.bench_kernel import (DEFAULT_VARIANTS, available_variants,
                                            fit_exponent, guarded, measure, open_rows, scaling_figure, synchronize,
                                            write_results)
 from attnswap.plots import bar_plot
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.variants import Variant
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def _profile_one(model: nn.Module, ids: torch.Tensor, device: torch.device, out:
     trace, table = out / f"bench_profile_{label}.trace.json", out / f"bench_profile_{label}.txt"
     prof.export_chrome_trace(str(trace))
     sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table.write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
+    atomic_write(table, prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
     share = attention_share(prof.events())
     if device.type == "cuda" and share["total_gpu_ms"] is None:
         log.warning("the profiler recorded no GPU kernels (CUPTI unavailable?); attention shares are CPU time")

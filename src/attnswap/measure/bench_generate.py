@@ -45,7 +45,7 @@ from attnswap.hf.models import resolve_device, resolve_dtype
 from attnswap.hf.saved import load
 from attnswap.hf.swap import swap, unswap
 from attnswap.measure.bench_kernel import environment, synchronize
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.variants import get_variant
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def _write(out: Path, summary: dict) -> None:
     """summary.json, rows.csv and generation.png, each written to a temporary name and renamed."""
     out.mkdir(parents=True, exist_ok=True)
     rows = summary["rows"]
-    _atomic(out / "summary.json", lambda path: path.write_text(json.dumps(summary, indent=2) + "\n"))
+    atomic_write(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def table(path: Path) -> None:
         columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -282,14 +282,8 @@ def _write(out: Path, summary: dict) -> None:
             writer.writeheader()
             writer.writerows(rows)
 
-    _atomic(out / "rows.csv", table)
-    _atomic(out / "generation.png", lambda path: _plot(rows, path))
-
-
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp{path.suffix}")
-    write(temporary)
-    temporary.replace(path)
+    atomic_write(out / "rows.csv", table)
+    atomic_write(out / "generation.png", lambda path: _plot(rows, path))
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import gc
 import importlib.metadata
 import json
@@ -39,7 +40,7 @@ from attnswap.errors import AttnswapError
 from attnswap.hf.models import git_commit, resolve_device, resolve_dtype
 from attnswap.kernels.counting import BACKWARD_FLOP_FACTOR
 from attnswap.plots import Panel, Series, line_plot
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.variants import VARIANTS, AttnContext, Variant, get_variant
 
 log = logging.getLogger(__name__)
@@ -196,14 +197,15 @@ def write_results(out: Path, prefix: str, rows: list[dict], summary: dict) -> li
     out.mkdir(parents=True, exist_ok=True)
     jsonl, table, summary_file = (out / f"{prefix}_results.jsonl", out / f"{prefix}_results.csv",
                                   out / f"{prefix}_summary.json")
-    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write(jsonl, "".join(json.dumps(row) + "\n" for row in rows))
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    with table.open("w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
-    summary_file.write_text(json.dumps(summary, indent=2) + "\n")
+    stream = io.StringIO(newline="")
+    writer = csv.DictWriter(stream, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    atomic_write(table, stream.getvalue())
+    atomic_write(summary_file, json.dumps(summary, indent=2) + "\n")
     return [jsonl, table, summary_file]
 
 

@@ -25,7 +25,7 @@ from attnswap.errors import AttnswapError
 from attnswap.hf.models import DEFAULT_MODEL, REPO_ROOT, check_length, git_commit, load_model, load_tokenizer
 from attnswap.hf.saved import load
 from attnswap.hf.swap import keep_original_weights, original_attention, swap, swapped_variant
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.variants import get_variant
 from attnswap.variants.base import check
 
@@ -212,10 +212,10 @@ def generate_side_by_side(config: GenerateConfig) -> list[dict[str, Any]]:
     dtype = next(model.parameters()).dtype
     info = run_info(config, name, next(model.parameters()).device, dtype)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "generations.json").write_text(json.dumps({"info": info, "variants": list(variants), "rows": rows}, indent=1))
+    atomic_write(out / "generations.json", json.dumps({"info": info, "variants": list(variants), "rows": rows}, indent=1))
     title = f"# Generations: original vs {', '.join(variants)}\n\nmodel `{name}`\n\n"
-    (out / "generations.md").write_text(title + markdown_table(rows, list(variants)))
-    (out / "generations.html").write_text(html_table(rows, list(variants), name))
+    atomic_write(out / "generations.md", title + markdown_table(rows, list(variants)))
+    atomic_write(out / "generations.html", html_table(rows, list(variants), name))
     print(f"{len(rows)} generations side by side -> {out / 'generations.md'}, generations.html, generations.json")
     return rows
 

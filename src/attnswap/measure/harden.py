@@ -66,7 +66,7 @@ from attnswap.kernels.masks import causal, to_index_mask
 from attnswap.measure.bench_kernel import (DENSE, MODES, dense_causal_attention, dtype_name, environment, guarded,
                                            open_rows, scaling_figure, time_attention_case, write_results)
 from attnswap.plots import marked_grid
-from attnswap.runs import atomic_directory, holding_out_folder
+from attnswap.runs import atomic_directory, atomic_write, holding_out_folder
 from attnswap.variants import AttnContext, get_variant
 from attnswap.variants.mixture import (Mixture, MixtureState, candidate_mass, density, harden, kept_by_mass,
                                        mixture_state)
@@ -382,7 +382,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 # --- output ------------------------------------------------------------------------------------
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")
+    atomic_write(path, json.dumps(data, indent=1) + "\n")
     log.info("wrote %s", path)
 
 

@@ -63,7 +63,7 @@ from attnswap.measure.harden import write_csv
 from attnswap.measure.recall import check_fits
 from attnswap.measure.recall_heads import far_attention, kv_head_scores, probe_samples, route_kv_heads
 from attnswap.plots import bar_plot
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.train.losses import kl_divergence
 from attnswap.variants import Variant, get_variant
 from attnswap.variants.duo import DuoState
@@ -249,7 +249,7 @@ def plan(config: PlanConfig) -> dict[str, Any]:
         result = _plan_heads(config, device, out) if config.swapped else _plan_layers(config, device, out)
     result = {"kind": "plan", "config": config_to_dict(config), "git_commit": commit,
               "command": command_line(config), **result}
-    (out / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
+    atomic_write(out / "plan.json", json.dumps(result, indent=1) + "\n")
     log.info("wrote %s", out / "plan.json")
     return result
 

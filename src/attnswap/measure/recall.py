@@ -40,7 +40,7 @@ from attnswap.data.recall_tasks import Sample, Vocabulary, induction_sample, mqa
 from attnswap.errors import AttnswapError
 from attnswap.hf.models import max_positions
 from attnswap.measure.evaluate import _logits
-from attnswap.runs import holding_out_folder
+from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.variants.base import check
 
 TASKS = ("passkey", "induction", "mqar", "ppl")
@@ -158,7 +158,7 @@ def recall(config: RecallConfig) -> dict[str, Any]:
     report = {"run": run_info(config, name, device, dtype), "lengths": lengths, "labels": labels,
               "summary": summary, "results": results, "seconds": round(time.time() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "recall.json", json.dumps(report, indent=1))
+    atomic_write(out / "recall.json", json.dumps(report, indent=1))
     write_tables(out, results)
     draw(out, results, plan)
     print(markdown_summary(report))
@@ -288,12 +288,6 @@ def ratios(variant: dict[str, list[dict]], teacher: dict[str, list[dict]]) -> di
 
 
 # --- files -------------------------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-
-
 def write_tables(out: Path, results: dict[str, dict[str, list[dict]]]) -> None:
     """One CSV per task: a row per (model, cell), with the teacher's score and the ratio beside each."""
     teacher = results[TEACHER]
@@ -308,7 +302,7 @@ def write_tables(out: Path, results: dict[str, dict[str, list[dict]]]) -> None:
             for row, base in zip(found[task], teacher[task]):
                 ratio = row[value] / base[value] if base[value] else ""
                 writer.writerow([label, *(row[k] for k in keys), row[value], base[value], ratio])
-        _write_atomic(out / f"{name}.csv", text.getvalue())
+        atomic_write(out / f"{name}.csv", text.getvalue())
 
 
 def draw(out: Path, results: dict[str, dict[str, list[dict]]], plan: dict[str, list[tuple]]) -> None:

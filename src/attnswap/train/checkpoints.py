@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ from attnswap.data.tokens import source_digest
 from attnswap.errors import AttnswapError
 from attnswap.hf.models import DEFAULT_MODEL, model_digest
 from attnswap.hf.swap import variant_state_dict
-from attnswap.runs import disk_errors
+from attnswap.runs import atomic_write
 from attnswap.train.pair import Pair, pair_device, precision
 from attnswap.train.settings import DistillConfig
 from attnswap.validate import contained_file, shown
@@ -57,10 +56,10 @@ def save_checkpoint(out: Path, step: int, pair: Pair, optimizer: torch.optim.Opt
         tensors["rng/cuda"] = torch.cuda.get_rng_state(pair_device(pair))
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     tensor_file = out / f"checkpoint-{step:07d}.safetensors"
-    atomic_file(tensor_file, lambda tmp: save_file(tensors, str(tmp)))  # a full disk: one line (runs.disk_errors)
+    atomic_write(tensor_file, lambda tmp: save_file(tensors, str(tmp)))  # a full disk: one line (runs.disk_errors)
     groups = [{k: v for k, v in g.items() if k != "params"} for g in optim_state["param_groups"]]
     meta = {**record, "step": step, "tensors": tensor_file.name, "param_groups": groups}
-    atomic_file(out / CKPT_JSON, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
+    atomic_write(out / CKPT_JSON, json.dumps(meta, indent=1))
     for old in out.glob("checkpoint-*.safetensors"):
         if old != tensor_file:
             old.unlink()
@@ -145,18 +144,6 @@ class BestSoFar:
 
     def record(self) -> dict:
         return {"step": self.step, "result": self.result, "stale": self.stale}
-
-
-def atomic_file(path: Path, write) -> None:
-    """``write(tmp)``, then ``tmp`` renamed to ``path``; on any error or signal the temporary is removed."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with disk_errors(path):
-            write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def run_inputs(config: DistillConfig, device: torch.device) -> dict[str, str]:
