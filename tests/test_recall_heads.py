@@ -32,7 +32,7 @@ def far_shares_from_attentions(model, samples) -> dict[str, torch.Tensor]:
     """(layers, heads) each: the same quantities from eager attention's probabilities and a window drawn by hand."""
     eager = copy.deepcopy(model)
     eager.set_attn_implementation("eager")
-    totals, count = {"lost": 0, "retrieval": 0}, 0
+    totals, counts = {}, {}
     with torch.no_grad():
         for sample in samples:
             attentions = torch.stack(eager(input_ids=sample.ids[None], output_attentions=True).attentions)[:, 0]
@@ -41,10 +41,13 @@ def far_shares_from_attentions(model, samples) -> dict[str, torch.Tensor]:
             outside = ((queries[:, None] - keys[None, :]) >= W) & (keys[None, :] >= SINKS)  # (n, S)
             answer = sample.ids[None, :] == sample.ids[sample.targets][:, None]
             rows = attentions[:, :, queries].double()  # (layers, H, n, S)
-            totals["lost"] = totals["lost"] + (rows * outside).sum(dim=(-1, -2))
-            totals["retrieval"] = totals["retrieval"] + (rows * (outside & answer)).sum(dim=(-1, -2))
-            count += len(queries)
-    return {key: total / count for key, total in totals.items()}
+            task = "retrieval_" + ("passkey" if "passkey" in sample.info else "copy")
+            for key, allowed in (("lost", outside), (task, outside & answer)):
+                totals[key] = totals.get(key, 0) + (rows * allowed).sum(dim=(-1, -2))
+                counts[key] = counts.get(key, 0) + len(queries)
+    shares = {key: total / counts[key] for key, total in totals.items()}
+    shares["retrieval"] = torch.maximum(shares["retrieval_copy"], shares["retrieval_passkey"])
+    return shares
 
 
 def test_far_attention_equals_the_attention_matrix_outside_the_window():
@@ -52,11 +55,13 @@ def test_far_attention_equals_the_attention_matrix_outside_the_window():
     samples = probe_samples(digit_vocabulary(), LENGTH, W, 4, seed=0)
     shares = far_attention(model, samples, get_variant(f"window:w={W},sinks={SINKS}"))
     expected = far_shares_from_attentions(model, samples)
-    for key in ("lost", "retrieval"):
+    assert shares.keys() == expected.keys() == {"lost", "retrieval", "retrieval_copy", "retrieval_passkey"}
+    for key in expected:
         assert shares[key].shape == (2, 4)
         torch.testing.assert_close(shares[key], expected[key], rtol=1e-4, atol=1e-7)
     assert float(shares["lost"].min()) > 0.05, "random heads spread attention over the far keys"
     assert 0 < float(shares["retrieval"].max()) < float(shares["lost"].min()), "a few far keys hold the answer"
+    assert not torch.equal(shares["retrieval_copy"], shares["retrieval_passkey"])
     assert getattr(model, "attnswap_record", None) is None, "the teacher is left unswapped"
 
 

@@ -339,7 +339,9 @@ def _plan_recall_heads(config: PlanConfig, device: torch.device, out: Path) -> d
     for module, flags in zip(attention_modules(model), full_kv):
         getattr(module, STATE_ATTR).harden(flags.repeat_interleave(heads // kv_heads).to(device))
     group = heads // kv_heads
+    by_task = {key: kv_head_scores(value, kv_heads) for key, value in shares.items() if key.startswith("retrieval_")}
     rows = [{"layer": layer, "kv_head": g, "retrieval": float(scores[layer, g]), "lost": float(lost[layer, g]),
+             **{key: float(value[layer, g]) for key, value in by_task.items()},
              "query_heads_retrieval": [round(float(x), 6) for x in shares["retrieval"][layer, g * group:(g + 1) * group]],
              "full": bool(full_kv[layer, g])}
             for layer in range(scores.shape[0]) for g in range(kv_heads)]

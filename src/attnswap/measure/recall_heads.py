@@ -6,7 +6,8 @@ out, and what it reads there is the token to be predicted. On probe sequences dr
 (``measure.recall``: copies at distances past the window, passkeys at depths far from the question), the teacher
 runs with full attention, and at each scored query every query head's attention probabilities are read
 (``far_attention``, (layers, heads)): the mass on keys the cheap pattern cannot see (``lost``), and the part of it
-on keys holding the token to be predicted (``retrieval``, the routing score). A head that spreads attention thinly
+on keys holding the token to be predicted, per task (``retrieval``, the higher of copy's and passkey's: the routing
+score). A head that spreads attention thinly
 over the whole context loses much mass and retrieves little; a window approximates its average. Grouped-query heads
 share one KV head, and its cache is what a generation keeps, so a KV head scores the highest among its query heads
 (``kv_head_scores``) and keeps full attention or not as a whole (``route_kv_heads``): the heads of highest score
@@ -65,29 +66,33 @@ def far_attention(model: nn.Module, samples: Sequence[Sample], cheap: MaskedVari
     """Over ``samples`` and their scored positions, the mean share of each query head's full attention, (layers,
     heads) float64 each, that falls on keys the masked variant ``cheap`` rules out:
 
-    - ``lost``: on any such key (what a window costs that head, diffuse attention included);
-    - ``retrieval``: on such keys that hold the very token to be predicted, the copy-and-paste that retrieval heads
-      do (an induction head's earlier occurrence, a passkey's digits in the needle).
+    - ``lost``: on any such key (what a window costs that head, diffuse attention included), over every probe;
+    - ``retrieval_copy``, ``retrieval_passkey``: on such keys that hold the very token to be predicted, the
+      copy-and-paste that retrieval heads do (an induction head's earlier occurrence, a passkey's digits in the
+      needle), over the probes of that task;
+    - ``retrieval``: the higher of the two, so that a head serving either task ranks by it, however many positions
+      each task scores (a copy scores its whole segment, a passkey its few digits).
 
     The query read is the one before each scored token: the position whose logits predict it. ``model`` is run with
     full attention (swapped to ``full`` for the call)."""
     device = next(model.parameters()).device
     full, totals, counts = Full(), {}, {}
-    current: dict[str, torch.Tensor] = {}
+    current: dict = {}
+
+    def add(key, layer_idx, value, count):
+        total, seen = totals.get((key, layer_idx), 0), counts.get((key, layer_idx), 0)
+        totals[key, layer_idx], counts[key, layer_idx] = total + value.double().cpu(), seen + count
 
     def observer(module, _variant, q, k, _v, ctx, _state):
         queries, ids = current["queries"].to(q.device), current["ids"].to(q.device)  # (n,), (S,)
         rows = dataclasses.replace(ctx, q_positions=queries)  # those queries alone, keys in slot order
         q_rows = q[:, :, queries]
         heads, kv_len = q.shape[1], k.shape[-2]
-        far = ~materialize(cheap.index_mask(q_rows, k, rows, None)[0], 1, heads, len(queries), kv_len, q.device)
+        far = ~materialize(cheap.index_mask(q_rows, k, rows, None)[0], 1, heads, len(queries), kv_len, q.device)[0]
         answer = ids[None, :] == ids[queries + 1][:, None]  # (n, S): keys holding the token to be predicted
         probs = full.probs(q_rows, k, rows, None)[0]  # (H, n, S) fp32
-        found = {"lost": (probs * far[0]).sum(dim=(-1, -2)), "retrieval": (probs * (far[0] & answer)).sum(dim=(-1, -2))}
-        layer = totals.setdefault(module.layer_idx, {key: 0 for key in found})
-        for key, value in found.items():
-            layer[key] = layer[key] + value.double().cpu()
-        counts[module.layer_idx] = counts.get(module.layer_idx, 0) + len(queries)
+        add("lost", module.layer_idx, (probs * far).sum(dim=(-1, -2)), len(queries))
+        add(f"retrieval_{current['task']}", module.layer_idx, (probs * (far & answer)).sum(dim=(-1, -2)), len(queries))
 
     if is_swapped(model):
         raise AttnswapError("recall heads are read from the teacher's own attention; pass the unswapped model")
@@ -95,15 +100,23 @@ def far_attention(model: nn.Module, samples: Sequence[Sample], cheap: MaskedVari
     try:
         with observe_attention(model, observer):
             for sample in tqdm(samples, desc="recall heads", unit="probe"):
-                current.update(queries=sample.targets - 1, ids=sample.ids)
+                current.update(queries=sample.targets - 1, ids=sample.ids, task=probe_task(sample))
                 model(input_ids=sample.ids[None].to(device), logits_to_keep=1)
     finally:
         unswap(model)
     if not totals:
         raise AttnswapError("the model ran no attention attnswap could observe; plan recall heads on a decoder "
                             "whose self-attention attnswap swaps (GPT-2, Llama, ...)")
-    return {key: torch.stack([totals[layer][key] / counts[layer] for layer in sorted(totals)])
-            for key in ("lost", "retrieval")}
+    layers = sorted({layer for _, layer in totals})
+    shares = {key: torch.stack([totals[key, layer] / counts[key, layer] for layer in layers])
+              for key in sorted({key for key, _ in totals})}
+    shares["retrieval"] = torch.stack([v for k, v in shares.items() if k.startswith("retrieval_")]).amax(dim=0)
+    return shares
+
+
+def probe_task(sample: Sample) -> str:
+    """``passkey`` or ``copy``: which recall task a probe poses."""
+    return "passkey" if "passkey" in sample.info else "copy"
 
 
 def kv_head_scores(lost: torch.Tensor, kv_heads: int) -> torch.Tensor:
