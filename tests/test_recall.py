@@ -240,3 +240,12 @@ def test_bad_recall_options_are_one_error_line(argv, message, tmp_path, capsys):
     code = main(["recall", *argv, "--out", str(tmp_path / "r"), "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_saved_swaps_named_alike_get_labels_that_tell_them_apart():
+    from attnswap.measure.recall import swapped_labels
+
+    assert swapped_labels(["runs/a/model", "runs/b/model"]) == ["a/model", "b/model"]
+    assert swapped_labels(["runs/a/model", "runs/b/other"]) == ["model", "other"]
+    with pytest.raises(AttnswapError, match="twice"):
+        swapped_labels(["runs/a/model", "runs/a/model"])

@@ -146,9 +146,8 @@ def recall(config: RecallConfig) -> dict[str, Any]:
         unswap(base)
         labels[label] = {"spec": text, "model": name}
     del base
-    for folder in config.swapped:
+    for folder, label in zip(config.swapped, swapped_labels(config.swapped)):
         model, _, _ = load_swapped(name, "", folder, config.device, config.dtype)  # its teacher: `name`, above
-        label = Path(folder).name
         results[label] = run_suite(model, vocab, plan, config, documents, label, max(lengths))
         labels[label] = {"swapped": folder, "model": name}
         del model
@@ -164,6 +163,17 @@ def recall(config: RecallConfig) -> dict[str, Any]:
     print(markdown_summary(report))
     print(f"wrote {out / 'recall.json'} and its CSV / PNG files in {report['seconds']} s")
     return report
+
+
+def swapped_labels(folders: Sequence[str]) -> list[str]:
+    """A label per saved swap: its folder's name, or, where names repeat (``runs/a/model``, ``runs/b/model``), as
+    many of its path's last parts as tell them apart."""
+    parts = [Path(folder).resolve().parts for folder in folders]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise AttnswapError("--swapped names one folder twice; name each once")
 
 
 def default_lengths(model: nn.Module) -> list[int]:
