@@ -126,6 +126,7 @@ def recall(config: RecallConfig) -> dict[str, Any]:
     start = time.time()
     specs = [get_variant(v) for v in config.variants]  # a bad spec fails before the weights load
     name = config.model or DEFAULT_MODEL
+    info = run_info(config, name, resolve_device(config.device), resolve_dtype(config.dtype))  # the code that runs
     base = load_model(name, device=config.device, dtype=config.dtype)
     vocab = Vocabulary.from_tokenizer(load_tokenizer(name))
     lengths = config.lengths or default_lengths(base)
@@ -153,8 +154,7 @@ def recall(config: RecallConfig) -> dict[str, Any]:
         del model
 
     summary = {label: ratios(results[label], results[TEACHER]) for label in results if label != TEACHER}
-    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
-    report = {"run": run_info(config, name, device, dtype), "lengths": lengths, "labels": labels,
+    report = {"run": info, "lengths": lengths, "labels": labels,
               "summary": summary, "results": results, "seconds": round(time.time() - start, 1)}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "recall.json", json.dumps(report, indent=1))
