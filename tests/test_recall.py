@@ -243,7 +243,7 @@ def test_bad_recall_options_are_one_error_line(argv, message, tmp_path, capsys):
 
 
 def test_saved_swaps_named_alike_get_labels_that_tell_them_apart():
-    from attnswap.measure.recall import swapped_labels
+    from attnswap.measure.generate import swapped_labels
 
     assert swapped_labels(["runs/a/model", "runs/b/model"]) == ["a/model", "b/model"]
     assert swapped_labels(["runs/a/model", "runs/b/other"]) == ["model", "other"]

@@ -45,13 +45,14 @@ from attnswap.hf.models import resolve_device, resolve_dtype
 from attnswap.hf.saved import load
 from attnswap.hf.swap import swap, unswap
 from attnswap.measure.bench_kernel import environment, synchronize
+from attnswap.measure.generate import swapped_labels
 from attnswap.runs import atomic_write, holding_out_folder
 from attnswap.variants import get_variant
 
 log = logging.getLogger(__name__)
 
 BASELINES = ("hf_sdpa", "hf_static_compile")
-SWAPPED_PREFIX = "swapped:"  # the impl name of a saved swap: this + its folder's name
+SWAPPED_PREFIX = "swapped:"  # the impl name of a saved swap: this + its label (measure.generate.swapped_labels)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")
 
 
@@ -85,7 +86,7 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
     model, model_name = _load(config, device, dtype)
     impls = [b for b in config.baselines if compiling or b != "hf_static_compile"]
     impls += [get_variant(spec).spec for spec in config.variants]
-    saved = {f"{SWAPPED_PREFIX}{Path(folder).name}": folder for folder in config.swapped}
+    saved = {f"{SWAPPED_PREFIX}{label}": folder for folder, label in zip(config.swapped, swapped_labels(config.swapped))}
     impls += list(saved)
     out, env = Path(config.out), environment(device)
     summary = {"gpu": env["gpu"], "torch": env["torch"], "transformers": env["transformers"],

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -57,6 +57,17 @@ class GenerateConfig:
 
 
 # --- what a result file says about its run -----------------------------------------------------
+def swapped_labels(folders: Sequence[str]) -> list[str]:
+    """A label per saved swap: its folder's name, or, where names repeat (``runs/a/model``, ``runs/b/model``), as
+    many of its path's last parts as tell them apart."""
+    parts = [Path(folder).resolve().parts for folder in folders]
+    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise AttnswapError("--swapped names one folder twice; name each once")
+
+
 def run_info(config: Any, model_name: str, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Model, device, dtype, library versions, git commit, resolved config and command line."""
     import transformers

@@ -117,7 +117,7 @@ class RecallConfig:
 def recall(config: RecallConfig) -> dict[str, Any]:
     """Run the suite on the teacher and on each variant / saved swap; write the run folder; return recall.json's
     content."""
-    from attnswap.measure.generate import load_swapped, run_info
+    from attnswap.measure.generate import load_swapped, run_info, swapped_labels
     from attnswap.hf.models import DEFAULT_MODEL, load_model, load_tokenizer, resolve_device, resolve_dtype
     from attnswap.hf.swap import swap, unswap
     from attnswap.variants import get_variant
@@ -163,17 +163,6 @@ def recall(config: RecallConfig) -> dict[str, Any]:
     print(markdown_summary(report))
     print(f"wrote {out / 'recall.json'} and its CSV / PNG files in {report['seconds']} s")
     return report
-
-
-def swapped_labels(folders: Sequence[str]) -> list[str]:
-    """A label per saved swap: its folder's name, or, where names repeat (``runs/a/model``, ``runs/b/model``), as
-    many of its path's last parts as tell them apart."""
-    parts = [Path(folder).resolve().parts for folder in folders]
-    for depth in range(1, max((len(p) for p in parts), default=1) + 1):
-        labels = ["/".join(p[-depth:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    raise AttnswapError("--swapped names one folder twice; name each once")
 
 
 def default_lengths(model: nn.Module) -> list[int]:
