@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from attnswap.data.recall_tasks import PROBE_STREAM, Vocabulary
 from attnswap.errors import AttnswapError
-from attnswap.data.recall_tasks import Vocabulary
-from attnswap.measure.recall_heads import (PROBE_SEED_OFFSET, SEGMENT, far_attention, kv_head_scores, probe_samples,
-                                           route_kv_heads)
+from attnswap.measure.recall_heads import SEGMENT, far_attention, kv_head_scores, probe_samples, route_kv_heads
 from attnswap.variants import get_variant
 from tests.conftest import tiny_llama
 
@@ -86,7 +85,7 @@ def test_probes_reach_past_twice_the_window_and_are_not_the_suites_sequences():
     from attnswap.data.recall_tasks import induction_sample
 
     suite = induction_sample(vocab, LENGTH, distances[0], SEGMENT, 0, 0)
-    assert not torch.equal(suite.ids, copies[0].ids) and PROBE_SEED_OFFSET > 0
+    assert not torch.equal(suite.ids, copies[0].ids) and PROBE_STREAM > 0
     with pytest.raises(AttnswapError, match="raise --context to at least"):
         probe_samples(vocab, 2 * W + SEGMENT, W, 2, seed=0)
 

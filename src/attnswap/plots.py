@@ -7,7 +7,6 @@ and never changes the backend of a notebook that imports attnswap.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence

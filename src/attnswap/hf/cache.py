@@ -86,15 +86,21 @@ def _check_kept(variant: Variant, layer_idx: int, kept: KeptState | None, state:
                             "(original_attention?); generate with the default cache instead")
 
 
-def _decode_mask(attention_mask) -> torch.Tensor | None:
-    """The new token's padding (B,) bool from a decode step's mask, None where every row's is real; a mask that says
-    more than padding is refused, as for a longer call."""
+def _padding(attention_mask) -> torch.Tensor | None:
+    """Which positions so far are real, (B, seen) bool, from a call's mask; None where every one is. A mask that says
+    more than padding is refused."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, ModelMask) or attention_mask.function is not None:
         raise AttnswapError("the bounded cache serves causal attention with padding only, not this model's own "
                             "mask (sliding window, 4-D mask); generate with the default cache instead")
-    return None if attention_mask.padding is None else attention_mask.padding[:, -1]
+    return attention_mask.padding
+
+
+def _decode_mask(attention_mask) -> torch.Tensor | None:
+    """The new token's padding (B,) bool from a decode step's mask, None where every row's is real."""
+    padding = _padding(attention_mask)
+    return None if padding is None else padding[:, -1]
 
 
 class _BoundedLayer(CacheLayerMixin):
@@ -444,17 +450,15 @@ class RoutedLayer(_CountedLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        heads, kv_heads = len(self.kept.full_heads), key_states.shape[1]
-        flags = torch.tensor(self.kept.full_heads).view(kv_heads, heads // kv_heads)
+        per_head = torch.tensor(self.kept.full_heads)
+        flags = per_head.view(key_states.shape[1], -1)  # (Hkv, G): query head h reads KV head h // G
         if bool((flags.any(dim=1) != flags.all(dim=1)).any()):
             raise AttnswapError("this layer routes query heads of one KV head differently, and they share its keys; "
                                 "route whole KV heads (attnswap plan --objective recall does) or generate with the "
                                 "default cache")
         device = key_states.device
-        self.full_kv = flags[:, 0].nonzero().flatten().to(device)
-        self.window_kv = (~flags[:, 0]).nonzero().flatten().to(device)
-        per_head = torch.tensor(self.kept.full_heads)
-        self.full_q, self.window_q = per_head.nonzero().flatten().to(device), (~per_head).nonzero().flatten().to(device)
+        self.full_kv, self.window_kv = (x.nonzero().flatten().to(device) for x in (flags[:, 0], ~flags[:, 0]))
+        self.full_q, self.window_q = (x.nonzero().flatten().to(device) for x in (per_head, ~per_head))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Keeps the new keys/values (B, Hkv, T, D) of each group; hands the call to ``serve``."""
@@ -500,12 +504,7 @@ class RoutedLayer(_CountedLayer):
                 out[:, self.window_q] = self.window_slots.decode(
                     module, cheap, q[:, self.window_q], attention_mask, scaling, None).to(out.dtype)
             return out
-        padding = None
-        if attention_mask is not None:
-            if not isinstance(attention_mask, ModelMask) or attention_mask.function is not None:
-                raise AttnswapError("the bounded cache serves causal attention with padding only, not this model's "
-                                    "own mask (sliding window, 4-D mask); generate with the default cache instead")
-            padding = attention_mask.padding
+        padding = _padding(attention_mask)
         ctx = AttnContext(scaling=scaling, key_valid=padding, layer_idx=layer_idx)
         if self.full_kv.numel():
             self.full_real = padding if padding is not None else torch.ones(

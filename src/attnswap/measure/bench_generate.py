@@ -7,7 +7,8 @@ Side by side in one run, on one model (a model folder, or a folder with only a `
 of that shape): HF ``sdpa`` with its growing DynamicCache (``hf_sdpa``), HF ``sdpa`` with a StaticCache and the
 decode step compiled (``hf_static_compile``), then each variant over attnswap's bounded cache with the decode step
 compiled (``attnswap.hf.decoding``; on the CPU every impl runs eagerly and the compiled baseline is skipped), then
-each saved swap (``--swapped``: a routed duo from ``attnswap plan --objective recall``, say) over ``bounded_cache``.
+each saved swap (``--swapped``: a routed duo from ``attnswap plan --objective recall``, say) over ``bounded_cache``,
+loaded once, alone on the device once the other impls are done.
 Every impl runs the same loop (``decoding.prefill`` once, then ``decoding.decode_one_token`` per token), so the
 loop's own overhead is the same for all; prompts are random tokens of one length per batch (no padding).
 
@@ -87,26 +88,35 @@ def bench_generate(config: GenerateBenchConfig) -> Path:
     impls = [b for b in config.baselines if compiling or b != "hf_static_compile"]
     impls += [get_variant(spec).spec for spec in config.variants]
     saved = {f"{SWAPPED_PREFIX}{label}": folder for folder, label in zip(config.swapped, swapped_labels(config.swapped))}
-    impls += list(saved)
     out, env = Path(config.out), environment(device)
     summary = {"gpu": env["gpu"], "torch": env["torch"], "transformers": env["transformers"],
                "command": shlex.join(["attnswap", *sys.argv[1:]]) if sys.argv[1:2] == ["bench-generate"] else
                shlex.join(sys.argv), "environment": env, "config": config_to_dict(config)}
     rows = []
-    cases = [(impl, batch, prompt) for batch in config.batches for prompt in config.prompts for impl in impls]
-    for impl, batch, prompt in tqdm(cases, desc="generation cases"):
-        captured = compiling and impl != "hf_sdpa" and impl not in saved
+    sizes = [(batch, prompt) for batch in config.batches for prompt in config.prompts]
+    progress = tqdm(total=len(sizes) * (len(impls) + len(saved)), desc="generation cases")
+
+    def measure(on: nn.Module, impl: str, batch: int, prompt: int, captured: bool) -> None:
         row = {"model": model_name, "impl": impl, "batch": batch, "prompt": prompt, "new_tokens": config.new_tokens,
                "dtype": config.dtype, "compiled": captured}
-        if impl in saved:
-            row.update(_guarded(lambda: _case(load(saved[impl], device=str(device), dtype=config.dtype), impl, batch,
-                                              prompt, config, device, False), device))
-        else:
-            row.update(_guarded(lambda: _case(model, impl, batch, prompt, config, device, captured), device))
+        row.update(_guarded(lambda: _case(on, impl, batch, prompt, config, device, captured), device))
         rows.append(row)
         log.info("%s", json.dumps(row))
         _add_ratios(rows)
         _write(out, {**summary, "rows": rows})  # after every case: an interrupted run keeps what it measured
+        progress.update(1)
+
+    for batch, prompt in sizes:
+        for impl in impls:
+            measure(model, impl, batch, prompt, compiling and impl != "hf_sdpa")
+    # Each saved swap alone on the device, loaded once: no other model's weights in its peak memory.
+    del model
+    for impl, folder in saved.items():
+        swapped_model = load(folder, device=str(device), dtype=config.dtype)
+        for batch, prompt in sizes:
+            measure(swapped_model, impl, batch, prompt, False)
+        del swapped_model
+    progress.close()
     return out
 
 

@@ -32,8 +32,8 @@ Summing single-layer KLs is an estimate (their effects interact); the distillati
 KL. **Heads** (``route_heads``): a distilled ``duo`` model keeps full attention in the heads whose gates are
 highest, as many as the budget allows over the whole model, and is hardened so (one block mask per layer).
 **Recall** (``--objective recall``, ``measure/recall_heads.py``): no training; on recall probes the teacher's own
-attention says which KV heads fetch the token to predict from past the window, and those stay full, as many as the budget allows; the rest
-become the duo's window. ``plan.json`` has the cost at 1k-8k by both measures; ``attnswap recall --swapped
+attention says which KV heads fetch the token to predict from past the window, and those stay full, as many as the
+budget allows; the rest become the duo's window. ``plan.json`` has the cost at 1k-8k by both measures; ``attnswap recall --swapped
 OUT/model`` then measures what the routing kept.
 """
 

@@ -7,13 +7,13 @@ out, and what it reads there is the token to be predicted. On probe sequences dr
 runs with full attention, and at each scored query every query head's attention probabilities are read
 (``far_attention``, (layers, heads)): the mass on keys the cheap pattern cannot see (``lost``), and the part of it
 on keys holding the token to be predicted, per task (``retrieval``, the higher of copy's and passkey's: the routing
-score). A head that spreads attention thinly
-over the whole context loses much mass and retrieves little; a window approximates its average. Grouped-query heads
+score). A head that spreads attention thinly over the whole context loses much mass and retrieves little; a window
+approximates its average. Grouped-query heads
 share one KV head, and its cache is what a generation keeps, so a KV head scores the highest among its query heads
 (``kv_head_scores``) and keeps full attention or not as a whole (``route_kv_heads``): the heads of highest score
 stay full, as many as the budget allows.
 
-The probes are drawn from their own seed stream (``PROBE_SEED_OFFSET``), never the recall suite's sequences, so the
+The probes are drawn from their own seed stream (``data.recall_tasks.PROBE_STREAM``), never the recall suite's sequences, so the
 suite that judges the routing has not chosen it. Retrieval heads (Wu et al., 2024, https://arxiv.org/abs/2404.15574)
 and DuoAttention (https://arxiv.org/abs/2410.10819) select heads for the same reason; this score needs no training.
 """
@@ -36,7 +36,6 @@ from attnswap.kernels.masks import materialize
 from attnswap.variants.full import Full
 from attnswap.variants.masked import MaskedVariant
 
-PROBE_SEED_OFFSET = PROBE_STREAM  # probes draw from seed + this: apart from every recall-suite seed a user picks
 PASSKEY_DEPTHS = (0.0, 0.25, 0.5, 0.75)  # needles at least a quarter of the haystack before the question
 SEGMENT = 32  # tokens of each probe's repeated segment
 
@@ -51,7 +50,7 @@ def probe_samples(vocab: Vocabulary, length: int, reach: int, count: int, seed: 
                             f"({reach}); raise --context to at least {nearest + SEGMENT + 1}")
     copies, passkeys = (count + 1) // 2, count // 2
     distances = np.linspace(nearest, farthest, copies).round().astype(int).tolist() if copies > 1 else [farthest]
-    stream = seed + PROBE_SEED_OFFSET
+    stream = seed + PROBE_STREAM  # apart from every recall-suite seed a user picks
     samples = []
     for i in range(count):
         if i % 2 == 0:
@@ -119,13 +118,13 @@ def probe_task(sample: Sample) -> str:
     return "passkey" if "passkey" in sample.info else "copy"
 
 
-def kv_head_scores(lost: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """(layers, kv_heads): the highest ``lost`` (layers, heads) among the query heads that read each KV head (query
-    head h reads KV head h // groups, transformers' order)."""
-    layers, heads = lost.shape
+def kv_head_scores(per_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(layers, kv_heads): the highest of ``per_head`` (layers, heads) among the query heads that read each KV head
+    (query head h reads KV head h // groups, transformers' order)."""
+    layers, heads = per_head.shape
     if heads % kv_heads:
         raise AttnswapError(f"{heads} query heads do not share {kv_heads} KV heads evenly")
-    return lost.view(layers, kv_heads, heads // kv_heads).amax(dim=-1)
+    return per_head.view(layers, kv_heads, heads // kv_heads).amax(dim=-1)
 
 
 def route_kv_heads(scores: torch.Tensor, budget: float, cheap_cost: float) -> torch.Tensor:

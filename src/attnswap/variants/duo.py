@@ -124,7 +124,6 @@ class Duo(MaskedVariant):
         full, window = FULL.attend(q, k, v, ctx, None), self.cheap.attend(q, k, v, ctx, None)
         return (share * full.float() + (1 - share) * window.float()).to(q.dtype)
 
-
     def kept_state(self, layer_idx: int, state=None) -> KeptState | None:
         """Hardened: every token for the full heads, the window and sinks for the others (hf.cache.RoutedLayer).
         Training mixes both paths in every head, which needs every token."""
